@@ -1,0 +1,377 @@
+"""The TOML config: one schema table, loading, overrides and every check, in one place.
+
+Precedence is command-line option > environment > config file > default. The CLI (click)
+already resolves option-or-environment; it hands the result here as dotted overrides
+(``{"serve.workers": 8}``), which win over the file.
+
+``SCHEMA`` below is the single source of truth for which keys exist, their types, defaults
+and meaning; the configuration reference in the docs is generated from it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import tomllib
+
+from .errors import ConfigError
+from .wire import check_endpoint, next_port
+
+REQUIRED = object()
+
+NUMERIC_DTYPES = (
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "float16", "float32", "float64",
+)
+DECODERS = ("raw", "npy", "scalar", "list", "image", "pickle")
+ON_ERROR = ("fail", "skip")
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+MAX_WORKERS = 64
+
+
+@dataclass(frozen=True)
+class Key:
+    type: type | tuple
+    default: Any
+    doc: str
+    choices: tuple = ()
+
+
+# Sections whose name ends in ".*" are tables of named entries ([feeds.train], [fields.image]).
+SCHEMA: dict[str, dict[str, Key]] = {
+    "source": {
+        "uri": Key(str, "mongodb://127.0.0.1:27017", "MongoDB connection string "
+                   "(env MONGOFEED_URI). Passwords in it are never logged."),
+        "database": Key(str, REQUIRED, "Database that holds the samples."),
+        "collection": Key(str, REQUIRED, "Collection that holds the samples."),
+    },
+    "feeds.*": {
+        "filter": Key(dict, {}, "MongoDB query that selects this feed's documents."),
+        "shuffle": Key(bool, True, "Shuffle the order anew each epoch (deterministic from "
+                       "batch.seed and the epoch number)."),
+    },
+    "batch": {
+        "size": Key(int, 32, "Samples per batch."),
+        "seed": Key(int, 0, "Seed of the per-epoch order: same seed, same batches."),
+        "drop_last": Key(bool, False, "Drop the last, short batch of each epoch."),
+        "on_error": Key(str, "fail", "What a document that does not fit the schema does: "
+                        "'fail' reports it to the consumer, 'skip' leaves it out and counts "
+                        "it in status.", ON_ERROR),
+    },
+    "fields.*": {
+        "path": Key(str, None, "Dotted path of the value in the document (default: the "
+                    "field's name)."),
+        "decode": Key(str, "raw", "How the value becomes an array.", DECODERS),
+        "dtype": Key(str, REQUIRED, "Element type of the stored value.", NUMERIC_DTYPES),
+        "shape": Key(list, [], "Shape of one sample of this field ([] for a scalar)."),
+        "cast": Key(str, None, "Convert to this dtype after decoding.", NUMERIC_DTYPES),
+        "scale": Key((int, float), None, "Multiply by this factor after the cast "
+                     "(needs a float dtype or cast)."),
+        "one_hot": Key(int, None, "Turn an integer class label into a one-hot vector of "
+                       "this many classes (float32 unless cast says otherwise)."),
+        "gridfs": Key(bool, False, "The document holds a GridFS file id; the bytes live "
+                      "in GridFS."),
+        "bucket": Key(str, "fs", "GridFS bucket name (with gridfs = true)."),
+        "allow_pickle": Key(bool, False, "Allow decode = 'pickle' (legacy data only: "
+                            "unpickling runs code from the database)."),
+    },
+    "output": {
+        "inputs": Key(list, None, "Fields the Keras Sequence returns as inputs "
+                      "(default: all fields)."),
+        "targets": Key(list, [], "Fields the Keras Sequence returns as targets."),
+    },
+    "serve": {
+        "workers": Key(int, None, "Producer processes, each with one MongoClient "
+                       "(env MONGOFEED_WORKERS; default: the number of CPUs, at most 8)."),
+        "bind": Key(str, DEFAULT_BIND, "Daemon address consumers connect to "
+                    "(env MONGOFEED_BIND)."),
+        "control": Key(str, None, "Control endpoint (default: bind port + 1)."),
+        "ordered": Key(bool, True, "Deliver batches in plan order (reproducible); false "
+                       "trades that for throughput."),
+        "max_pending": Key(int, None, "Batches produced ahead per session (memory bound; "
+                           "default: 2 x workers, at least 4)."),
+        "session_timeout": Key((int, float), 15.0, "Seconds without a heartbeat after "
+                               "which a consumer's session ends."),
+        "insecure": Key(bool, False, "Allow binding a non-loopback address without "
+                        "CurveZMQ keys."),
+        "server_key": Key(str, None, "CurveZMQ secret key file of the daemon "
+                          "(from 'mongofeed keygen')."),
+        "client_keys": Key(str, None, "Folder of accepted client public key files "
+                           "(*.key)."),
+    },
+}
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    uri: str
+    database: str
+    collection: str
+
+
+@dataclass(frozen=True)
+class FeedConfig:
+    name: str
+    filter: dict
+    shuffle: bool
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    size: int
+    seed: int
+    drop_last: bool
+    on_error: str
+
+
+@dataclass(frozen=True)
+class FieldConfig:
+    name: str
+    path: str
+    decode: str
+    dtype: str
+    shape: tuple[int, ...]
+    cast: str | None = None
+    scale: float | None = None
+    one_hot: int | None = None
+    gridfs: bool = False
+    bucket: str = "fs"
+    allow_pickle: bool = False
+
+    @property
+    def out_dtype(self) -> str:
+        """Element type of this field in a batch, after the transforms."""
+        if self.cast:
+            return self.cast
+        return "float32" if self.one_hot else self.dtype
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """Shape of one sample of this field in a batch, after the transforms."""
+        return self.shape + (self.one_hot,) if self.one_hot else self.shape
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    inputs: tuple[str, ...]
+    targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    workers: int
+    bind: str
+    control: str
+    ordered: bool
+    max_pending: int
+    session_timeout: float
+    insecure: bool
+    server_key: str | None
+    client_keys: str | None
+
+
+@dataclass(frozen=True)
+class Config:
+    source: SourceConfig
+    feeds: dict[str, FeedConfig]
+    batch: BatchConfig
+    fields: dict[str, FieldConfig]
+    output: OutputConfig
+    serve: ServeConfig
+    path: str = field(default="<defaults>", compare=False)
+
+
+def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read ``path`` (TOML), apply dotted ``overrides`` that are not None, and check it all."""
+    raw, where = read_config(path, overrides)
+    return parse_config(raw, where)
+
+
+def load_source(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None):
+    """Only the [source] table, for commands that need no fields (``mongofeed load``)."""
+    raw, where = read_config(path, overrides)
+    source = raw.get("source", {})
+    return SourceConfig(**_section(source, "source", SCHEMA["source"], where))
+
+
+def read_config(path, overrides) -> tuple[dict[str, Any], str]:
+    """The TOML file as nested dicts with the overrides applied, and its name for messages."""
+    where = str(path) if path else "<no config file>"
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {where} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.rpartition(".")
+        table = raw
+        for part in section.split("."):
+            table = table.setdefault(part, {})
+        table[key] = value
+    return raw, where
+
+
+def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
+    """Check a config given as nested dicts; every fault names the key and ``where``."""
+    for section in raw:
+        if section not in SCHEMA and f"{section}.*" not in SCHEMA:
+            known = ", ".join(sorted(s.removesuffix(".*") for s in SCHEMA))
+            raise ConfigError(f"{where}: unknown section [{section}] (known: {known})")
+
+    def table(name: str) -> dict[str, Any]:
+        value = raw.get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: [{name}] must be a table")
+        return value
+
+    source = SourceConfig(**_section(table("source"), "source", SCHEMA["source"], where))
+    batch = BatchConfig(**_section(table("batch"), "batch", SCHEMA["batch"], where))
+    if batch.size < 1:
+        raise ConfigError(f"{where}: batch.size must be at least 1, not {batch.size}")
+
+    feeds = {
+        name: FeedConfig(name=name, **_section(body, f"feeds.{name}", SCHEMA["feeds.*"], where))
+        for name, body in _entries(table("feeds"), "feeds", where)
+    }
+    if not feeds:
+        feeds = {"train": FeedConfig(name="train", filter={}, shuffle=True)}
+
+    fields = {
+        name: _field(name, _section(body, f"fields.{name}", SCHEMA["fields.*"], where), where)
+        for name, body in _entries(table("fields"), "fields", where)
+    }
+    if not fields:
+        raise ConfigError(f"{where}: no [fields.NAME] table: declare at least one field")
+
+    out = _section(table("output"), "output", SCHEMA["output"], where)
+    output = OutputConfig(
+        inputs=_field_list(out["inputs"] if out["inputs"] is not None else list(fields),
+                           "output.inputs", fields, where),
+        targets=_field_list(out["targets"], "output.targets", fields, where),
+    )
+
+    serve = _section(table("serve"), "serve", SCHEMA["serve"], where)
+    workers = serve["workers"] if serve["workers"] is not None else min(8, os.cpu_count() or 1)
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"{where}: serve.workers must be between 1 and {MAX_WORKERS}, "
+                          f"not {workers}")
+    bind = check_endpoint(serve["bind"], "serve.bind", where)
+    control = check_endpoint(serve["control"] or next_port(bind), "serve.control", where)
+    if control == bind:
+        raise ConfigError(f"{where}: serve.control must differ from serve.bind ({bind})")
+    max_pending = serve["max_pending"] if serve["max_pending"] is not None else max(4, 2 * workers)
+    if max_pending < 1:
+        raise ConfigError(f"{where}: serve.max_pending must be at least 1, not {max_pending}")
+    if serve["session_timeout"] <= 0:
+        raise ConfigError(f"{where}: serve.session_timeout must be positive")
+    return Config(
+        source=source, feeds=feeds, batch=batch, fields=fields, output=output,
+        serve=ServeConfig(**{**serve, "workers": workers, "bind": bind, "control": control,
+                             "max_pending": max_pending,
+                             "session_timeout": float(serve["session_timeout"])}),
+        path=where,
+    )
+
+
+def _entries(value: dict[str, Any], name: str, where: str):
+    for entry, body in value.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: [{name}.{entry}] must be a table, not "
+                              f"{type(body).__name__}")
+        yield entry, body
+
+
+def _section(values: dict[str, Any], name: str, schema: dict[str, Key], where: str) -> dict:
+    """Fill defaults, refuse unknown keys and wrong types, for one table."""
+    for key in values:
+        if key not in schema:
+            raise ConfigError(f"{where}: unknown key {name}.{key} (known: {', '.join(schema)})")
+    result = {}
+    for key, spec in schema.items():
+        value = values.get(key, spec.default)
+        if value is REQUIRED:
+            raise ConfigError(f"{where}: {name}.{key} is required ({spec.doc})")
+        if value is not None:
+            # bool is an int in Python; a config that says `size = true` is still wrong.
+            wrong_bool = isinstance(value, bool) and bool not in _as_tuple(spec.type)
+            if wrong_bool or not isinstance(value, spec.type):
+                raise ConfigError(f"{where}: {name}.{key} must be {_type_name(spec.type)}, "
+                                  f"not {type(value).__name__} {value!r}")
+            if spec.choices and value not in spec.choices:
+                raise ConfigError(f"{where}: {name}.{key} must be one of "
+                                  f"{', '.join(spec.choices)}, not {value!r}")
+        result[key] = value
+    return result
+
+
+def _field(name: str, values: dict[str, Any], where: str) -> FieldConfig:
+    key = f"fields.{name}"
+    shape = values["shape"]
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+        raise ConfigError(f"{where}: {key}.shape must be a list of positive integers, "
+                          f"not {shape!r}")
+    values = {**values, "shape": tuple(shape), "path": values["path"] or name}
+    decode, dtype = values["decode"], values["dtype"]
+    if decode == "scalar" and shape:
+        raise ConfigError(f"{where}: {key}.shape must be [] with decode = 'scalar'")
+    if decode in ("raw", "npy", "list", "image", "pickle") and not shape:
+        raise ConfigError(f"{where}: {key}.shape is required with decode = {decode!r}")
+    if decode == "image" and (dtype != "uint8" or len(shape) != 3 or shape[2] not in (1, 3, 4)):
+        raise ConfigError(f"{where}: {key}: decode = 'image' needs dtype = 'uint8' and "
+                          f"shape = [height, width, channels] with 1, 3 or 4 channels")
+    if decode == "pickle" and not values["allow_pickle"]:
+        raise ConfigError(f"{where}: {key}: decode = 'pickle' runs code stored in the database;"
+                          f" set {key}.allow_pickle = true if you trust that data")
+    if values["gridfs"] and decode not in ("raw", "npy", "image", "pickle"):
+        raise ConfigError(f"{where}: {key}: gridfs = true needs a bytes decoder "
+                          f"(raw, npy, image or pickle), not {decode!r}")
+    one_hot = values["one_hot"]
+    if one_hot is not None and (one_hot < 2 or shape or not dtype.startswith(("int", "uint"))):
+        raise ConfigError(f"{where}: {key}.one_hot needs an integer scalar field "
+                          f"(decode = 'scalar', an int dtype) and at least 2 classes")
+    if values["scale"] is not None:
+        target = values["cast"] or ("float32" if values["one_hot"] else dtype)
+        if not target.startswith("float"):
+            raise ConfigError(f"{where}: {key}.scale needs a float result: add "
+                              f"cast = 'float32'")
+        if not math.isfinite(values["scale"]):
+            raise ConfigError(f"{where}: {key}.scale must be a finite number")
+    return FieldConfig(name=name, **values)
+
+
+def _field_list(names: list, key: str, fields: dict, where: str) -> tuple[str, ...]:
+    for name in names:
+        if name not in fields:
+            raise ConfigError(f"{where}: {key} names {name!r}, which is not a [fields.*] "
+                              f"table (known: {', '.join(fields)})")
+    return tuple(names)
+
+
+def redact_uri(uri: str) -> str:
+    """The URI with any password replaced by ***, for logs, status and error messages."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return uri.replace(parts.netloc, f"{user}:***@{hosts}", 1)
+
+
+def _as_tuple(t) -> tuple:
+    return t if isinstance(t, tuple) else (t,)
+
+
+def _type_name(t) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             list: "a list", dict: "a table"}
+    return " or ".join(names.get(x, x.__name__) for x in _as_tuple(t))

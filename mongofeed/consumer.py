@@ -1,0 +1,281 @@
+"""The training side: receive batches from a running ``mongofeed serve``. No database code.
+
+``Consumer`` says hello on the daemon's control endpoint and gets a session: its own stream
+of one feed, starting at a full epoch. A background thread owns the sockets (ZeroMQ sockets
+must not be shared between threads): it grants the daemon credit for a few batches, checks
+every message, keeps a small bounded queue full and sends heartbeats, also while training is
+busy elsewhere. The caller's thread only takes from that queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+import zmq
+
+from .errors import FeedError, FeedTimeout, ProtocolError
+from .wire import (
+    MAX_HEADER_BYTES,
+    PROTOCOL_VERSION,
+    Schema,
+    check_endpoint,
+    decode_json,
+    encode_json,
+    hello_schema,
+    next_port,
+    pack_credit,
+    unpack_batch,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_PREFETCH = 4
+HEARTBEAT_INTERVAL_S = 1.0
+BYE_LINGER_MS = 500
+
+
+class Batch(NamedTuple):
+    epoch: int
+    index: int
+    arrays: dict[str, np.ndarray]
+
+
+def control_connect(context: zmq.Context, control: str) -> zmq.Socket:
+    socket = context.socket(zmq.DEALER)
+    socket.linger = 0
+    socket.connect(control)
+    return socket
+
+
+def ask(socket: zmq.Socket, control: str, request: dict, timeout: float) -> dict:
+    """One control request and its reply; a clear error if the daemon does not answer."""
+    socket.send(encode_json(request))
+    if not socket.poll(int(timeout * 1000)):
+        raise FeedTimeout(f"no answer from the mongofeed daemon at {control} within "
+                          f"{timeout:g} s: is 'mongofeed serve' running with this "
+                          f"--bind/--control?")
+    reply = decode_json(socket.recv(), MAX_HEADER_BYTES * 16, "control reply")
+    if not reply.get("ok"):
+        raise FeedError(f"{control}: {reply.get('error', 'request refused')}")
+    return reply
+
+
+def daemon_status(control: str, timeout: float = 5.0) -> dict:
+    """The daemon's status (workers, sessions, feeds, counters), as ``mongofeed status``."""
+    context = zmq.Context()
+    try:
+        return ask(control_connect(context, check_endpoint(control, "control")), control,
+                   {"op": "status"}, timeout)
+    finally:
+        context.destroy(linger=0)
+
+
+class Consumer:
+    """One session of one feed of a running daemon.
+
+    ``endpoint`` is the daemon's ``--bind`` address; the control endpoint defaults to the
+    same host with port + 1. ``start_epoch`` resumes a run from a checkpoint at a full epoch;
+    ``shard=(r, R)`` takes part r of R disjoint, equal parts of every epoch.
+    """
+
+    def __init__(self, endpoint: str, feed: str = "train", control: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S, start_epoch: int = 0,
+                 shard: tuple[int, int] | None = None, prefetch: int = DEFAULT_PREFETCH):
+        self.endpoint = check_endpoint(endpoint, "endpoint")
+        self.control = check_endpoint(control or next_port(endpoint), "control")
+        self.feed = feed
+        self.timeout = timeout
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        self._pid = os.getpid()
+        self._context = zmq.Context()
+        try:
+            control_socket = control_connect(self._context, self.control)
+            request = {"op": "hello", "protocol": PROTOCOL_VERSION, "feed": feed,
+                       "start_epoch": start_epoch, "shard": list(shard or (0, 1))}
+            self.info = ask(control_socket, self.control, request, timeout)
+            self.schema = hello_schema(self.info)
+        except BaseException:
+            self._context.destroy(linger=0)
+            raise
+        self.session = self.info["session"]
+        self._receiver = _Receiver(self._context, control_socket, self.endpoint, self.session,
+                                   self.schema, start_epoch, self.info.get("ordered", True),
+                                   self.info["batches_per_epoch"], prefetch)
+        self._finalizer = weakref.finalize(self, self._receiver.stop)
+        self._receiver.start()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.info["batches_per_epoch"]
+
+    @property
+    def inputs(self) -> list[str]:
+        return self.info["inputs"]
+
+    @property
+    def targets(self) -> list[str]:
+        return self.info["targets"]
+
+    def get(self, timeout: float | None = None) -> Batch:
+        """The next batch of the stream; raises FeedTimeout rather than waiting forever."""
+        if os.getpid() != self._pid:
+            raise RuntimeError("a mongofeed Consumer cannot be used in a forked child process; "
+                               "create it in the process that reads from it")
+        timeout = self.timeout if timeout is None else timeout
+        item = self._receiver.take(timeout)
+        if item is None:
+            raise FeedTimeout(f"no batch of feed {self.feed!r} from {self.endpoint} within "
+                              f"{timeout:g} s: is the daemon running and its database "
+                              f"reachable? ('mongofeed status --control {self.control}')")
+        return item
+
+    def __iter__(self) -> Iterator[Batch]:
+        """All batches, epoch after epoch, until ``close``."""
+        while True:
+            yield self.get()
+
+    def epoch(self) -> Iterator[Batch]:
+        """The remaining batches of the current epoch."""
+        first = self.get()
+        yield first
+        for _ in range(first.index + 1, self.batches_per_epoch):
+            yield self.get()
+
+    def close(self):
+        """End the session (the daemon stops producing for it) and release the sockets."""
+        self._finalizer()
+        self._context.destroy(linger=BYE_LINGER_MS)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getstate__(self):
+        raise TypeError("a mongofeed Consumer holds sockets and a thread and cannot be pickled; "
+                        "create one per process (with Keras, keep use_multiprocessing=False: "
+                        "the daemon already reads in parallel)")
+
+
+class _Receiver:
+    """The background thread that owns the sockets. It holds no reference to the Consumer,
+    so an abandoned Consumer is collected and its session closed."""
+
+    def __init__(self, context, control_socket, endpoint, session, schema: Schema,
+                 start_epoch, ordered, batches_per_epoch, prefetch):
+        self.control_socket = control_socket
+        self.session = session
+        self.schema = schema
+        self.batches_per_epoch = batches_per_epoch
+        self.ordered = ordered
+        self.prefetch = prefetch
+        self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.stopping = threading.Event()
+        self.failure: BaseException | None = None
+        self.epoch, self.seen = start_epoch, set()
+        self.data = context.socket(zmq.DEALER)
+        self.data.linger = 0
+        self.data.identity = session.encode()
+        self.data.maxmsgsize = max(MAX_HEADER_BYTES, schema.batch_size * max(
+            spec.sample_nbytes for spec in schema.arrays))
+        self.data.connect(endpoint)
+        self.owed_credit = prefetch
+        self.last_sent = 0.0
+        self.thread = threading.Thread(target=self.run, name=f"mongofeed-{session}",
+                                       daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def stop(self):
+        self.stopping.set()
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join()
+
+    def take(self, timeout: float):
+        if self.failure is not None:
+            raise self.failure
+        try:
+            item = self.queue.get(timeout=timeout)
+        except queue.Empty:
+            if self.failure is not None:
+                raise self.failure from None
+            return None
+        if isinstance(item, BaseException):
+            self.failure = item
+            raise item
+        return item
+
+    def run(self):
+        try:
+            while not self.stopping.is_set():
+                self.send_credit()
+                if self.data.poll(int(HEARTBEAT_INTERVAL_S * 1000)):
+                    self.deliver(self.receive())
+        except (ProtocolError, FeedError) as exc:
+            self.put(exc)
+        except zmq.ZMQError as exc:
+            if not self.stopping.is_set():
+                self.put(FeedError(f"socket error: {exc}"))
+        finally:
+            self.say_bye()
+
+    def receive(self) -> Batch:
+        head, arrays = unpack_batch(self.data.recv_multipart(copy=False), self.schema)
+        if head["kind"] == "error":
+            raise FeedError(f"the daemon ended this session: {head['message']}")
+        position = (head["epoch"], head["index"])
+        if head["index"] >= self.batches_per_epoch or position in self.seen or (
+                self.ordered and position != (self.epoch, len(self.seen))) or (
+                head["epoch"] != self.epoch):
+            raise ProtocolError(f"batch {position} out of sequence: expected epoch {self.epoch},"
+                                f" batch {len(self.seen)} of {self.batches_per_epoch}")
+        self.seen.add(position)
+        if len(self.seen) == self.batches_per_epoch:
+            self.epoch, self.seen = self.epoch + 1, set()
+        return Batch(head["epoch"], head["index"], arrays)
+
+    def deliver(self, batch: Batch):
+        self.put(batch)
+        self.owed_credit += 1
+
+    def put(self, item):
+        """Queue an item, sending heartbeats while the training side is busy."""
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=HEARTBEAT_INTERVAL_S)
+                return
+            except queue.Full:
+                self.send_credit()
+
+    def send_credit(self):
+        now = time.monotonic()
+        if self.owed_credit == 0 and now - self.last_sent < HEARTBEAT_INTERVAL_S:
+            return
+        try:
+            self.data.send(pack_credit(self.owed_credit), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return  # not connected yet; the credit is still owed
+        self.owed_credit = 0
+        self.last_sent = now
+
+    def say_bye(self):
+        try:
+            self.control_socket.linger = BYE_LINGER_MS
+            self.control_socket.send(encode_json({"op": "bye", "session": self.session}),
+                                     flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self.control_socket.close()
+        self.data.close()

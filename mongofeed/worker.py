@@ -1,0 +1,151 @@
+"""A producer process: one MongoClient for life, one query per batch, one message per batch.
+
+The supervisor starts ``run_worker`` with the ``spawn`` start method, so the client and the
+sockets are created here, in the child, never inherited. The loop:
+
+1. say ``ready`` on the task socket (DEALER to the supervisor's ROUTER);
+2. take a task (feed, epoch, index, the batch's ``_id``s), read the documents with ONE
+   ``$in`` query, decode them into preallocated arrays;
+3. push ``[meta, header, array...]`` to the sink (the header and arrays go on to the
+   consumer unchanged; ``meta`` tells the supervisor which task it was).
+
+The worker exits when told to, or by itself when its parent is gone (checked by polling the
+parent's sentinel, which works on every platform).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+
+import bson
+import zmq
+
+from .codec import BatchDecoder
+from .config import Config
+from .errors import DecodeError
+from .source import TRANSIENT_ERRORS, BatchReader, connect, describe_failure
+from .wire import encode_json, pack_batch
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_MS = 500
+RETRY_FIRST_DELAY_S = 0.5
+RETRY_MAX_DELAY_S = 5.0
+SKIP_MESSAGES_SENT = 5  # per batch; the rest are counted only
+SOCKET_LINGER_MS = 0
+
+
+class Worker:
+    def __init__(self, slot: int, config: Config, task_endpoint: str, sink_endpoint: str):
+        self.slot = slot
+        self.config = config
+        self.context = zmq.Context()
+        self.tasks = self.context.socket(zmq.DEALER)
+        self.tasks.linger = SOCKET_LINGER_MS
+        self.tasks.identity = worker_identity(slot)
+        self.tasks.connect(task_endpoint)
+        self.sink = self.context.socket(zmq.PUSH)
+        self.sink.linger = SOCKET_LINGER_MS
+        self.sink.sndhwm = 2
+        self.sink.connect(sink_endpoint)
+        self.client = connect(config.source, appname=f"mongofeed-worker-{slot}")
+        self.decoder = BatchDecoder(config.fields, config.source.collection,
+                                    config.batch.on_error, read_gridfs=self._read_gridfs)
+        self.reader = BatchReader(self.client, config.source, self.decoder.sample_nbytes())
+        self.parent = multiprocessing.parent_process()
+
+    def _read_gridfs(self, bucket, file_id):
+        return self.reader.read_gridfs(bucket, file_id)
+
+    def parent_alive(self) -> bool:
+        return self.parent is None or self.parent.is_alive()
+
+    def run(self):
+        self.tasks.send_multipart([b"ready", encode_json({"slot": self.slot, "pid": os.getpid()})])
+        while self.parent_alive():
+            if not self.tasks.poll(POLL_INTERVAL_MS):
+                continue
+            frames = self.tasks.recv_multipart()
+            if frames[0] == b"stop":
+                return
+            if frames[0] == b"task" and len(frames) == 2:
+                task = bson.decode(frames[1])
+                self.sink.send_multipart(self.produce(task), copy=False)
+        log.warning("worker %d: supervisor is gone, exiting", self.slot)
+
+    def produce(self, task: dict) -> list:
+        """The sink message for one task: the batch, or an error naming the document."""
+        meta = {"task": task["task"], "slot": self.slot}
+        started = time.perf_counter()
+        docs, missing = self.read(task["ids"])
+        read_s = time.perf_counter() - started
+        problems = [self.missing_error(doc_id) for doc_id in missing]
+        if problems and self.config.batch.on_error == "fail":
+            return [encode_json({**meta, "error": str(problems[0])})]
+        try:
+            arrays, skipped = self.decoder.decode(docs)
+        except DecodeError as exc:
+            return [encode_json({**meta, "error": str(exc)})]
+        problems += skipped
+        meta.update(
+            docs=len(docs) - len(skipped),
+            bytes=sum(a.nbytes for a in arrays.values()),
+            skips=len(problems),
+            skipped=[str(p) for p in problems[:SKIP_MESSAGES_SENT]],
+            read_s=read_s,
+            decode_s=time.perf_counter() - started - read_s,
+        )
+        return [encode_json(meta)] + pack_batch(task["feed"], task["epoch"], task["index"], arrays)
+
+    def read(self, ids: list) -> tuple[list, list]:
+        """Read a batch, waiting out a database outage with backoff (reported to status)."""
+        delay = RETRY_FIRST_DELAY_S
+        while True:
+            try:
+                result = self.reader.read(ids)
+            except TRANSIENT_ERRORS as exc:
+                if not self.parent_alive():
+                    raise SystemExit(0) from None
+                message = describe_failure(self.config.source, exc)
+                log.warning("worker %d: %s; retrying in %.1f s", self.slot, message, delay)
+                self.tasks.send_multipart([b"event", encode_json(
+                    {"slot": self.slot, "state": "waiting for database", "error": message})])
+                time.sleep(delay)
+                delay = min(RETRY_MAX_DELAY_S, delay * 2)
+                continue
+            if delay > RETRY_FIRST_DELAY_S:
+                self.tasks.send_multipart([b"event", encode_json(
+                    {"slot": self.slot, "state": "busy", "error": None})])
+            return result
+
+    def missing_error(self, doc_id) -> DecodeError:
+        return DecodeError(self.config.source.collection, doc_id, "_id", "_id",
+                           "the document listed when the plan was made",
+                           "missing (deleted since the daemon started)")
+
+    def close(self):
+        self.client.close()
+        self.context.destroy(linger=SOCKET_LINGER_MS)
+
+
+def worker_identity(slot: int) -> bytes:
+    """The task socket identity by which the supervisor addresses the worker in ``slot``."""
+    return str(slot).encode()
+
+
+def run_worker(slot: int, config: Config, task_endpoint: str, sink_endpoint: str,
+               log_level: int = logging.WARNING):
+    """Process entry point (must be importable by ``spawn``)."""
+    # Ctrl-C reaches the whole process group; the supervisor decides how to stop us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format=f"%(asctime)s worker-{slot} %(levelname)s "
+                        "%(message)s")
+    worker = Worker(slot, config, task_endpoint, sink_endpoint)
+    try:
+        worker.run()
+    finally:
+        worker.close()
