@@ -84,24 +84,29 @@ def main():
               help="Data endpoint consumers connect to (serve.bind), e.g. tcp://127.0.0.1:5555.")
 @click.option("--control", envvar="MONGOFEED_CONTROL",
               help="Control endpoint (serve.control; default: bind port + 1).")
+@click.option("--shard", envvar="MONGOFEED_SHARD", metavar="r/R",
+              help="Serve part r of R of every epoch (serve.shard), e.g. 0/4 on the first of "
+              "four trainer hosts.")
 @click.option("--ordered/--unordered", default=None, envvar="MONGOFEED_ORDERED",
               help="Deliver batches in plan order (serve.ordered; default: ordered).")
 @log_option
 @user_errors
-def serve(config_path, uri, database, collection, workers, bind, control, ordered, log_level):
+def serve(config_path, uri, database, collection, workers, bind, control, shard, ordered,
+          log_level):
     """Serve batches from MongoDB until stopped with Ctrl-C or SIGTERM."""
     from .supervisor import Supervisor
 
     config = load_config(config_path, {
         **source_overrides(uri, database, collection), "serve.workers": workers,
         "serve.bind": bind, "serve.control": control, "serve.ordered": ordered,
+        "serve.shard": shard,
     })
     supervisor = Supervisor(config, log_level=log_level)
     supervisor.install_signal_handlers()
     supervisor.start()
     try:
         supervisor.wait_ready()
-        feeds = ", ".join(f"{name} ({plan.batches_per_epoch()} batches/epoch)"
+        feeds = ", ".join(f"{name} ({plan.batches_per_epoch(config.serve.shard)} batches/epoch)"
                           for name, plan in supervisor.plans.items())
         click.echo(f"mongofeed ready: data {config.serve.bind} control {config.serve.control} "
                    f"workers {config.serve.workers} feeds {feeds}", err=False)

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import tomllib
 
 from .errors import ConfigError
+from .planner import Shard
 from .wire import check_endpoint, next_port
 
 REQUIRED = object()
@@ -94,6 +95,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                        "trades that for throughput."),
         "max_pending": Key(int, None, "Batches produced ahead per session (memory bound; "
                            "default: 2 x workers, at least 4)."),
+        "shard": Key(str, "0/1", "Serve only part r of R of every epoch (\"r/R\"): one daemon "
+                     "per trainer host, disjoint and equal, no coordinator (env MONGOFEED_SHARD)."),
         "session_timeout": Key((int, float), 15.0, "Seconds without a heartbeat after "
                                "which a consumer's session ends."),
         "insecure": Key(bool, False, "Allow binding a non-loopback address without "
@@ -168,6 +171,7 @@ class ServeConfig:
     control: str
     ordered: bool
     max_pending: int
+    shard: Shard
     session_timeout: float
     insecure: bool
     server_key: str | None
@@ -272,12 +276,16 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
     max_pending = serve["max_pending"] if serve["max_pending"] is not None else max(4, 2 * workers)
     if max_pending < 1:
         raise ConfigError(f"{where}: serve.max_pending must be at least 1, not {max_pending}")
+    try:
+        shard = Shard.parse(serve["shard"])
+    except ValueError as exc:
+        raise ConfigError(f"{where}: serve.shard: {exc}") from None
     if serve["session_timeout"] <= 0:
         raise ConfigError(f"{where}: serve.session_timeout must be positive")
     return Config(
         source=source, feeds=feeds, batch=batch, fields=fields, output=output,
         serve=ServeConfig(**{**serve, "workers": workers, "bind": bind, "control": control,
-                             "max_pending": max_pending,
+                             "max_pending": max_pending, "shard": shard,
                              "session_timeout": float(serve["session_timeout"])}),
         path=where,
     )

@@ -31,7 +31,7 @@ import zmq
 from . import __version__
 from .config import Config, redact_uri
 from .errors import ProtocolError, SourceError
-from .planner import WHOLE, Plan, Shard
+from .planner import Plan, Shard
 from .sink import Session, Sink
 from .source import connect, list_ids
 from .wire import (
@@ -127,11 +127,12 @@ class Supervisor:
                 ids = list_ids(client, self.config.source, feed.filter)
                 batch = self.config.batch
                 plan = Plan(ids, batch.size, batch.seed, feed.shuffle, batch.drop_last)
-                if plan.batches_per_epoch() == 0:
+                if plan.batches_per_epoch(self.config.serve.shard) == 0:
                     raise SourceError(
                         f"feed {feed.name!r}: filter {feed.filter} selects {len(ids)} documents "
                         f"of {self.config.source.database}.{self.config.source.collection}, "
-                        f"not enough for one batch of {batch.size}")
+                        f"not enough for one batch of {batch.size} in shard "
+                        f"{self.config.serve.shard}")
                 self.plans[feed.name] = plan
         finally:
             client.close()
@@ -457,9 +458,9 @@ class Supervisor:
         start_epoch = request.get("start_epoch", 0)
         if not isinstance(start_epoch, int) or isinstance(start_epoch, bool) or start_epoch < 0:
             raise ProtocolError("start_epoch must be a non-negative integer")
-        shard = request.get("shard", [0, 1])
         try:
-            shard = Shard(*shard)
+            # The consumer's share is taken from this daemon's share of the epoch.
+            shard = Shard(*request.get("shard", [0, 1])).within(self.config.serve.shard)
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"bad shard: {exc}") from None
         if len(self.sessions) >= MAX_SESSIONS:
@@ -477,8 +478,9 @@ class Supervisor:
                 "start_epoch": start_epoch, "shard": [shard.rank, shard.world],
                 "heartbeat_timeout": self.config.serve.session_timeout}
 
-    def describe_feed(self, feed: str, shard: Shard = WHOLE) -> dict:
+    def describe_feed(self, feed: str, shard: Shard | None = None) -> dict:
         plan = self.plans[feed]
+        shard = shard or self.config.serve.shard
         fields = self.config.fields.values()
         arrays = [ArraySpec(f.name, f.out_dtype, f.out_shape).to_json() for f in fields]
         return {"protocol": PROTOCOL_VERSION, "feed": feed, "batch_size": plan.batch_size,
