@@ -1,0 +1,145 @@
+"""Shared fixtures: the test server, a client to it, a fresh database per test, and a counter of
+the connections the server has accepted.
+
+The server is the one named by ``MONGOFEED_TEST_URI`` (``make test`` starts a private FerretDB
+and sets it, with ``MONGOFEED_TEST_METRICS_URL``). Without it, the first test that needs a
+server starts a private FerretDB through ``bin/ferretdb`` (building it on first use, which needs
+Go) and stops it when the session ends, so a plain ``pytest`` works too.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import subprocess
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pymongo
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FERRETDB_SCRIPT = REPO / "bin" / "ferretdb"
+ACCEPTS_METRIC = "ferretdb_client_accepts_total"
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    uri: str
+    metrics_url: str | None  # FerretDB's Prometheus endpoint; None for a real MongoDB
+
+
+class _PrivateFerretDB:
+    """A FerretDB started for this pytest session only; stop() is idempotent."""
+
+    def __init__(self) -> None:
+        self.name = f"pytest-{os.getpid()}"
+        self.run_dir = REPO / ".cache" / "ferretdb" / "run" / self.name
+        self.started = False
+
+    def _run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(FERRETDB_SCRIPT), *args, "--name", self.name],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def start(self) -> ServerInfo:
+        self.started = True  # set first: an interrupted start still gets stopped
+        atexit.register(self.stop)
+        started = self._run("start")
+        if started.returncode != 0:
+            self.stop()
+            pytest.exit(
+                f"could not start a private FerretDB for the tests:\n{started.stderr}\n"
+                "Run the suite with `make test`, or set MONGOFEED_TEST_URI to a server.",
+                returncode=3,
+            )
+        metrics = self._run("metrics-url", timeout=30)
+        return ServerInfo(started.stdout.strip(), metrics.stdout.strip() or None)
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        self._run("stop", timeout=30)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def test_server():
+    """The server under test: MONGOFEED_TEST_URI, or a private FerretDB for this session."""
+    uri = os.environ.get("MONGOFEED_TEST_URI")
+    if uri:
+        yield ServerInfo(uri, os.environ.get("MONGOFEED_TEST_METRICS_URL") or None)
+        return
+    server = _PrivateFerretDB()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def mongo_uri(test_server) -> str:
+    """The MongoDB URI of the test server."""
+    return test_server.uri
+
+
+@pytest.fixture(scope="session")
+def mongo_client(mongo_uri):
+    """A pymongo client to the test server, shared by the session."""
+    client = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=10_000)
+    client.admin.command("ping")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def db(mongo_client):
+    """A fresh, empty database for one test, dropped afterwards."""
+    name = f"mongofeed_test_{uuid.uuid4().hex[:12]}"
+    yield mongo_client[name]
+    mongo_client.drop_database(name)
+
+
+def parse_prometheus_counter(text: str, metric: str) -> float:
+    """The sum of a counter over all its label sets in Prometheus text format (0 if absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(metric):
+            continue
+        rest = line[len(metric) :]
+        if rest[:1] not in ("{", " "):
+            continue  # another metric whose name starts the same
+        if rest.startswith("{"):
+            rest = rest[rest.rindex("}") + 1 :]
+        total += float(rest.split()[0])
+    return total
+
+
+@pytest.fixture(scope="session")
+def accepted_connections(test_server, mongo_client):
+    """A callable: how many connections the server has accepted so far.
+
+    FerretDB: ``ferretdb_client_accepts_total`` from its metrics endpoint. A real MongoDB:
+    ``serverStatus().connections.totalCreated``.
+    """
+    if test_server.metrics_url:
+
+        def count() -> int:
+            with urllib.request.urlopen(test_server.metrics_url, timeout=10) as reply:
+                text = reply.read().decode()
+            return int(parse_prometheus_counter(text, ACCEPTS_METRIC))
+
+    else:
+
+        def count() -> int:
+            return int(mongo_client.admin.command("serverStatus")["connections"]["totalCreated"])
+
+    return count
