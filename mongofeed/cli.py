@@ -180,6 +180,20 @@ def format_status(status: dict, previous: dict | None, interval: float) -> str:
     return "\n".join(lines)
 
 
+@main.command(epilog="Example:\n\n\b\n  mongofeed inspect --config configs/digits.toml --feed val")
+@config_options
+@click.option("--feed", help="Feed whose first batch the dry run decodes (default: the first).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@user_errors
+def inspect(config_path, uri, database, collection, feed, as_json):
+    """Check the config against the data: counts, a sample document, one decoded batch."""
+    from .inspect import format_report, inspect_source
+
+    config = load_config(config_path, source_overrides(uri, database, collection))
+    report = inspect_source(config, feed)
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
+
+
 @main.group(epilog="Example:\n\n\b\n  mongofeed load digits --config configs/digits.toml --drop")
 def load():
     """Put training data into MongoDB (digits, .npz files, synthetic data, image folders)."""

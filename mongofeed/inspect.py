@@ -1,0 +1,185 @@
+"""``mongofeed inspect``: look at the data through the config before a training run starts.
+
+It reports each feed's document count (and whether its filter can use an index), the fields
+of one sample document with their types and sizes (binary values only by length), and decodes
+the first batch of a feed exactly as a worker would, with the same errors ``serve`` raises:
+a ``ConfigError`` for a wrong key, a ``DecodeError`` naming the ``_id`` and field of a
+document that does not fit. ``inspect_source`` returns a plain dict (``--json``);
+``format_report`` turns it into text.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+from pymongo.errors import PyMongoError
+
+from .codec import BatchDecoder
+from .config import Config, redact_uri
+from .errors import ConfigError, SourceError
+from .planner import Plan
+from .source import BatchReader, connect, describe_failure, list_ids
+
+log = logging.getLogger(__name__)
+
+MAX_SAMPLE_FIELDS = 50  # a report, not a dump: deeply nested documents are cut short
+
+
+def inspect_source(config: Config, feed: str | None = None) -> dict:
+    """Counts, one sample document's fields, index hints and a decoded first batch of ``feed``
+    (default: the first feed), as a JSON-ready dict."""
+    feed = feed or next(iter(config.feeds))
+    if feed not in config.feeds:
+        raise ConfigError(f"{config.path}: no feed {feed!r} (feeds: {', '.join(config.feeds)})")
+    client = connect(config.source, appname="mongofeed-inspect")
+    try:
+        # list_ids first: it names a missing collection clearly.
+        ids = list_ids(client, config.source, config.feeds[feed].filter)
+        collection = client[config.source.database][config.source.collection]
+        try:
+            report = {
+                "source": {"uri": redact_uri(config.source.uri),
+                           "database": config.source.database,
+                           "collection": config.source.collection,
+                           "documents": collection.estimated_document_count()},
+                "feeds": _feeds(config, collection),
+                "sample": _sample(collection, config.feeds[feed].filter),
+            }
+            report["dry_run"] = _dry_run(config, client, feed, ids)
+        except PyMongoError as exc:
+            raise SourceError(describe_failure(config.source, exc)) from None
+    finally:
+        client.close()
+    return report
+
+
+def _feeds(config: Config, collection) -> dict:
+    """Documents per feed, and the filter fields that no index starts with."""
+    leading = {next(iter(index["key"])) for index in collection.list_indexes()}
+    feeds = {}
+    for name, feed in config.feeds.items():
+        count = collection.count_documents(feed.filter)
+        plan = Plan([None] * count, config.batch.size, drop_last=config.batch.drop_last)
+        unindexed = [key for key in _filter_fields(feed.filter) if key not in leading]
+        feeds[name] = {
+            "filter": feed.filter, "documents": count,
+            "batches_per_epoch": plan.batches_per_epoch(config.serve.shard),
+            "unindexed": unindexed,
+            "suggestions": [f"db[{config.source.collection!r}].create_index({key!r})"
+                            for key in unindexed],
+        }
+    return feeds
+
+
+def _filter_fields(query: Mapping) -> list[str]:
+    """Field names a filter compares, also inside $and/$or/$nor."""
+    names = []
+    for key, value in query.items():
+        if key in ("$and", "$or", "$nor") and isinstance(value, list):
+            for part in value:
+                names += [n for n in _filter_fields(part) if n not in names]
+        elif not key.startswith("$") and key not in names:
+            names.append(key)
+    return names
+
+
+def _sample(collection, query: dict) -> dict:
+    """The fields of one selected document: path -> type and size, never the bytes."""
+    doc = collection.find_one(query)
+    if doc is None:
+        return {"_id": None, "fields": {}}
+    fields: dict[str, dict] = {}
+
+    def walk(value: Mapping, prefix: str):
+        for key, item in value.items():
+            if len(fields) >= MAX_SAMPLE_FIELDS:
+                return
+            path = f"{prefix}{key}"
+            if isinstance(item, Mapping):
+                walk(item, f"{path}.")
+            else:
+                fields[path] = _describe_value(item)
+
+    walk(doc, "")
+    return {"_id": str(doc["_id"]), "fields": fields}
+
+
+def _describe_value(value) -> dict:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"type": "binary", "size": len(value)}
+    if isinstance(value, str):
+        return {"type": "string", "size": len(value)}
+    if isinstance(value, list):
+        return {"type": "array", "size": len(value)}
+    if isinstance(value, bool):
+        return {"type": "bool", "value": value}
+    if isinstance(value, (int, float)):
+        return {"type": type(value).__name__, "value": value}
+    if isinstance(value, datetime.datetime):
+        return {"type": "date", "value": value.isoformat()}
+    return {"type": type(value).__name__}
+
+
+def _dry_run(config: Config, client, feed: str, ids: list) -> dict:
+    """Decode the first batch that ``serve`` would send for ``feed``, as a worker does."""
+    batch = config.batch
+    plan = Plan(ids, batch.size, batch.seed, config.feeds[feed].shuffle, batch.drop_last)
+    if plan.batches_per_epoch(config.serve.shard) == 0:
+        raise SourceError(f"feed {feed!r}: filter {config.feeds[feed].filter} selects "
+                          f"{len(ids)} documents, not enough for one batch of {batch.size} "
+                          f"in shard {config.serve.shard}")
+    reader = BatchReader(client, config.source, 1)
+    decoder = BatchDecoder(config.fields, config.source.collection, batch.on_error,
+                           read_gridfs=reader.read_gridfs)
+    docs, missing = reader.read(plan.batch_ids(0, 0, config.serve.shard))
+    arrays, skipped = decoder.decode(docs)
+    return {
+        "feed": feed, "documents": len(docs), "missing": len(missing),
+        "skipped": [str(err) for err in skipped],
+        "arrays": {name: _describe_array(array) for name, array in arrays.items()},
+        "inputs": list(config.output.inputs), "targets": list(config.output.targets),
+    }
+
+
+def _describe_array(array: np.ndarray) -> dict:
+    described = {"dtype": array.dtype.name, "shape": list(array.shape)}
+    if array.size:
+        described["min"] = array.min().item()
+        described["max"] = array.max().item()
+    return described
+
+
+def format_report(report: dict) -> str:
+    """The report as text for a terminal."""
+    source = report["source"]
+    lines = [f"{source['database']}.{source['collection']} on {source['uri']}: "
+             f"{source['documents']} documents", "",
+             f"{'feed':<10} {'documents':>10} {'batches/epoch':>14}  filter"]
+    for name, feed in report["feeds"].items():
+        lines.append(f"{name:<10} {feed['documents']:>10} {feed['batches_per_epoch']:>14}  "
+                     f"{feed['filter']}")
+    for name, feed in report["feeds"].items():
+        for key, command in zip(feed["unindexed"], feed["suggestions"]):
+            lines.append(f"hint: feed {name!r} filters on {key!r}, which has no index; listing "
+                         f"its documents scans the collection. Create one: {command}")
+    sample = report["sample"]
+    lines += ["", f"sample document _id {sample['_id']}:"]
+    for path, info in sample["fields"].items():
+        units = {"binary": "bytes", "string": "characters", "array": "items"}
+        detail = (f"{info['size']} {units[info['type']]}" if "size" in info
+                  else info.get("value", ""))
+        lines.append(f"  {path:<24} {info['type']:<8} {detail}")
+    dry = report["dry_run"]
+    lines += ["", f"dry run: first batch of feed {dry['feed']!r}: {dry['documents']} documents"
+              f" decoded, {dry['missing']} missing, {len(dry['skipped'])} skipped"]
+    lines.append(f"  {'array':<16} {'role':<7} {'dtype':<8} {'shape':<18} {'min':>10} {'max':>10}")
+    for name, info in dry["arrays"].items():
+        role = "input" if name in dry["inputs"] else "target" if name in dry["targets"] else "-"
+        low, high = (f"{info[k]:>10.4g}" if k in info else f"{'-':>10}" for k in ("min", "max"))
+        lines.append(f"  {name:<16} {role:<7} {info['dtype']:<8} {str(tuple(info['shape'])):<18}"
+                     f" {low} {high}")
+    lines += [f"skipped: {message}" for message in dry["skipped"]]
+    return "\n".join(lines)
