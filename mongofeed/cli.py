@@ -89,17 +89,19 @@ def main():
               "four trainer hosts.")
 @click.option("--ordered/--unordered", default=None, envvar="MONGOFEED_ORDERED",
               help="Deliver batches in plan order (serve.ordered; default: ordered).")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), envvar="MONGOFEED_METRICS_PORT",
+              help="Serve Prometheus metrics on 127.0.0.1:PORT (serve.metrics_port).")
 @log_option
 @user_errors
 def serve(config_path, uri, database, collection, workers, bind, control, shard, ordered,
-          log_level):
+          metrics_port, log_level):
     """Serve batches from MongoDB until stopped with Ctrl-C or SIGTERM."""
     from .supervisor import Supervisor
 
     config = load_config(config_path, {
         **source_overrides(uri, database, collection), "serve.workers": workers,
         "serve.bind": bind, "serve.control": control, "serve.ordered": ordered,
-        "serve.shard": shard,
+        "serve.shard": shard, "serve.metrics_port": metrics_port,
     })
     supervisor = Supervisor(config, log_level=log_level)
     supervisor.install_signal_handlers()

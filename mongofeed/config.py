@@ -105,6 +105,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                           "(from 'mongofeed keygen')."),
         "client_keys": Key(str, None, "Folder of accepted client public key files "
                            "(*.key)."),
+        "metrics_port": Key(int, None, "Serve Prometheus metrics on 127.0.0.1:PORT "
+                            "(env MONGOFEED_METRICS_PORT; needs the 'metrics' extra)."),
     },
 }
 
@@ -176,6 +178,7 @@ class ServeConfig:
     insecure: bool
     server_key: str | None
     client_keys: str | None
+    metrics_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,9 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
         raise ConfigError(f"{where}: serve.shard: {exc}") from None
     if serve["session_timeout"] <= 0:
         raise ConfigError(f"{where}: serve.session_timeout must be positive")
+    if serve["metrics_port"] is not None and not 0 < serve["metrics_port"] < 65536:
+        raise ConfigError(f"{where}: serve.metrics_port must be a port (1 to 65535), "
+                          f"not {serve['metrics_port']}")
     return Config(
         source=source, feeds=feeds, batch=batch, fields=fields, output=output,
         serve=ServeConfig(**{**serve, "workers": workers, "bind": bind, "control": control,

@@ -116,6 +116,7 @@ class Supervisor:
         self.context = None
         self.runtime_dir = None
         self.mp = multiprocessing.get_context("spawn")
+        self.metrics_server = None
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -151,6 +152,11 @@ class Supervisor:
             self.task_socket.router_mandatory = 1
             self.task_socket.router_handover = 1  # a restarted worker reuses its slot's identity
             self.sink_socket, self.sink_endpoint = self._bind_internal(zmq.PULL, "sink")
+            if self.config.serve.metrics_port is not None:
+                from .metrics import start_metrics_server
+
+                self.metrics_server = start_metrics_server(self.config.serve.metrics_port,
+                                                           lambda: self.op_status({}))
         except BaseException:
             self.close()
             raise
@@ -237,6 +243,10 @@ class Supervisor:
         self.close()
 
     def close(self):
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+            self.metrics_server = None
         if self.context is not None:
             self.context.destroy(linger=SOCKET_LINGER_MS)
             self.context = None
@@ -510,7 +520,8 @@ class Supervisor:
             "endpoints": {"data": self.config.serve.bind, "control": self.config.serve.control},
             "feeds": {name: self.describe_feed(name) for name in self.plans},
             "workers": [r.status() for r in self.workers],
-            "sessions": [s.status(now) for s in self.sessions.values()],
+            # A copy: the metrics thread also calls this while the loop changes sessions.
+            "sessions": [s.status(now) for s in list(self.sessions.values())],
             "pending_tasks": len(self.pending),
             "memory_bound_bytes": batch_bytes * self.config.serve.max_pending
             * max(1, len(self.sessions)),
