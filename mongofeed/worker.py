@@ -74,8 +74,18 @@ class Worker:
                 return
             if frames[0] == b"task" and len(frames) == 2:
                 task = bson.decode(frames[1])
-                self.sink.send_multipart(self.produce(task), copy=False)
+                if not self.send(self.produce(task)):
+                    break
         log.warning("worker %d: supervisor is gone, exiting", self.slot)
+
+    def send(self, frames: list) -> bool:
+        """Push a batch to the sink; False if the supervisor died while the sink was full
+        (a blocking send would wait forever and leave an orphan)."""
+        while not self.sink.poll(POLL_INTERVAL_MS, zmq.POLLOUT):
+            if not self.parent_alive():
+                return False
+        self.sink.send_multipart(frames, copy=False)
+        return True
 
     def produce(self, task: dict) -> list:
         """The sink message for one task: the batch, or an error naming the document."""

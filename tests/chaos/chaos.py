@@ -1,0 +1,56 @@
+"""Shared pieces of the chaos suite: a config on disk, reading whole epochs, process checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+from daemon import insert_samples, sample_config, write_toml
+
+from mongofeed import Consumer
+
+DOCS = 240          # train documents; with batch size 8 that is 30 batches per epoch
+BATCH = 8
+BATCHES = DOCS // BATCH
+
+
+def feed_config(tmp_path: Path, uri: str, db, docs: int = DOCS, **parts) -> Path:
+    """Insert ``docs`` samples into ``db.samples`` and write a config that serves them."""
+    insert_samples(db["samples"], docs)
+    parts.setdefault("feeds", {"train": {"filter": {}, "shuffle": True}})
+    config = sample_config(uri, db.name, batch={"size": BATCH}, **parts)
+    return write_toml(tmp_path / "feed.toml", config)
+
+
+def read_batches(consumer: Consumer, count: int) -> list:
+    """The next ``count`` batches as (epoch, index, sample numbers)."""
+    out = []
+    for _ in range(count):
+        batch = consumer.get()
+        out.append((batch.epoch, batch.index, [int(i) for i in batch.arrays["idx"]]))
+    return out
+
+
+def assert_exactly_once(batches: list, epochs, docs: int = DOCS):
+    """Every epoch in ``epochs`` delivered each document once, its batches in plan order."""
+    for epoch in epochs:
+        mine = [b for b in batches if b[0] == epoch]
+        assert [b[1] for b in mine] == list(range(docs // BATCH)), f"epoch {epoch} order"
+        seen = Counter(i for b in mine for i in b[2])
+        assert sorted(seen) == list(range(docs)), f"epoch {epoch}: missing documents"
+        assert set(seen.values()) == {1}, f"epoch {epoch}: duplicated documents"
+
+
+def children(pid: int) -> list[int]:
+    """Direct child pids of ``pid`` (Linux /proc)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def kill_quietly(pid: int, sig=signal.SIGKILL):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

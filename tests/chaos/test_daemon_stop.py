@@ -1,0 +1,78 @@
+"""The daemon stops (SIGTERM, SIGINT) or dies (SIGKILL): nothing is left running or bound."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import pytest
+from chaos import feed_config, read_batches
+from daemon import Daemon, pid_alive, wait_until
+
+from mongofeed import Consumer, FeedTimeout
+
+EXIT_WITHIN_S = 10
+
+
+def private_tmp(tmp_path):
+    """A TMPDIR of the daemon's own, so its ipc folder is told apart from other daemons'."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    return folder, {"TMPDIR": str(folder)}
+
+
+def port_free(port: int) -> bool:
+    """Bindable again by a new daemon (ZeroMQ sets SO_REUSEADDR, as we do here)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_ends_every_child_and_releases_everything(tmp_path, mongo_uri, db, sig):
+    config = feed_config(tmp_path, mongo_uri, db)
+    tmp, env = private_tmp(tmp_path)
+    daemon = Daemon(config, workers=2, env=env).start()
+    with Consumer(daemon.bind, "train", timeout=30) as consumer:
+        read_batches(consumer, 3)  # stop it while it is busy
+        workers = [w["pid"] for w in daemon.status()["workers"]]
+        assert len(list(tmp.glob("mongofeed-*"))) == 1
+        started = time.monotonic()
+        assert daemon.stop(sig) == 0
+        assert wait_until(lambda: not any(pid_alive(p) for p in workers), EXIT_WITHIN_S)
+        print(f"{sig.name}: daemon and workers gone in {time.monotonic() - started:.2f} s")
+        with pytest.raises(Exception, match="daemon stopped|no batch"):
+            for _ in range(10):
+                consumer.get(timeout=5)
+    assert list(tmp.iterdir()) == []
+    assert port_free(daemon.port) and port_free(daemon.port + 1)
+
+
+def test_sigkilled_daemon_leaves_no_orphans_and_consumer_gets_a_clear_error(
+        tmp_path, mongo_uri, db):
+    config = feed_config(tmp_path, mongo_uri, db)
+    daemon = Daemon(config, workers=2).start()
+    with Consumer(daemon.bind, "train", timeout=3) as consumer:
+        read_batches(consumer, 3)
+        workers = [w["pid"] for w in daemon.status()["workers"]]
+        started = time.monotonic()
+        daemon.stop(signal.SIGKILL)
+        assert wait_until(lambda: not any(pid_alive(p) for p in workers), EXIT_WITHIN_S), \
+            "workers outlived their killed daemon"
+        print(f"orphans gone {time.monotonic() - started:.2f} s after SIGKILL")
+        with pytest.raises(FeedTimeout, match="is the daemon running"):
+            for _ in range(10):  # what was prefetched comes first
+                consumer.get()
+    assert port_free(daemon.port) and port_free(daemon.port + 1)
+
+
+def test_consumer_of_an_absent_daemon_fails_clearly(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(FeedTimeout, match="no answer from the mongofeed daemon"):
+        Consumer("tcp://127.0.0.1:9", "train", timeout=2)
+    assert time.monotonic() - started < EXIT_WITHIN_S

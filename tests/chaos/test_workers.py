@@ -1,0 +1,56 @@
+"""Workers die for real (SIGKILL, crash loops); the epoch still delivers each document once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from chaos import BATCHES, assert_exactly_once, feed_config, kill_quietly, read_batches
+from daemon import Daemon, pid_alive, wait_until
+
+from mongofeed import Consumer
+
+
+def test_sigkilled_worker_is_replaced_and_its_tasks_reissued(tmp_path, mongo_uri, db):
+    config = feed_config(tmp_path, mongo_uri, db)
+    with Daemon(config, workers=2) as daemon, \
+            Consumer(daemon.bind, "train", timeout=30) as consumer:
+        batches = read_batches(consumer, BATCHES // 3)
+        victim = daemon.status()["workers"][0]
+        # Freeze the victim so tasks pile up on it undelivered, then kill it.
+        os.kill(victim["pid"], signal.SIGSTOP)
+        assert wait_until(lambda: daemon.status()["workers"][0]["inflight"] > 0, 10)
+        killed_at = time.monotonic()
+        kill_quietly(victim["pid"])
+
+        def replaced():
+            worker = daemon.status()["workers"][0]
+            return worker["restarts"] == 1 and worker["pid"] not in (None, victim["pid"]) \
+                and worker["state"] in ("ready", "busy")
+
+        assert wait_until(replaced, 10), daemon.status()["workers"]
+        print(f"replacement ready {time.monotonic() - killed_at:.2f} s after SIGKILL")
+        assert not pid_alive(victim["pid"])
+        batches += read_batches(consumer, 2 * BATCHES - len(batches))
+        status = daemon.status()
+    assert_exactly_once(batches, epochs=(0, 1))
+    assert any(f"worker 0 (pid {victim['pid']}) exited" in e for e in status["errors"])
+
+
+def test_crash_loop_is_backed_off_and_reported(tmp_path, mongo_uri, db):
+    config = feed_config(tmp_path, mongo_uri, db)
+    with Daemon(config, workers=1) as daemon:
+        pids = set()
+        for _ in range(4):  # every start dies at once: a crash loop
+            assert wait_until(lambda: daemon.status()["workers"][0]["pid"] not in pids
+                              and daemon.status()["workers"][0]["state"] != "backoff", 20)
+            pid = daemon.status()["workers"][0]["pid"]
+            pids.add(pid)
+            kill_quietly(pid)
+        worker = daemon.status()["workers"][0]
+        time.sleep(3)  # a tight loop would restart many times meanwhile
+        later = daemon.status()["workers"][0]
+        assert later["restarts"] <= worker["restarts"] + 1, later
+        assert later["state"] == "backoff", later
+        assert any("keeps dying" in e for e in daemon.status()["errors"])
