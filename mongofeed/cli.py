@@ -150,9 +150,9 @@ def format_status(status: dict, previous: dict | None, interval: float) -> str:
     """A human table; rates come from the previous sample, or the average since start."""
     span = interval if previous else max(status["uptime_s"], 1e-9)
     before = {w["slot"]: w for w in previous["workers"]} if previous else {}
-    lines = [f"mongofeed {status['version']} pid {status['pid']} up {status['uptime_s']:.0f} s  "
-             (f"source {status['source']['uri']} {status['source']['database']}."
-              f"{status['source']['collection']}"),
+    source = status["source"]
+    lines = [(f"mongofeed {status['version']} pid {status['pid']} up {status['uptime_s']:.0f} s"
+              f"  source {source['uri']} {source['database']}.{source['collection']}"),
              (f"data {status['endpoints']['data']}  control {status['endpoints']['control']}  "
               f"pending tasks {status['pending_tasks']}  memory bound "
               f"{status['memory_bound_bytes'] / 2**20:.1f} MiB"),

@@ -102,7 +102,10 @@ class Consumer:
             control_socket = control_connect(self._context, self.control)
             request = {"op": "hello", "protocol": PROTOCOL_VERSION, "feed": feed,
                        "start_epoch": start_epoch, "shard": list(shard or (0, 1))}
-            self.info = ask(control_socket, self.control, request, timeout)
+            try:
+                self.info = ask(control_socket, self.control, request, timeout)
+            except FeedTimeout as exc:
+                raise FeedTimeout(f"{exc} (the control endpoint of {self.endpoint})") from None
             self.schema = hello_schema(self.info)
         except BaseException:
             self._context.destroy(linger=0)

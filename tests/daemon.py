@@ -127,13 +127,10 @@ class Daemon:
         reader.join(READY_TIMEOUT_S)
         if not lines or not lines[0].startswith("mongofeed ready"):
             self.stop(signal.SIGKILL)
-            raise RuntimeError(f"daemon did not become ready: {lines!r}\n{self.stderr_text()}")
+            raise RuntimeError(f"daemon did not become ready: {lines!r}\n"
+                               f"{self.stderr_path.read_text()}")
         self.ready_line = lines[0]
         return self
-
-    def stderr_text(self) -> str:
-        self.stderr.flush()
-        return self.stderr_path.read_text()
 
     def status(self) -> dict:
         return daemon_status(self.control, timeout=10)
