@@ -1,0 +1,44 @@
+"""``dataset()``: one feed of a running ``mongofeed serve`` as a ``tf.data.Dataset``.
+
+The element spec comes from the daemon's hello reply (names, dtypes, per-sample shapes; the
+batch dimension is None because the last batch of an epoch may be short), so TensorFlow
+never reads a batch to infer it and no batch is lost. Each iteration of the dataset is one
+epoch of the feed (the rest of the current one, if an earlier iteration stopped early).
+Elements are ``(inputs, targets)`` like ``MongoFeedSequence``: one array, or a dict of arrays
+when the config's ``[output]`` names several.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from .consumer import Consumer
+
+
+def dataset(endpoint: str, feed: str = "train", **consumer_kwargs) -> tf.data.Dataset:
+    """Batches of ``feed`` from the daemon at ``endpoint``; ``consumer_kwargs`` go to
+    ``Consumer`` (control, timeout, start_epoch, shard, prefetch). The session lasts as long
+    as the dataset.
+
+    Example::
+
+        train = mongofeed.tf.dataset("tcp://127.0.0.1:5555", feed="train")
+        model.fit(train.prefetch(2), epochs=10)
+    """
+    consumer = Consumer(endpoint, feed=feed, **consumer_kwargs)
+    specs = {spec.name: tf.TensorSpec((None, *spec.shape), tf.as_dtype(spec.dtype), spec.name)
+             for spec in consumer.schema.arrays}
+
+    def structure(arrays: dict):
+        def pick(names):
+            return arrays[names[0]] if len(names) == 1 else {n: arrays[n] for n in names}
+
+        if not consumer.targets:
+            return (pick(consumer.inputs),)
+        return pick(consumer.inputs), pick(consumer.targets)
+
+    def one_epoch():
+        for batch in consumer.epoch():
+            yield structure(batch.arrays)
+
+    return tf.data.Dataset.from_generator(one_epoch, output_signature=structure(specs))
