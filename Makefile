@@ -9,7 +9,7 @@ FERRETDB_NAME ?= default
 FERRETDB_PORT ?= 27017
 PYTEST_ARGS ?=
 
-.PHONY: install ferretdb server-start server-stop test lint clean-server
+.PHONY: install ferretdb server-start server-stop test demo lint clean-server
 
 install: $(INSTALL_STAMP)
 
@@ -31,6 +31,9 @@ server-stop:
 
 test: $(INSTALL_STAMP) $(FERRETDB_BIN)
 	bin/run-tests $(PYTEST_ARGS)
+
+demo: $(INSTALL_STAMP) $(FERRETDB_BIN)
+	bin/demo
 
 lint: $(INSTALL_STAMP)
 	$(VENV)/bin/ruff check .
