@@ -1,0 +1,59 @@
+"""The configuration reference (docs/configuration.md), generated from ``config.SCHEMA`` so
+it cannot drift from the code; a test compares the committed file with this output.
+
+Regenerate with ``python -m mongofeed.docs > docs/configuration.md``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .config import REQUIRED, SCHEMA, _type_name
+
+INTRO = """\
+# Configuration reference
+
+<!-- Generated from mongofeed/config.py (SCHEMA) by `python -m mongofeed.docs`; do not edit. -->
+
+mongofeed reads one TOML file (`mongofeed serve --config FILE`, env `MONGOFEED_CONFIG`).
+Precedence: command-line option > environment variable > config file > default. Unknown
+sections and keys are refused with a message that names them, so a typo never passes
+silently. Check a config against the data before training with
+`mongofeed inspect --config FILE`.
+"""
+
+TABLE_NOTES = {
+    "feeds.*": "One table per feed, e.g. `[feeds.train]`; one daemon serves them all. "
+               "Without any, a single feed `train` selects every document.",
+    "fields.*": "One table per array in every batch, e.g. `[fields.image]`; at least one.",
+}
+
+
+def reference_markdown() -> str:
+    """The Markdown text of docs/configuration.md."""
+    parts = [INTRO]
+    for section, keys in SCHEMA.items():
+        name = section.replace(".*", ".NAME")
+        parts.append(f"\n## [{name}]\n")
+        if section in TABLE_NOTES:
+            parts.append(f"\n{TABLE_NOTES[section]}\n")
+        parts.append("\n| key | type | default | meaning |\n|---|---|---|---|\n")
+        for key, spec in keys.items():
+            meaning = spec.doc
+            if spec.choices:
+                meaning += " One of: " + ", ".join(f"`{c}`" for c in spec.choices) + "."
+            parts.append(f"| `{key}` | {_type_name(spec.type)} | {_default(spec.default)} | "
+                         f"{meaning.replace('|', '&#124;')} |\n")
+    return "".join(parts)
+
+
+def _default(value) -> str:
+    if value is REQUIRED:
+        return "**required**"
+    if value is None:
+        return "—"
+    return f"`{json.dumps(value)}`"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")
