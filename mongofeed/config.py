@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import tomllib
 
@@ -371,14 +371,13 @@ def _field_list(names: list, key: str, fields: dict, where: str) -> tuple[str, .
     return tuple(names)
 
 
-def redact_uri(uri: str) -> str:
-    """The URI with any password replaced by ***, for logs, status and error messages."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return uri.replace(parts.netloc, f"{user}:***@{hosts}", 1)
+def redact_uri(text: str) -> str:
+    """``text`` with the password of every URI in it replaced by ***, for logs, status and
+    error messages (a driver's message may embed the whole connection string)."""
+    return _URI_PASSWORD.sub(r"\1:***@", text)
+
+
+_URI_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:@/\s]*):[^@/\s]*@")
 
 
 def _as_tuple(t) -> tuple:
