@@ -162,7 +162,7 @@ def format_report(report: dict) -> str:
         lines.append(f"{name:<10} {feed['documents']:>10} {feed['batches_per_epoch']:>14}  "
                      f"{feed['filter']}")
     for name, feed in report["feeds"].items():
-        for key, command in zip(feed["unindexed"], feed["suggestions"]):
+        for key, command in zip(feed["unindexed"], feed["suggestions"], strict=True):
             lines.append(f"hint: feed {name!r} filters on {key!r}, which has no index; listing "
                          f"its documents scans the collection. Create one: {command}")
     sample = report["sample"]
