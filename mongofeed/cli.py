@@ -91,10 +91,17 @@ def main():
               help="Deliver batches in plan order (serve.ordered; default: ordered).")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), envvar="MONGOFEED_METRICS_PORT",
               help="Serve Prometheus metrics on 127.0.0.1:PORT (serve.metrics_port).")
+@click.option("--server-key", envvar="MONGOFEED_SERVER_KEY", type=click.Path(dir_okay=False),
+              help="CurveZMQ secret key file of the daemon (serve.server_key; from "
+              "'mongofeed keygen').")
+@click.option("--client-keys", envvar="MONGOFEED_CLIENT_KEYS", type=click.Path(file_okay=False),
+              help="Folder of accepted client public keys, *.key (serve.client_keys).")
+@click.option("--insecure", is_flag=True, default=None, envvar="MONGOFEED_INSECURE",
+              help="Allow a non-loopback --bind without CurveZMQ keys (serve.insecure).")
 @log_option
 @user_errors
 def serve(config_path, uri, database, collection, workers, bind, control, shard, ordered,
-          metrics_port, log_level):
+          metrics_port, server_key, client_keys, insecure, log_level):
     """Serve batches from MongoDB until stopped with Ctrl-C or SIGTERM."""
     from .supervisor import Supervisor
 
@@ -102,6 +109,8 @@ def serve(config_path, uri, database, collection, workers, bind, control, shard,
         **source_overrides(uri, database, collection), "serve.workers": workers,
         "serve.bind": bind, "serve.control": control, "serve.ordered": ordered,
         "serve.shard": shard, "serve.metrics_port": metrics_port,
+        "serve.server_key": server_key, "serve.client_keys": client_keys,
+        "serve.insecure": insecure,
     })
     supervisor = Supervisor(config, log_level=log_level)
     supervisor.install_signal_handlers()
@@ -117,6 +126,20 @@ def serve(config_path, uri, database, collection, workers, bind, control, shard,
     finally:
         supervisor.stop()
     click.echo("mongofeed stopped")
+
+
+@main.command(epilog="Example:\n\n\b\n  mongofeed keygen daemon --dir keys\n"
+              "  mongofeed keygen trainer1 --dir keys/clients")
+@click.argument("name")
+@click.option("--dir", "folder", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for NAME.key (public) and NAME.key_secret (private).")
+def keygen(name, folder):
+    """Write a CurveZMQ key pair for the daemon (--server-key) or a client (its public key
+    goes in the daemon's --client-keys folder)."""
+    from .security import keygen as write_keys
+
+    public, secret = write_keys(folder, name)
+    click.echo(f"public key {public}\nsecret key {secret} (keep it private)")
 
 
 @main.command(epilog="Example:\n\n\b\n  mongofeed status --control tcp://127.0.0.1:5556 --watch")

@@ -20,6 +20,7 @@ import tomllib
 
 from .errors import ConfigError
 from .planner import Shard
+from .security import check_exposure
 from .wire import check_endpoint, next_port
 
 REQUIRED = object()
@@ -288,13 +289,13 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
     if serve["metrics_port"] is not None and not 0 < serve["metrics_port"] < 65536:
         raise ConfigError(f"{where}: serve.metrics_port must be a port (1 to 65535), "
                           f"not {serve['metrics_port']}")
-    return Config(
-        source=source, feeds=feeds, batch=batch, fields=fields, output=output,
-        serve=ServeConfig(**{**serve, "workers": workers, "bind": bind, "control": control,
-                             "max_pending": max_pending, "shard": shard,
-                             "session_timeout": float(serve["session_timeout"])}),
-        path=where,
-    )
+    serve_config = ServeConfig(**{**serve, "workers": workers, "bind": bind,
+                                  "control": control, "max_pending": max_pending,
+                                  "shard": shard,
+                                  "session_timeout": float(serve["session_timeout"])})
+    check_exposure(serve_config, where)
+    return Config(source=source, feeds=feeds, batch=batch, fields=fields, output=output,
+                  serve=serve_config, path=where)
 
 
 def _entries(value: dict[str, Any], name: str, where: str):

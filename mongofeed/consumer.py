@@ -22,6 +22,7 @@ import numpy as np
 import zmq
 
 from .errors import FeedError, FeedTimeout, ProtocolError
+from .security import client_options
 from .wire import (
     MAX_HEADER_BYTES,
     PROTOCOL_VERSION,
@@ -49,9 +50,11 @@ class Batch(NamedTuple):
     arrays: dict[str, np.ndarray]
 
 
-def control_connect(context: zmq.Context, control: str) -> zmq.Socket:
+def control_connect(context: zmq.Context, control: str, curve: dict | None = None) -> zmq.Socket:
     socket = context.socket(zmq.DEALER)
     socket.linger = 0
+    for option, value in (curve or {}).items():
+        socket.setsockopt(option, value)
     socket.connect(control)
     return socket
 
@@ -85,11 +88,14 @@ class Consumer:
     ``endpoint`` is the daemon's ``--bind`` address; the control endpoint defaults to the
     same host with port + 1. ``start_epoch`` resumes a run from a checkpoint at a full epoch;
     ``shard=(r, R)`` takes part r of R disjoint, equal parts of every epoch.
+    ``server_key`` (the daemon's public .key file) and ``client_key`` (this client's
+    .key_secret file, listed by the daemon) speak CurveZMQ to a daemon off loopback.
     """
 
     def __init__(self, endpoint: str, feed: str = "train", control: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT_S, start_epoch: int = 0,
-                 shard: tuple[int, int] | None = None, prefetch: int = DEFAULT_PREFETCH):
+                 shard: tuple[int, int] | None = None, prefetch: int = DEFAULT_PREFETCH,
+                 server_key: str | None = None, client_key: str | None = None):
         self.endpoint = check_endpoint(endpoint, "endpoint")
         self.control = check_endpoint(control or next_port(endpoint), "control")
         self.feed = feed
@@ -97,9 +103,10 @@ class Consumer:
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
         self._pid = os.getpid()
+        curve = client_options(server_key, client_key)
         self._context = zmq.Context()
         try:
-            control_socket = control_connect(self._context, self.control)
+            control_socket = control_connect(self._context, self.control, curve)
             request = {"op": "hello", "protocol": PROTOCOL_VERSION, "feed": feed,
                        "start_epoch": start_epoch, "shard": list(shard or (0, 1))}
             try:
@@ -113,7 +120,7 @@ class Consumer:
         self.session = self.info["session"]
         self._receiver = _Receiver(self._context, control_socket, self.endpoint, self.session,
                                    self.schema, start_epoch, self.info.get("ordered", True),
-                                   self.info["batches_per_epoch"], prefetch)
+                                   self.info["batches_per_epoch"], prefetch, curve)
         self._finalizer = weakref.finalize(self, self._receiver.stop)
         self._receiver.start()
 
@@ -176,7 +183,7 @@ class _Receiver:
     so an abandoned Consumer is collected and its session closed."""
 
     def __init__(self, context, control_socket, endpoint, session, schema: Schema,
-                 start_epoch, ordered, batches_per_epoch, prefetch):
+                 start_epoch, ordered, batches_per_epoch, prefetch, curve):
         self.control_socket = control_socket
         self.session = session
         self.schema = schema
@@ -189,6 +196,8 @@ class _Receiver:
         self.epoch, self.seen = start_epoch, set()
         self.data = context.socket(zmq.DEALER)
         self.data.linger = 0
+        for option, value in curve.items():
+            self.data.setsockopt(option, value)
         self.data.identity = session.encode()
         self.data.maxmsgsize = max(MAX_HEADER_BYTES, schema.batch_size * max(
             spec.sample_nbytes for spec in schema.arrays))

@@ -32,6 +32,7 @@ from . import __version__
 from .config import Config, redact_uri
 from .errors import ProtocolError, SourceError
 from .planner import Plan, Shard
+from .security import CurveServer
 from .sink import Session, Sink
 from .source import connect, list_ids
 from .wire import (
@@ -114,6 +115,7 @@ class Supervisor:
         self.started_at = time.time()
         self.stopping = False
         self.context = None
+        self.curve = None  # CurveServer when serve.server_key is set
         self.runtime_dir = None
         self.mp = multiprocessing.get_context("spawn")
         self.metrics_server = None
@@ -143,6 +145,9 @@ class Supervisor:
         self.plan_feeds()
         self.context = zmq.Context()
         try:
+            if self.config.serve.server_key:
+                self.curve = CurveServer(self.context, self.config.serve.server_key,
+                                         self.config.serve.client_keys)
             self.control = self._bind(zmq.ROUTER, self.config.serve.control, MAX_CONTROL_BYTES)
             self.data = self._bind(zmq.ROUTER, self.config.serve.bind, MAX_CONTROL_BYTES)
             self.data.router_mandatory = 1
@@ -171,6 +176,8 @@ class Supervisor:
         socket = self.context.socket(kind)
         socket.linger = SOCKET_LINGER_MS
         socket.maxmsgsize = max_message
+        if self.curve is not None:
+            self.curve.apply(socket)
         try:
             socket.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -247,6 +254,9 @@ class Supervisor:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
             self.metrics_server = None
+        if self.curve is not None:
+            self.curve.stop()
+            self.curve = None
         if self.context is not None:
             self.context.destroy(linger=SOCKET_LINGER_MS)
             self.context = None

@@ -1,0 +1,104 @@
+"""CurveZMQ for traffic that leaves the machine: key files, the daemon's allow-list of client
+keys, and the socket options on both sides.
+
+Loopback endpoints need nothing. Binding any other address without keys would hand the
+training data (and the control socket) to anyone on the network, so the daemon refuses it
+unless the user says ``--insecure`` on purpose.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from .errors import ConfigError
+from .wire import endpoint_host
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def keygen(folder: str, name: str) -> tuple[str, str]:
+    """Write ``name.key`` (public, give it to the other side) and ``name.key_secret``
+    (keep it private) in ``folder``; returns both paths."""
+    os.makedirs(folder, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(folder, name)
+    os.chmod(secret, 0o600)
+    return public, secret
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ipc:// and tcp:// on a loopback address; a name other than localhost is not
+    trusted to stay on the machine."""
+    host = endpoint_host(endpoint)
+    if host is None or host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(serve, where: str):
+    """Refuse a non-loopback bind without keys (unless insecure), and half a key setup."""
+    if serve.server_key and not serve.client_keys:
+        raise ConfigError(f"{where}: serve.server_key needs serve.client_keys, the folder of "
+                          f"client public keys the daemon accepts")
+    if serve.client_keys and not serve.server_key:
+        raise ConfigError(f"{where}: serve.client_keys needs serve.server_key")
+    exposed = [e for e in (serve.bind, serve.control) if not is_loopback(e)]
+    if exposed and not serve.server_key and not serve.insecure:
+        raise ConfigError(f"{where}: serve.bind/serve.control {exposed[0]} is not a loopback "
+                          f"address: give CurveZMQ keys (--server-key, --client-keys; create "
+                          f"them with 'mongofeed keygen') or pass --insecure on purpose")
+
+
+def _load(path: str, what: str, secret: bool) -> tuple[bytes, bytes | None]:
+    try:
+        public, secret_key = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{what} {path}: cannot read a CurveZMQ key file ({exc}); create "
+                          f"one with 'mongofeed keygen'") from None
+    if secret and secret_key is None:
+        raise ConfigError(f"{what} {path} holds only a public key; give the .key_secret file")
+    return public, secret_key
+
+
+class CurveServer:
+    """The daemon side: its key pair on the public sockets, and an authenticator thread that
+    admits only the client public keys found in ``client_keys`` (a folder of ``*.key``)."""
+
+    def __init__(self, context: zmq.Context, server_key: str, client_keys: str):
+        self.public, self.secret = _load(server_key, "serve.server_key", secret=True)
+        if not os.path.isdir(client_keys) or not zmq.auth.load_certificates(client_keys):
+            raise ConfigError(f"serve.client_keys {client_keys}: no client public keys "
+                              f"(*.key) in that folder")
+        self.authenticator = ThreadAuthenticator(context)
+        self.authenticator.start()
+        self.authenticator.configure_curve(domain="*", location=client_keys)
+
+    def apply(self, socket: zmq.Socket):
+        """Call before bind."""
+        socket.curve_secretkey = self.secret
+        socket.curve_publickey = self.public
+        socket.curve_server = True
+
+    def stop(self):
+        self.authenticator.stop()
+
+
+def client_options(server_key: str | None, client_key: str | None) -> dict:
+    """Socket options for a consumer of a daemon that uses CurveZMQ (empty when it does not):
+    ``server_key`` is the daemon's public key file, ``client_key`` our .key_secret file."""
+    if server_key is None and client_key is None:
+        return {}
+    if server_key is None or client_key is None:
+        raise ValueError("CurveZMQ needs both server_key (the daemon's .key file) and "
+                         "client_key (this client's .key_secret file)")
+    server_public, _ = _load(server_key, "server_key", secret=False)
+    public, secret = _load(client_key, "client_key", secret=True)
+    return {zmq.CURVE_SERVERKEY: server_public, zmq.CURVE_PUBLICKEY: public,
+            zmq.CURVE_SECRETKEY: secret}

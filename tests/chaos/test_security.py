@@ -1,0 +1,68 @@
+"""CurveZMQ off loopback: without the right key a client gets nothing; no keys, no bind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from chaos import BATCHES, assert_exactly_once, feed_config, read_batches
+from daemon import REPO, Daemon, free_port_pair
+
+from mongofeed import Consumer, FeedTimeout
+from mongofeed.security import keygen
+
+REFUSED_WITHIN_S = 3
+
+
+def exposed(port: int) -> tuple:
+    """serve options that bind every address (not loopback) on ``port``."""
+    return ("--bind", f"tcp://0.0.0.0:{port}")
+
+
+def test_non_loopback_bind_without_keys_is_refused_before_starting(tmp_path, mongo_uri, db):
+    config = feed_config(tmp_path, mongo_uri, db)
+    done = subprocess.run([sys.executable, "-m", "mongofeed", "serve", "--config", str(config),
+                           *exposed(free_port_pair())], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "not a loopback address" in done.stderr and "--insecure" in done.stderr
+    assert "mongofeed ready" not in done.stdout
+
+
+def test_insecure_flag_allows_a_non_loopback_bind(tmp_path, mongo_uri, db):
+    config = feed_config(tmp_path, mongo_uri, db)
+    daemon = Daemon(config, workers=1)
+    daemon.command += [*exposed(daemon.port), "--insecure"]
+    with daemon, Consumer(daemon.bind, "train", timeout=30) as consumer:
+        assert len(read_batches(consumer, 2)) == 2
+
+
+def test_only_listed_client_keys_get_data(tmp_path, mongo_uri, db):
+    keys = tmp_path / "keys"
+    server_public, server_secret = keygen(str(keys), "daemon")
+    _, trainer_secret = keygen(str(keys / "clients"), "trainer")
+    _, stranger_secret = keygen(str(keys / "strangers"), "stranger")
+    config = feed_config(tmp_path, mongo_uri, db)
+    daemon = Daemon(config, workers=1)
+    daemon.command += [*exposed(daemon.port), "--server-key", server_secret,
+                       "--client-keys", str(keys / "clients")]
+    with daemon:
+        with pytest.raises(FeedTimeout):  # no keys at all
+            Consumer(daemon.bind, "train", timeout=REFUSED_WITHIN_S)
+        with pytest.raises(FeedTimeout):  # a key pair the daemon does not list
+            Consumer(daemon.bind, "train", timeout=REFUSED_WITHIN_S,
+                     server_key=server_public, client_key=stranger_secret)
+        with Consumer(daemon.bind, "train", timeout=30, server_key=server_public,
+                      client_key=trainer_secret) as trainer:
+            batches = read_batches(trainer, BATCHES)
+    assert_exactly_once(batches, epochs=(0,))
+
+
+def test_a_server_key_without_client_keys_is_refused(tmp_path, mongo_uri, db):
+    _, server_secret = keygen(str(tmp_path / "keys"), "daemon")
+    config = feed_config(tmp_path, mongo_uri, db)
+    done = subprocess.run([sys.executable, "-m", "mongofeed", "serve", "--config", str(config),
+                           "--server-key", server_secret], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    assert done.returncode == 2 and "serve.client_keys" in done.stderr
