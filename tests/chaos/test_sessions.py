@@ -76,7 +76,7 @@ def test_slow_consumer_keeps_daemon_memory_bounded(tmp_path, mongo_uri, db):
         assert bound == status["batch_bytes"] * max_pending  # batch size x in-flight batches
         batches, rss = [], []
         pids = [status["pid"]] + [w["pid"] for w in status["workers"]]
-        for epoch in range(3):
+        for _epoch in range(3):
             for _ in range(BATCHES):
                 batches += read_batches(consumer, 1)
                 time.sleep(0.08)  # training is slower than loading
