@@ -13,10 +13,9 @@ from __future__ import annotations
 import math
 import os
 import re
+import tomllib
 from dataclasses import dataclass, field
 from typing import Any
-
-import tomllib
 
 from .errors import ConfigError
 from .planner import Shard

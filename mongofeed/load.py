@@ -421,7 +421,7 @@ def _val_mask(n: int, val_fraction: float, seed: int) -> np.ndarray:
 def _counts(splits: np.ndarray) -> dict:
     names, counts = np.unique(splits.astype(str), return_counts=True)
     result = {"train": 0, "val": 0}
-    result.update({str(name): int(count) for name, count in zip(names, counts)})
+    result.update({str(name): int(count) for name, count in zip(names, counts, strict=True)})
     return result
 
 

@@ -356,7 +356,8 @@ class Supervisor:
             early = now - record.started_at < CRASH_WINDOW_S
             record.crashes = record.crashes + 1 if early else 0
             delay = min(RESTART_MAX_DELAY_S, 0.5 * 2 ** record.crashes) if early else 0.0
-            message = f"worker {record.slot} (pid {process.pid}) exited with code {process.exitcode}"
+            message = (f"worker {record.slot} (pid {process.pid}) exited with code "
+                       f"{process.exitcode}")
             if record.crashes >= 3:
                 message += f"; it keeps dying, next start in {delay:.0f} s"
             log.warning(message)

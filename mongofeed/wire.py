@@ -203,7 +203,7 @@ def unpack_batch(frames: list, schema: Schema) -> tuple[dict, dict[str, np.ndarr
     if len(frames) != 1 + len(specs):
         raise ProtocolError(f"{len(frames) - 1} array frames, expected {len(specs)}")
     arrays = {}
-    for spec, frame in zip(specs, frames[1:]):
+    for spec, frame in zip(specs, frames[1:], strict=True):
         buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
         expected = count * spec.sample_nbytes
         if buffer.nbytes != expected:
