@@ -97,6 +97,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                            "default: 2 x workers, at least 4)."),
         "shard": Key(str, "0/1", "Serve only part r of R of every epoch (\"r/R\"): one daemon "
                      "per trainer host, disjoint and equal, no coordinator (env MONGOFEED_SHARD)."),
+        "stall_timeout": Key((int, float), 120.0, "Seconds a worker may hold a task without any "
+                             "sign of life before it is killed and its tasks re-issued."),
         "session_timeout": Key((int, float), 15.0, "Seconds without a heartbeat after "
                                "which a consumer's session ends."),
         "insecure": Key(bool, False, "Allow binding a non-loopback address without "
@@ -175,6 +177,7 @@ class ServeConfig:
     max_pending: int
     shard: Shard
     session_timeout: float
+    stall_timeout: float
     insecure: bool
     server_key: str | None
     client_keys: str | None
@@ -283,15 +286,17 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
         shard = Shard.parse(serve["shard"])
     except ValueError as exc:
         raise ConfigError(f"{where}: serve.shard: {exc}") from None
-    if serve["session_timeout"] <= 0:
-        raise ConfigError(f"{where}: serve.session_timeout must be positive")
+    for key in ("session_timeout", "stall_timeout"):
+        if serve[key] <= 0:
+            raise ConfigError(f"{where}: serve.{key} must be positive")
     if serve["metrics_port"] is not None and not 0 < serve["metrics_port"] < 65536:
         raise ConfigError(f"{where}: serve.metrics_port must be a port (1 to 65535), "
                           f"not {serve['metrics_port']}")
     serve_config = ServeConfig(**{**serve, "workers": workers, "bind": bind,
                                   "control": control, "max_pending": max_pending,
                                   "shard": shard,
-                                  "session_timeout": float(serve["session_timeout"])})
+                                  "session_timeout": float(serve["session_timeout"]),
+                                  "stall_timeout": float(serve["stall_timeout"])})
     check_exposure(serve_config, where)
     return Config(source=source, feeds=feeds, batch=batch, fields=fields, output=output,
                   serve=serve_config, path=where)

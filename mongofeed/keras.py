@@ -38,6 +38,7 @@ class MongoFeedSequence(keras.utils.PyDataset):
     def __init__(self, endpoint: str, feed: str = "train", control: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT_S, start_epoch: int = 0,
                  shard: tuple[int, int] | None = None, prefetch: int = DEFAULT_PREFETCH,
+                 server_key: str | None = None, client_key: str | None = None,
                  workers: int = 1, use_multiprocessing: bool = False, max_queue_size: int = 10):
         if use_multiprocessing:
             raise ValueError(
@@ -47,7 +48,8 @@ class MongoFeedSequence(keras.utils.PyDataset):
         super().__init__(workers=workers, use_multiprocessing=False,
                          max_queue_size=max_queue_size)
         self.consumer = Consumer(endpoint, feed=feed, control=control, timeout=timeout,
-                                 start_epoch=start_epoch, shard=shard, prefetch=prefetch)
+                                 start_epoch=start_epoch, shard=shard, prefetch=prefetch,
+                                 server_key=server_key, client_key=client_key)
         self._lock = threading.Lock()
         self._served = 0  # batches taken from the stream in this epoch
         self._peeked: dict[int, tuple] = {}

@@ -89,6 +89,7 @@ class WorkerRecord:
     skips: int = 0
     errors: int = 0
     last_error: str | None = None
+    last_heard: float = 0.0    # the last message from this worker (ready, event or batch)
 
     @property
     def pid(self):
@@ -204,7 +205,7 @@ class Supervisor:
                   self.log_level))
         record.process.start()
         record.state = "starting"
-        record.started_at = time.monotonic()
+        record.started_at = record.last_heard = time.monotonic()
 
     def wait_ready(self, timeout: float = 60.0):
         """Run the loop until every worker has said ready (or ``timeout`` passes)."""
@@ -304,6 +305,7 @@ class Supervisor:
         except (ValueError, IndexError, ProtocolError):
             self.counters["rejected_messages"] += 1
             return
+        record.last_heard = time.monotonic()
         if kind == b"ready":
             record.state = "ready"
         elif kind == b"event":
@@ -313,6 +315,7 @@ class Supervisor:
     def on_batch(self, frames):
         meta = decode_json(frames[0], MAX_CONTROL_BYTES, "batch meta")
         record = self.workers[meta["slot"]]
+        record.last_heard = time.monotonic()
         if meta["task"] in record.inflight:
             record.inflight.remove(meta["task"])
         if record.state != "stopping":
@@ -349,7 +352,10 @@ class Supervisor:
                     record.restarts += 1
                     self.start_worker(record)
                 continue
-            if process is None or process.is_alive():
+            if process is None:
+                continue
+            if process.is_alive():
+                self.kill_if_stalled(record, now)
                 continue
             process.join()
             self.reissue(record)
@@ -364,6 +370,17 @@ class Supervisor:
             self.record_error(message)
             record.state = "backoff"
             record.restart_at = now + delay
+
+    def kill_if_stalled(self, record: WorkerRecord, now: float):
+        """A hung worker would stall its tasks forever: kill it, so it is reaped, its tasks
+        re-issued and a replacement started like after any other death."""
+        silent = now - record.last_heard
+        if record.inflight and silent > self.config.serve.stall_timeout:
+            message = (f"worker {record.slot} (pid {record.pid}) held a task for {silent:.0f} s "
+                       f"without a sign of life; killing it")
+            log.warning(message)
+            self.record_error(message)
+            record.process.kill()
 
     def reissue(self, record: WorkerRecord):
         for task_id in reversed(record.inflight):
@@ -390,6 +407,8 @@ class Supervisor:
                 self.pending.appendleft(task_id)
                 record.state = "starting"  # not connected (yet or any more)
                 return
+            if not record.inflight:
+                record.last_heard = time.monotonic()  # the stall clock starts with the work
             record.inflight.append(task_id)
             record.state = "busy"
 

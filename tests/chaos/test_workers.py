@@ -54,3 +54,18 @@ def test_crash_loop_is_backed_off_and_reported(tmp_path, mongo_uri, db):
         assert later["restarts"] <= worker["restarts"] + 1, later
         assert later["state"] == "backoff", later
         assert any("keeps dying" in e for e in daemon.status()["errors"])
+
+
+def test_hung_worker_is_killed_and_its_tasks_reissued(tmp_path, mongo_uri, db):
+    config = feed_config(tmp_path, mongo_uri, db, serve={"stall_timeout": 3})
+    with Daemon(config, workers=2) as daemon, \
+            Consumer(daemon.bind, "train", timeout=30) as consumer:
+        batches = read_batches(consumer, BATCHES // 3)
+        victim = daemon.status()["workers"][0]
+        os.kill(victim["pid"], signal.SIGSTOP)  # alive but silent: hung
+        batches += read_batches(consumer, 2 * BATCHES - len(batches))
+        assert wait_until(lambda: daemon.status()["workers"][0]["restarts"] == 1, 10)
+        status = daemon.status()
+    assert_exactly_once(batches, epochs=(0, 1))
+    assert not pid_alive(victim["pid"])
+    assert any("without a sign of life" in e for e in status["errors"])
