@@ -91,32 +91,35 @@ class Worker:
         """The sink message for one task: the batch, or an error naming the document."""
         meta = {"task": task["task"], "slot": self.slot}
         started = time.perf_counter()
-        docs, missing = self.read(task["ids"])
-        read_s = time.perf_counter() - started
-        problems = [self.missing_error(doc_id) for doc_id in missing]
-        if problems and self.config.batch.on_error == "fail":
-            return [encode_json({**meta, "error": str(problems[0])})]
         try:
-            arrays, skipped = self.decoder.decode(docs)
+            arrays, problems = self.retrying(self.fetch, task["ids"])
         except DecodeError as exc:
             return [encode_json({**meta, "error": str(exc)})]
-        problems += skipped
         meta.update(
-            docs=len(docs) - len(skipped),
+            docs=len(next(iter(arrays.values()))),
             bytes=sum(a.nbytes for a in arrays.values()),
             skips=len(problems),
             skipped=[str(p) for p in problems[:SKIP_MESSAGES_SENT]],
-            read_s=read_s,
-            decode_s=time.perf_counter() - started - read_s,
+            seconds=time.perf_counter() - started,
         )
         return [encode_json(meta)] + pack_batch(task["feed"], task["epoch"], task["index"], arrays)
 
-    def read(self, ids: list) -> tuple[list, list]:
-        """Read a batch, waiting out a database outage with backoff (reported to status)."""
+    def fetch(self, ids: list) -> tuple[dict, list]:
+        """Read one batch with one query and decode it (GridFS fields are read while
+        decoding); returns the arrays and the documents left out under on_error = "skip"."""
+        docs, missing = self.reader.read(ids)
+        problems = [self.missing_error(doc_id) for doc_id in missing]
+        if problems and self.config.batch.on_error == "fail":
+            raise problems[0]
+        arrays, skipped = self.decoder.decode(docs)
+        return arrays, problems + skipped
+
+    def retrying(self, operation, *args):
+        """Run ``operation``, waiting out a database outage with backoff (shown in status)."""
         delay = RETRY_FIRST_DELAY_S
         while True:
             try:
-                result = self.reader.read(ids)
+                result = operation(*args)
             except TRANSIENT_ERRORS as exc:
                 if not self.parent_alive():
                     raise SystemExit(0) from None
