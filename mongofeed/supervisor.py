@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -57,6 +58,33 @@ RESTART_MAX_DELAY_S = 30.0
 STOP_GRACE_S = 3.0
 ERRORS_KEPT = 20
 SOCKET_LINGER_MS = 0
+RUNTIME_DIR_PREFIX = "mongofeed-"  # + owner pid + "-": stale once that pid is gone
+_RUNTIME_DIR_NAME = re.compile(rf"{RUNTIME_DIR_PREFIX}(\d+)-\w+")
+
+
+def remove_stale_runtime_dirs(parent: str | None = None):
+    """Remove the ipc folders that killed daemons left behind (SIGKILL skips our cleanup):
+    only ``mongofeed-<pid>-*`` folders of this user whose pid is no longer alive."""
+    if sys.platform == "win32":
+        return  # workers use loopback tcp there; os.kill would terminate a live process
+    parent = parent or tempfile.gettempdir()
+    for entry in os.scandir(parent):
+        match = _RUNTIME_DIR_NAME.fullmatch(entry.name)
+        if (match and entry.is_dir(follow_symlinks=False)
+                and entry.stat(follow_symlinks=False).st_uid == os.getuid()
+                and not _pid_alive(int(match[1]))):
+            log.info("removing %s, left behind by a daemon that was killed", entry.path)
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
 
 
 @dataclass
@@ -153,7 +181,8 @@ class Supervisor:
             self.data = self._bind(zmq.ROUTER, self.config.serve.bind, MAX_CONTROL_BYTES)
             self.data.router_mandatory = 1
             self.data.sndhwm = 10_000  # consumer credit is the real bound
-            self.runtime_dir = tempfile.mkdtemp(prefix="mongofeed-")
+            remove_stale_runtime_dirs()
+            self.runtime_dir = tempfile.mkdtemp(prefix=f"{RUNTIME_DIR_PREFIX}{os.getpid()}-")
             self.task_socket, self.task_endpoint = self._bind_internal(zmq.ROUTER, "tasks")
             self.task_socket.router_mandatory = 1
             self.task_socket.router_handover = 1  # a restarted worker reuses its slot's identity
