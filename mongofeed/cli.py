@@ -149,14 +149,22 @@ def keygen(name, folder):
 @click.option("--watch", is_flag=True, help="Refresh every --interval seconds until Ctrl-C.")
 @click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for an answer.")
+@click.option("--server-key", envvar="MONGOFEED_SERVER_KEY", type=click.Path(dir_okay=False),
+              help="The daemon's CurveZMQ public key file (.key), if it uses keys.")
+@click.option("--client-key", envvar="MONGOFEED_CLIENT_KEY", type=click.Path(dir_okay=False),
+              help="This client's CurveZMQ secret key file (.key_secret), listed by the "
+              "daemon's --client-keys.")
 @user_errors
-def status(control, as_json, watch, interval, timeout):
+def status(control, as_json, watch, interval, timeout, server_key, client_key):
     """Show the daemon's workers, sessions and feeds."""
     from .consumer import daemon_status
 
+    if bool(server_key) != bool(client_key):
+        raise click.UsageError("--server-key and --client-key go together (a daemon with "
+                               "CurveZMQ keys needs both; one without needs neither)")
     previous = None
     while True:
-        current = daemon_status(control, timeout)
+        current = daemon_status(control, timeout, server_key, client_key)
         if as_json:
             click.echo(json.dumps(current, indent=2))
         else:

@@ -72,12 +72,15 @@ def ask(socket: zmq.Socket, control: str, request: dict, timeout: float) -> dict
     return reply
 
 
-def daemon_status(control: str, timeout: float = 5.0) -> dict:
-    """The daemon's status (workers, sessions, feeds, counters), as ``mongofeed status``."""
+def daemon_status(control: str, timeout: float = 5.0, server_key: str | None = None,
+                  client_key: str | None = None) -> dict:
+    """The daemon's status (workers, sessions, feeds, counters), as ``mongofeed status``;
+    the keys as for ``Consumer``, for a daemon that uses CurveZMQ."""
+    curve = client_options(server_key, client_key)
     context = zmq.Context()
     try:
-        return ask(control_connect(context, check_endpoint(control, "control")), control,
-                   {"op": "status"}, timeout)
+        return ask(control_connect(context, check_endpoint(control, "control"), curve),
+                   control, {"op": "status"}, timeout)
     finally:
         context.destroy(linger=0)
 
