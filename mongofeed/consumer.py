@@ -181,6 +181,84 @@ class Consumer:
                         "the daemon already reads in parallel)")
 
 
+class MultiConsumer:
+    """The union of one feed of several daemons, e.g. one per host with ``serve --shard r/R``.
+
+    It holds one ``Consumer`` per endpoint (``consumer_kwargs`` go to each) and takes batches
+    round-robin, skipping a daemon whose epoch is complete until all are: an epoch here is
+    one epoch of every daemon, and the daemons' epochs stay aligned. A batch's ``index`` is
+    its position in that union epoch.
+    """
+
+    def __init__(self, endpoints: list[str], feed: str = "train", **consumer_kwargs):
+        if not endpoints:
+            raise ValueError("MultiConsumer needs at least one endpoint")
+        if consumer_kwargs.get("control"):
+            raise ValueError("control names one daemon's control endpoint; with several "
+                             "endpoints each daemon's is its own (port + 1)")
+        self.feed = feed
+        self.consumers: list[Consumer] = []
+        try:
+            for endpoint in endpoints:
+                self.consumers.append(Consumer(endpoint, feed=feed, **consumer_kwargs))
+            self._check_same_schema()
+        except BaseException:
+            self.close()
+            raise
+        first = self.consumers[0]
+        self.schema, self.inputs, self.targets = first.schema, first.inputs, first.targets
+        self.batches_per_epoch = sum(c.batches_per_epoch for c in self.consumers)
+        self._left = [0] * len(self.consumers)  # batches still due in each daemon's epoch
+        self._next = 0
+
+    def _check_same_schema(self):
+        def announced(consumer):
+            return consumer.schema, consumer.inputs, consumer.targets
+
+        first = self.consumers[0]
+        differ = [c.endpoint for c in self.consumers if announced(c) != announced(first)]
+        if differ:
+            raise FeedError(f"daemons announce different schemas for feed {self.feed!r}: "
+                            f"{', '.join(differ)} differ from {first.endpoint} (batch size, "
+                            f"arrays or inputs/targets); serve them with the same config")
+
+    def get(self, timeout: float | None = None) -> Batch:
+        """The next batch, from the next daemon whose epoch is not yet complete."""
+        if not any(self._left):
+            self._left = [c.batches_per_epoch for c in self.consumers]
+        while not self._left[self._next]:
+            self._next = (self._next + 1) % len(self.consumers)
+        rank = self._next
+        batch = self.consumers[rank].get(timeout)
+        position = self.batches_per_epoch - sum(self._left)
+        self._left[rank] -= 1
+        self._next = (rank + 1) % len(self.consumers)
+        return Batch(batch.epoch, position, batch.arrays)
+
+    # Iteration as in Consumer: it needs only get() and batches_per_epoch.
+    __iter__ = Consumer.__iter__
+    epoch = Consumer.epoch
+
+    def close(self):
+        """End every session."""
+        for consumer in self.consumers:
+            consumer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def connect(endpoint: str | list[str], feed: str = "train", **consumer_kwargs):
+    """A ``Consumer`` for one endpoint, a ``MultiConsumer`` for a list of them: the one
+    place the adapters choose."""
+    if isinstance(endpoint, str):
+        return Consumer(endpoint, feed=feed, **consumer_kwargs)
+    return MultiConsumer(list(endpoint), feed=feed, **consumer_kwargs)
+
+
 class _Receiver:
     """The background thread that owns the sockets. It holds no reference to the Consumer,
     so an abandoned Consumer is collected and its session closed."""

@@ -19,7 +19,7 @@ import threading
 
 import keras
 
-from .consumer import DEFAULT_PREFETCH, DEFAULT_TIMEOUT_S, Consumer
+from .consumer import DEFAULT_PREFETCH, DEFAULT_TIMEOUT_S, connect
 
 PEEK_FUNCTION = "get_tf_dataset"  # keras/src/trainers/data_adapters/py_dataset_adapter.py
 PEEK_FRAMES_SEARCHED = 6
@@ -33,9 +33,12 @@ class MongoFeedSequence(keras.utils.PyDataset):
         train = MongoFeedSequence("tcp://127.0.0.1:5555", feed="train")
         val = MongoFeedSequence("tcp://127.0.0.1:5555", feed="val")
         model.fit(train, validation_data=val, epochs=10)
+
+    A list of endpoints (one daemon per host, each ``serve --shard r/R``) reads their union
+    through a ``MultiConsumer``.
     """
 
-    def __init__(self, endpoint: str, feed: str = "train", control: str | None = None,
+    def __init__(self, endpoint: str | list[str], feed: str = "train", control: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT_S, start_epoch: int = 0,
                  shard: tuple[int, int] | None = None, prefetch: int = DEFAULT_PREFETCH,
                  server_key: str | None = None, client_key: str | None = None,
@@ -47,7 +50,7 @@ class MongoFeedSequence(keras.utils.PyDataset):
                 "reads and decodes in parallel (mongofeed serve --workers N); leave it off.")
         super().__init__(workers=workers, use_multiprocessing=False,
                          max_queue_size=max_queue_size)
-        self.consumer = Consumer(endpoint, feed=feed, control=control, timeout=timeout,
+        self.consumer = connect(endpoint, feed=feed, control=control, timeout=timeout,
                                  start_epoch=start_epoch, shard=shard, prefetch=prefetch,
                                  server_key=server_key, client_key=client_key)
         self._lock = threading.Lock()

@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from .consumer import Consumer
+from .consumer import connect
 
 
-def dataset(endpoint: str, feed: str = "train", **consumer_kwargs) -> tf.data.Dataset:
+def dataset(endpoint: str | list[str], feed: str = "train", **consumer_kwargs) -> tf.data.Dataset:
     """Batches of ``feed`` from the daemon at ``endpoint``; ``consumer_kwargs`` go to
     ``Consumer`` (control, timeout, start_epoch, shard, prefetch). The session lasts as long
-    as the dataset.
+    as the dataset. A list of endpoints reads their union (``MultiConsumer``).
 
     Example::
 
         train = mongofeed.tf.dataset("tcp://127.0.0.1:5555", feed="train")
         model.fit(train.prefetch(2), epochs=10)
     """
-    consumer = Consumer(endpoint, feed=feed, **consumer_kwargs)
+    consumer = connect(endpoint, feed=feed, **consumer_kwargs)
     specs = {spec.name: tf.TensorSpec((None, *spec.shape), tf.as_dtype(spec.dtype), spec.name)
              for spec in consumer.schema.arrays}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.utils.data
 
-from .consumer import Consumer
+from .consumer import connect
 
 WORKERS_REFUSED = (
     "mongofeed.torch.IterableDataset does not support DataLoader num_workers > 0: each worker "
@@ -23,7 +23,8 @@ WORKERS_REFUSED = (
 class IterableDataset(torch.utils.data.IterableDataset):
     """Batches as ``(inputs, targets)`` like ``MongoFeedSequence`` (a tensor, or a dict of
     tensors when ``[output]`` names several), or as one dict of every array with
-    ``as_dict=True``. ``consumer_kwargs`` go to ``Consumer``.
+    ``as_dict=True``. ``consumer_kwargs`` go to ``Consumer``; a list of endpoints reads
+    their union (``MultiConsumer``).
 
     Example::
 
@@ -32,10 +33,10 @@ class IterableDataset(torch.utils.data.IterableDataset):
             ...
     """
 
-    def __init__(self, endpoint: str, feed: str = "train", as_dict: bool = False,
+    def __init__(self, endpoint: str | list[str], feed: str = "train", as_dict: bool = False,
                  **consumer_kwargs):
         super().__init__()
-        self.consumer = Consumer(endpoint, feed=feed, **consumer_kwargs)
+        self.consumer = connect(endpoint, feed=feed, **consumer_kwargs)
         self.as_dict = as_dict
 
     def __len__(self) -> int:
