@@ -6,7 +6,7 @@ reads batches with ``mongofeed.Consumer`` or ``mongofeed.keras.MongoFeedSequence
 
 __version__ = "0.1.0"
 
-from .consumer import Batch, Consumer
+from .consumer import Batch, Consumer, MultiConsumer
 from .errors import (
     ConfigError,
     DecodeError,
@@ -24,6 +24,7 @@ __all__ = [
     "FeedError",
     "FeedTimeout",
     "MongoFeedError",
+    "MultiConsumer",
     "ProtocolError",
     "__version__",
 ]

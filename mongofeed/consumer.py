@@ -106,6 +106,7 @@ class Consumer:
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
         self._pid = os.getpid()
+        self._epoch, self.taken_in_epoch = None, 0  # batches of the current epoch taken
         curve = client_options(server_key, client_key)
         self._context = zmq.Context()
         try:
@@ -150,6 +151,9 @@ class Consumer:
             raise FeedTimeout(f"no batch of feed {self.feed!r} from {self.endpoint} within "
                               f"{timeout:g} s: is the daemon running and its database "
                               f"reachable? ('mongofeed status --control {self.control}')")
+        if item.epoch != self._epoch:
+            self._epoch, self.taken_in_epoch = item.epoch, 0
+        self.taken_in_epoch += 1
         return item
 
     def __iter__(self) -> Iterator[Batch]:
@@ -158,10 +162,10 @@ class Consumer:
             yield self.get()
 
     def epoch(self) -> Iterator[Batch]:
-        """The remaining batches of the current epoch."""
-        first = self.get()
-        yield first
-        for _ in range(first.index + 1, self.batches_per_epoch):
+        """The remaining batches of the current epoch (all of it when called at its start);
+        counted, not read from batch indices, which need not ascend with ordered = false."""
+        yield self.get()
+        while self.taken_in_epoch < self.batches_per_epoch:
             yield self.get()
 
     def close(self):
@@ -234,6 +238,10 @@ class MultiConsumer:
         self._left[rank] -= 1
         self._next = (rank + 1) % len(self.consumers)
         return Batch(batch.epoch, position, batch.arrays)
+
+    @property
+    def taken_in_epoch(self) -> int:
+        return self.batches_per_epoch - sum(self._left)
 
     # Iteration as in Consumer: it needs only get() and batches_per_epoch.
     __iter__ = Consumer.__iter__

@@ -58,6 +58,17 @@ def test_every_document_exactly_once_per_epoch(tmp_path, mongo_uri, samples, wor
             assert orders[0] != orders[1] != orders[2]  # reshuffled each epoch
 
 
+def test_unordered_delivery_keeps_epochs_exact(tmp_path, mongo_uri, samples):
+    with run_daemon(tmp_path, mongo_uri, samples, workers=4, serve={"ordered": False}) as daemon, \
+            Consumer(daemon.bind, timeout=30) as consumer:
+        for epoch in range(3):
+            batches = list(consumer.epoch())
+            assert {b.epoch for b in batches} == {epoch}
+            assert sorted(b.index for b in batches) == list(range(consumer.batches_per_epoch))
+            assert sorted(i for b in batches for i in b.arrays["idx"].tolist()) == list(
+                range(TRAIN_DOCS))
+
+
 def test_arrays_follow_the_config(tmp_path, mongo_uri, samples):
     with run_daemon(tmp_path, mongo_uri, samples) as daemon, \
             Consumer(daemon.bind, feed="val", timeout=30) as consumer:
