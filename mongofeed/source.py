@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 import pymongo
-from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
+from pymongo.errors import ConnectionFailure, OperationFailure, ProtocolError, PyMongoError
 
 from .config import SourceConfig, redact_uri
 from .errors import SourceError
@@ -84,11 +84,20 @@ class BatchReader:
 
     def read(self, ids: list) -> tuple[list[dict], list]:
         """Documents in the order of ``ids``, and the ids that no longer exist."""
-        cursor = self.collection.find({"_id": {"$in": ids}}, batch_size=self.docs_per_reply)
-        by_id = {doc["_id"]: doc for doc in cursor}
+        try:
+            by_id = self._find(ids, self.docs_per_reply)
+        except ProtocolError:
+            # Documents far larger than the schema says made a reply too large for the driver
+            # (which would crash the worker on every retry): one per reply, so the decoder
+            # can name the oversized ones.
+            by_id = self._find(ids, 1)
         docs = [by_id[i] for i in ids if i in by_id]
         missing = [i for i in ids if i not in by_id]
         return docs, missing
+
+    def _find(self, ids: list, docs_per_reply: int) -> dict:
+        cursor = self.collection.find({"_id": {"$in": ids}}, batch_size=docs_per_reply)
+        return {doc["_id"]: doc for doc in cursor}
 
     def read_gridfs(self, bucket: str, file_id) -> bytes:
         import gridfs

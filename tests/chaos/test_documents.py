@@ -125,3 +125,17 @@ def test_a_document_that_does_not_fit(served, kind):
         [session] = [s for s in daemon.status()["sessions"] if s["session"] == consumer.session]
     assert ids == list(range(GOOD))  # every other document, once, in plan order
     assert session["skips"] == 1
+
+
+def test_oversized_documents_beyond_a_reply_are_named_not_a_crash_loop(tmp_path, mongo_uri, db):
+    """Four 13 MiB documents make one 54 MB reply, over the driver's 48 MB limit."""
+    huge = b"\x00" * (13 * 2**20)
+    db[COLLECTION].insert_many([{"_id": i, "raw": huge} for i in range(4)])
+    config = write_toml(tmp_path / "huge.toml", {
+        "source": {"uri": mongo_uri, "database": db.name, "collection": COLLECTION},
+        "batch": {"size": 4}, "fields": {"raw": FIELDS["raw"]}})
+    with Daemon(config, workers=1) as daemon, \
+            Consumer(daemon.bind, "train", timeout=TIMEOUT_S) as consumer:
+        with pytest.raises(FeedError, match=rf"_id \d: field 'raw'.*found {len(huge)} bytes"):
+            consumer.get()
+        assert daemon.status()["workers"][0]["restarts"] == 0
