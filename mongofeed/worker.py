@@ -23,6 +23,7 @@ import time
 
 import bson
 import zmq
+from pymongo.errors import PyMongoError
 
 from .codec import BatchDecoder
 from .config import Config
@@ -95,6 +96,8 @@ class Worker:
             arrays, problems = self.retrying(self.fetch, task["ids"])
         except DecodeError as exc:
             return [encode_json({**meta, "error": str(exc)})]
+        except PyMongoError as exc:  # not transient: retrying or restarting would not help
+            return [encode_json({**meta, "error": describe_failure(self.config.source, exc)})]
         meta.update(
             docs=len(next(iter(arrays.values()))),
             bytes=sum(a.nbytes for a in arrays.values()),

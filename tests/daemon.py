@@ -86,7 +86,7 @@ def write_toml(path: Path, config: dict) -> Path:
 def free_port_pair() -> int:
     """A port p such that p and p + 1 are both free (data and control endpoints)."""
     for _ in range(200):
-        port = random.randint(20_000, 45_000)
+        port = random.randint(20_000, 32_000)  # below Linux's ephemeral range (32768-)
         sockets = []
         try:
             for p in (port, port + 1):
