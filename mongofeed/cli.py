@@ -67,7 +67,8 @@ def user_errors(func):
     return wrapper
 
 
-@click.group(epilog="Example:\n\n\b\n  mongofeed load digits --uri mongodb://127.0.0.1:27017 "
+@click.group(context_settings={"auto_envvar_prefix": "MONGOFEED"},
+             epilog="Example:\n\n\b\n  mongofeed load digits --uri mongodb://127.0.0.1:27017 "
              "--database mongofeed_demo --collection digits\n"
              "  mongofeed serve --config configs/digits.toml --workers 8\n"
              "  mongofeed status")
@@ -314,3 +315,16 @@ def load_images_command(target, folder, val_fraction, **kwargs):
 
     return load_images(target, folder, val_fraction=val_fraction, **kwargs)
 
+
+
+def show_environment_variables(command: click.Command):
+    """Every option names its environment variable in --help (set explicitly for the shared
+    ones like MONGOFEED_URI, else derived: MONGOFEED_<COMMAND>_<OPTION>)."""
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name not in ("help", "version"):
+            param.show_envvar = True
+    for sub in getattr(command, "commands", {}).values():
+        show_environment_variables(sub)
+
+
+show_environment_variables(main)
