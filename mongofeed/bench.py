@@ -1,0 +1,470 @@
+"""``mongofeed bench``: mongofeed against the loaders users would write instead, and against
+what the server, the transport and the memory allow. Same server, same data, one run.
+
+For each data set it loads the data (into ``--database``, dropping the bench's collections),
+then runs every row in its own process (``bench_peers.row_main``) while this process samples
+the memory of that process tree, prints one line per row, and at the end the table, the
+targets of issue 5 (met or missed, by how much), ``results.json`` and ``results.png`` in
+``--output``. Rows, what they measure and how to read them: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+
+REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+MEMORY_SAMPLE_S = 0.2
+ROW_TIMEOUT_EXTRA_S = 240.0
+SHORT_ROW_S = 3.0  # memcpy and loopback are steady at once
+CONNS_CONSTANT = 4  # target: connections accepted per epoch <= workers + this
+DB_LOADERS = ("mongofeed", "keras-forum-posted", "keras-forum-intended", "keras-best-practice",
+              "tensorpack", "raw-drain")
+MEMORY_LOADERS = ("ceiling", "zmq-loopback", "memcpy")
+OTHER_LOADERS = ("keras-forum-posted", "keras-forum-intended", "keras-best-practice",
+                 "tensorpack")
+
+
+def shape_option(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not like 64,64,3") from None
+
+
+@click.command(epilog="Example:\n\n\b\n  make bench\n"
+               "  mongofeed bench --uri mongodb://127.0.0.1:27017 --quick\n"
+               "  mongofeed bench --uri mongodb://... --only digits --only mongofeed-w*")
+@click.option("--uri", envvar="MONGOFEED_URI", required=True,
+              help="MongoDB (or FerretDB) to benchmark against; nothing is started.")
+@click.option("--database", default="mongofeed_bench", show_default=True,
+              help="Database the bench loads its collections into (dropped and reloaded).")
+@click.option("--metrics-url", envvar="MONGOFEED_METRICS_URL",
+              help="FerretDB's /debug/metrics URL, for connections and queries "
+              "(MongoDB: read from serverStatus).")
+@click.option("--output", default="bench-results", show_default=True,
+              type=click.Path(file_okay=False), help="Folder for results.json and results.png.")
+@click.option("--quick", is_flag=True, help="Small sizes and short rows: a smoke run.")
+@click.option("--only", multiple=True, metavar="NAME",
+              help="Run only rows whose data set, loader or data/loader matches (glob).")
+@click.option("--workers", help="Daemon worker counts, e.g. 1,2,4 (default 1,2,N with "
+              "N = max(4, 2 x CPUs)); the Keras and tensorpack rows use N processes.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--synthetic-count", type=int, help="Synthetic images in the database "
+              "[default: 2000, --quick 200].")
+@click.option("--synthetic-shape", default="64,64,3", show_default=True, type=shape_option)
+@click.option("--large-shape", default="224,224,3", show_default=True, type=shape_option,
+              help="Image shape of the database-free rows with large batches.")
+@click.option("--large-count", default=256, show_default=True)
+@click.option("--seconds", type=float, help="Steady-state seconds per row "
+              "[default: 12, --quick 1].")
+@click.option("--fit-epochs", type=int, help="Epochs of the Keras fit comparison "
+              "(0: skip) [default: 8, --quick 0].")
+def bench(uri, database, metrics_url, output, quick, only, workers, batch_size,
+          synthetic_count, synthetic_shape, large_shape, large_count, seconds, fit_epochs):
+    """Benchmark mongofeed against the usual Keras loaders on the same server and data."""
+    import pymongo
+
+    cpus = os.cpu_count() or 1
+    n = max(4, 2 * cpus)
+    worker_counts = [int(w) for w in workers.split(",")] if workers else (
+        [1, 2] if quick else [1, 2, n])
+    n = max(worker_counts)
+    seconds = seconds if seconds is not None else (1.0 if quick else 12.0)
+    fit_epochs = fit_epochs if fit_epochs is not None else (0 if quick else 8)
+    synthetic_count = synthetic_count or (200 if quick else 2000)
+    if quick:
+        large_shape, large_count = (64, 64, 3), 64
+    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000)
+    try:
+        build = client.admin.command("buildInfo")
+    except pymongo.errors.PyMongoError as exc:
+        raise click.ClickException(f"cannot reach the server at --uri: {exc}") from None
+    datasets = load_datasets(client, database, synthetic_count, synthetic_shape)
+    if quick:
+        datasets = datasets[:1]  # digits; the large-batch rows below run from memory
+    client.close()
+    datasets.append({"name": f"synthetic{large_shape[0]}-mem", "database": None,
+                     "collection": None, "x_path": "image", "y_path": "label",
+                     "shape": list(large_shape), "scale": 1 / 255, "filter": {"split": "train"},
+                     "count": large_count})
+    rows = plan_rows(datasets, worker_counts, n, only)
+    base = {"uri": uri, "metrics_url": metrics_url, "batch_size": batch_size,
+            "seconds": seconds}
+    results = []
+    click.echo(f"mongofeed bench: {len(rows)} rows, {seconds:g} s each at most, server "
+               f"{server_name(build)}, {cpus} CPUs")
+    for i, (data, loader, w) in enumerate(rows, 1):
+        label = f"[{i:>2}/{len(rows)}] {data['name']:<18} {row_name(loader, w):<22}"
+        click.echo(label, nl=False)
+        spec = {**base, "loader": loader, "workers": w, "data": data,
+                "max_batches": 10**9,
+                "reply_docs": max(1, min(1000, 4_000_000 // (4 * max(1, _prod(data["shape"])))))}
+        if data["database"] is None or loader in MEMORY_LOADERS:
+            spec.update(uri=None, metrics_url=None)
+        if loader in ("memcpy", "zmq-loopback"):
+            spec["seconds"] = min(seconds, SHORT_ROW_S)
+        result = run_process(spec, "row_main", spec["seconds"] + ROW_TIMEOUT_EXTRA_S)
+        result.update(data=data["name"], loader=loader, name=row_name(loader, w), workers=w)
+        results.append(result)
+        click.echo(describe(result))
+    fit = None
+    if fit_epochs and not only:
+        digits = next(d for d in datasets if d["name"] == "digits")
+        click.echo(f"[fit] demo model on digits, {fit_epochs} epochs each from numpy, a "
+                   f"PyDataset, mongofeed from memory and from the database ({n} workers) ... ",
+                   nl=False)
+        fit = run_process({**base, "data": digits, "workers": n, "epochs": fit_epochs},
+                          "fit_main", 600.0)
+        click.echo(f"slowdown {fit['slowdown']:+.0%}" if "slowdown" in fit else
+                   fit.get("error", "failed"))
+    targets = evaluate_targets(results, fit)
+    report = {"machine": machine(cpus), "server": {"name": server_name(build)},
+              "options": {"quick": quick, "workers": worker_counts, "batch_size": batch_size,
+                          "seconds": seconds, "synthetic_count": synthetic_count,
+                          "synthetic_shape": synthetic_shape, "large_shape": large_shape,
+                          "large_count": large_count, "database": database},
+              "datasets": datasets, "rows": results, "fit": fit, "targets": targets}
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    table = format_table(results)
+    (out / "results.md").write_text(table + "\n\n" + format_targets(targets) + "\n")
+    chart = write_chart(results, out / "results.png")
+    click.echo("\n" + table + "\n\n" + format_targets(targets))
+    click.echo(f"\nwrote {out / 'results.json'}, {out / 'results.md'}"
+               + (f", {chart}" if chart else ""))
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+def load_datasets(client, database: str, synthetic_count: int, shape) -> list:
+    """Load digits and the synthetic images (dropping earlier copies); describe both."""
+    from .load import load_digits, load_synthetic
+
+    db = client[database]
+    click.echo(f"loading digits and {synthetic_count} synthetic {'x'.join(map(str, shape))} "
+               f"images into {database} ... ", nl=False)
+    started = time.perf_counter()
+    digits = load_digits(db["digits"], drop=True)
+    name = f"synthetic{shape[0]}"
+    synthetic = load_synthetic(db[name], synthetic_count, shape=shape, drop=True)
+    click.echo(f"{time.perf_counter() - started:.1f} s")
+    common = {"database": database, "filter": {"split": "train"}}
+    return [
+        {**common, "name": "digits", "collection": "digits", "x_path": "pixels",
+         "y_path": "target", "shape": [8, 8, 1], "scale": 0.0625, "count": digits["train"]},
+        {**common, "name": name, "collection": name, "x_path": "image", "y_path": "label",
+         "shape": list(shape), "scale": 1 / 255, "count": synthetic["train"]},
+    ]
+
+
+def plan_rows(datasets: list, worker_counts: list, n: int, only) -> list:
+    rows = []
+    for data in datasets:
+        if data["database"] is None:
+            loaders = [("ceiling", n), ("zmq-loopback", 1), ("memcpy", 1)]
+        else:
+            loaders = [("mongofeed", w) for w in worker_counts] + [
+                (name, n) for name in OTHER_LOADERS] + [
+                ("raw-drain", 1), ("ceiling", n), ("memcpy", 1)]
+        for loader, w in loaders:
+            name = row_name(loader, w)
+            if not only or any(fnmatch.fnmatch(key, pattern) for pattern in only
+                               for key in (data["name"], name, loader, f"{data['name']}/{name}")):
+                rows.append((data, loader, w))
+    return rows
+
+
+def row_name(loader: str, workers: int) -> str:
+    return f"{loader}-w{workers}" if loader in ("mongofeed", "ceiling") else loader
+
+
+def _prod(shape) -> int:
+    total = 1
+    for d in shape:
+        total *= d
+    return total
+
+
+# -- running a row -------------------------------------------------------------------------------
+
+def run_process(spec: dict, entry: str, timeout: float) -> dict:
+    """Run ``bench_peers.<entry>`` with ``spec``; sample its tree's memory; kill what is left."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p),
+        "KERAS_BACKEND": "tensorflow",
+        "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", f"from mongofeed.bench_peers import {entry}; {entry}()",
+         json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, start_new_session=True)
+    memory = MemorySampler(process.pid)
+    result, tail = None, []
+
+    def read():
+        nonlocal result
+        for line in process.stdout:
+            if line.startswith("@baseline"):
+                memory.start()
+            elif line.startswith("@measured"):
+                memory.stop()
+            elif line.startswith("@result "):
+                result = json.loads(line[len("@result "):])
+            else:
+                tail.append(line.rstrip())
+                del tail[:-30]
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        memory.stop()
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # its Keras pool, tensorpack runner, ...
+        except ProcessLookupError:
+            pass
+        process.wait()
+        reader.join(5)
+    if result is None:
+        return {"error": "row failed:\n    " + "\n    ".join(tail[-12:])}
+    if memory.peak is not None:
+        result["peak_mb"] = memory.peak / 1e6
+    return result
+
+
+class MemorySampler:
+    """Peak memory (PSS, so pages shared by forked workers count once) that a row's process
+    tree holds above what its own process held when its loader started."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.baseline = self.peak = None
+        self.running = threading.Event()
+        self.thread = None
+
+    def tree_bytes(self) -> int:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            processes = [root] + root.children(recursive=True)
+        except psutil.Error:
+            return 0
+        total = 0
+        for p in processes:
+            try:
+                info = p.memory_full_info()
+                total += getattr(info, "pss", info.rss)
+            except psutil.Error:
+                pass
+        return total
+
+    def start(self):
+        try:
+            import psutil  # noqa: F401
+        except ImportError:
+            return
+        self.baseline = self.tree_bytes()
+        self.peak = 0
+        self.running.set()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def sample(self):
+        while self.running.is_set():
+            self.peak = max(self.peak, self.tree_bytes() - self.baseline)
+            time.sleep(MEMORY_SAMPLE_S)
+
+    def stop(self):
+        self.running.clear()
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+
+def describe(result: dict) -> str:
+    if "skipped" in result:
+        return f"skipped: {result['skipped']}"
+    if "error" in result:
+        return result["error"]
+    return (f"{result['samples_per_s']:>9.1f} samples/s  {result['mb_per_s']:>8.1f} MB/s  "
+            f"({result['batches']:.0f} batches in {result['seconds']:.1f} s, "
+            f"startup {result['startup_s']:.1f} s)")
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+def reference_rate(results: list, data: str) -> float | None:
+    """The best mongofeed rate of a data set (the ceiling where no database is involved)."""
+    for prefix in ("mongofeed", "ceiling"):
+        rates = [r["samples_per_s"] for r in results
+                 if r["data"] == data and r["loader"] == prefix and "samples_per_s" in r]
+        if rates:
+            return max(rates)
+    return None
+
+
+def format_table(results: list) -> str:
+    head = ("| data | loader | samples/s | MB/s | mongofeed × | train CPU ms/batch | "
+            "conns/epoch | queries/epoch | peak MB |")
+    lines = [head, "|" + "---|" * 9]
+
+    def num(value, fmt):
+        return "–" if value is None else format(value, fmt)
+
+    for r in results:
+        if "samples_per_s" not in r:
+            why = r.get("skipped") or r.get("error", "").splitlines()[0]
+            lines.append(f"| {r['data']} | {r['name']} | {why} | | | | | | |")
+            continue
+        ref = reference_rate(results, r["data"])
+        ratio = ref / r["samples_per_s"] if ref and r["samples_per_s"] else None
+        cpu = r.get("train_cpu_ms_per_batch")
+        lines.append(
+            f"| {r['data']} | {r['name']} | {r['samples_per_s']:,.0f} | {r['mb_per_s']:,.1f} | "
+            f"{num(ratio, '.2f')} | {num(cpu, '.2f' if cpu is None or cpu >= 0.1 else '.3f')} | "
+            f"{num(r.get('conns_per_epoch'), 'd')} | {num(r.get('queries_per_epoch'), 'd')} | "
+            f"{num(r.get('peak_mb'), ',.0f')} |")
+    return "\n".join(lines)
+
+
+def evaluate_targets(results: list, fit: dict | None) -> list:
+    """Issue 5's targets, each with the measured value, the goal and whether it is met."""
+    def rows(data, loader):
+        return [r for r in results
+                if r["data"] == data and r["loader"] == loader and "samples_per_s" in r]
+
+    targets = []
+
+    def add(name, value, goal, met, detail):
+        targets.append({"target": name, "value": value, "goal": goal, "met": met,
+                        "detail": detail})
+
+    for data in dict.fromkeys(r["data"] for r in results):
+        feed = max(rows(data, "mongofeed"), key=lambda r: r["samples_per_s"], default=None)
+        copy = next(iter(rows(data, "memcpy")), None)
+        if feed and copy:
+            ratio = feed["train_cpu_ms_per_batch"] / copy["train_cpu_ms_per_batch"]
+            add(f"{data}: training-side CPU per batch vs memcpy", ratio, "<= 1.5x",
+                ratio <= 1.5, f"{feed['name']} {feed['train_cpu_ms_per_batch']:.2f} ms, "
+                f"memcpy {copy['train_cpu_ms_per_batch']:.2f} ms")
+        ceiling = max(rows(data, "ceiling"), key=lambda r: r["samples_per_s"], default=None)
+        loop = next(iter(rows(data, "zmq-loopback")), None)
+        if ceiling and loop:
+            ratio = loop["samples_per_s"] / ceiling["samples_per_s"]
+            add(f"{data}: loopback transport rate vs pipeline ceiling", ratio, "<= 2x",
+                ratio <= 2, f"loopback {loop['samples_per_s']:,.0f}/s, "
+                f"{ceiling['name']} {ceiling['samples_per_s']:,.0f}/s")
+        if not feed:
+            continue
+        others = [r for name in OTHER_LOADERS for r in rows(data, name)]
+        if others:
+            best = max(others, key=lambda r: r["samples_per_s"])
+            ratio = feed["samples_per_s"] / best["samples_per_s"]
+            add(f"{data}: mongofeed vs best other loader", ratio, ">= 1.5x", ratio >= 1.5,
+                f"{feed['name']} {feed['samples_per_s']:,.0f}/s, {best['name']} "
+                f"{best['samples_per_s']:,.0f}/s")
+        for name in ("keras-forum-posted", "keras-forum-intended"):
+            for r in rows(data, name):
+                ratio = feed["samples_per_s"] / r["samples_per_s"]
+                add(f"{data}: mongofeed vs {name}", ratio, ">= 3x", ratio >= 3,
+                    f"{r['samples_per_s']:,.1f}/s")
+        for r in rows(data, "mongofeed"):
+            if r.get("conns_per_epoch") is not None:
+                extra = r["conns_per_epoch"] - r["workers"]
+                add(f"{data}: connections per epoch, {r['name']}", r["conns_per_epoch"],
+                    f"<= W + {CONNS_CONSTANT}", extra <= CONNS_CONSTANT,
+                    f"W + {extra} (startup {r['conns_startup']}, steady {r['conns_steady']})")
+    if fit and "slowdown" in fit:
+        add("digits: Keras fit slowdown from mongofeed vs in-memory numpy", fit["slowdown"],
+            "<= 10%", fit["slowdown"] <= 0.10,
+            f"epoch {fit['mongofeed_epoch_s']:.3f} s vs {fit['numpy_epoch_s']:.3f} s, "
+            f"stall fraction {fit['stall_fraction']:.0%}; a PyDataset over the same arrays "
+            f"{fit['pydataset_slowdown']:+.0%}, mongofeed from memory (no database) "
+            f"{fit['memory_slowdown']:+.0%}")
+    return targets
+
+
+def format_targets(targets: list) -> str:
+    lines = ["| target | measured | goal | met | detail |", "|---|---|---|---|---|"]
+    for t in targets:
+        value = t["value"]
+        shown = (f"{value:+.0%}" if "slowdown" in t["target"] else
+                 f"{value:d}" if isinstance(value, int) else f"{value:.2f}x")
+        lines.append(f"| {t['target']} | {shown} | {t['goal']} | "
+                     f"{'yes' if t['met'] else '**no**'} | {t['detail']} |")
+    return "\n".join(lines)
+
+
+def write_chart(results: list, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        click.echo("(matplotlib is not installed: no chart)")
+        return None
+    groups = list(dict.fromkeys(r["data"] for r in results))
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 2.4 + 0.42 * len(results)),
+                             squeeze=False)
+    for ax, data in zip(axes[:, 0], groups, strict=True):
+        mine = [r for r in results if r["data"] == data and "samples_per_s" in r]
+        names = [r["name"] for r in mine]
+        rates = [r["samples_per_s"] for r in mine]
+        colors = ["tab:green" if r["loader"] == "mongofeed" else
+                  "tab:gray" if r["loader"] in MEMORY_LOADERS + ("raw-drain",) else
+                  "tab:orange" for r in mine]
+        ax.barh(names, rates, color=colors)
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_title(data)
+        for y, rate in enumerate(rates):
+            ax.text(rate, y, f" {rate:,.0f}", va="center", fontsize=8)
+    axes[-1, 0].set_xlabel("samples/s (log scale); green: mongofeed, orange: other loaders, "
+                           "gray: ceilings")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def server_name(build: dict) -> str:
+    if "ferretdbVersion" in build:
+        return f"FerretDB {build['ferretdbVersion']} (wire as MongoDB {build.get('version')})"
+    return f"MongoDB {build.get('version')}"
+
+
+def machine(cpus: int) -> dict:
+    from importlib import metadata
+
+    versions = {}
+    for package in ("numpy", "pymongo", "pyzmq", "keras", "tensorflow-cpu", "tensorflow",
+                    "tensorpack"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpus": cpus, "processor": platform.processor(), "versions": versions}
+    try:
+        import psutil
+
+        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    return info
