@@ -429,7 +429,7 @@ class _NoClient:
 
 
 class MemoryReader:
-    """Stands in for ``source.BatchReader``: the documents of a batch from a dict, in order."""
+    """Stands in for ``source.BatchReader``: the documents of the batches from a dict."""
 
     def __init__(self, client, source, sample_bytes):
         import bson
@@ -438,7 +438,7 @@ class MemoryReader:
             self.docs = {doc["_id"]: doc for doc in bson.decode_file_iter(f)}
 
     def read(self, ids):
-        return [self.docs[i] for i in ids], []
+        return {i: self.docs[i] for i in ids}
 
 
 def memory_worker(*args, **kwargs):

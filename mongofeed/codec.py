@@ -96,8 +96,7 @@ class BatchDecoder:
 
     def sample_nbytes(self) -> int:
         """Bytes of one sample over all output arrays, to bound the memory of a batch."""
-        return sum(math.prod(f.out_shape) * np.dtype(f.out_dtype).itemsize
-                   for f in self.fields.values())
+        return sum(f.out_nbytes for f in self.fields.values())
 
     def _decode_field(self, field: FieldConfig, doc: Mapping):
         """One field of one document, as a value that fits a row of its staging array."""

@@ -17,6 +17,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .errors import ConfigError
 from .planner import Shard
 from .security import check_exposure
@@ -31,6 +33,10 @@ NUMERIC_DTYPES = (
 DECODERS = ("raw", "npy", "scalar", "list", "image", "pickle")
 ON_ERROR = ("fail", "skip")
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
+# A worker takes the tasks queued for it together and reads them with one query; this bounds
+# how many, by count and by the bytes of their batches.
+MAX_TASKS_PER_WORKER = 16
+READ_AHEAD_BYTES_PER_WORKER = 64 * 2**20
 MAX_WORKERS = 64
 
 
@@ -94,7 +100,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "ordered": Key(bool, True, "Deliver batches in plan order (reproducible); false "
                        "trades that for throughput."),
         "max_pending": Key(int, None, "Batches produced ahead per session (memory bound; "
-                           "default: 2 x workers, at least 4)."),
+                           "default: workers x the batches each reads ahead, up to 16 and "
+                           "64 MiB per worker)."),
         "shard": Key(str, "0/1", "Serve only part r of R of every epoch (\"r/R\"): one daemon "
                      "per trainer host, disjoint and equal, no coordinator (env MONGOFEED_SHARD)."),
         "stall_timeout": Key((int, float), 120.0, "Seconds a worker may hold a task without any "
@@ -161,6 +168,11 @@ class FieldConfig:
         """Shape of one sample of this field in a batch, after the transforms."""
         return self.shape + (self.one_hot,) if self.one_hot else self.shape
 
+    @property
+    def out_nbytes(self) -> int:
+        """Bytes of one sample of this field in a batch."""
+        return math.prod(self.out_shape) * np.dtype(self.out_dtype).itemsize
+
 
 @dataclass(frozen=True)
 class OutputConfig:
@@ -175,6 +187,7 @@ class ServeConfig:
     control: str
     ordered: bool
     max_pending: int
+    tasks_per_worker: int  # derived from the batch size in bytes, not a config key
     shard: Shard
     session_timeout: float
     stall_timeout: float
@@ -193,6 +206,15 @@ class Config:
     output: OutputConfig
     serve: ServeConfig
     path: str = field(default="<defaults>", compare=False)
+
+    @property
+    def batch_nbytes(self) -> int:
+        return batch_nbytes(self.batch.size, self.fields)
+
+
+def batch_nbytes(size: int, fields: dict[str, FieldConfig]) -> int:
+    """Bytes of one full batch over all its arrays."""
+    return size * sum(f.out_nbytes for f in fields.values())
 
 
 def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> Config:
@@ -279,7 +301,11 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
     control = check_endpoint(serve["control"] or next_port(bind), "serve.control", where)
     if control == bind:
         raise ConfigError(f"{where}: serve.control must differ from serve.bind ({bind})")
-    max_pending = serve["max_pending"] if serve["max_pending"] is not None else max(4, 2 * workers)
+    read_ahead = READ_AHEAD_BYTES_PER_WORKER // batch_nbytes(batch.size, fields)
+    tasks_per_worker = max(2, min(MAX_TASKS_PER_WORKER, read_ahead))
+    max_pending = serve["max_pending"]
+    if max_pending is None:
+        max_pending = workers * tasks_per_worker
     if max_pending < 1:
         raise ConfigError(f"{where}: serve.max_pending must be at least 1, not {max_pending}")
     try:
@@ -294,6 +320,7 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
                           f"not {serve['metrics_port']}")
     serve_config = ServeConfig(**{**serve, "workers": workers, "bind": bind,
                                   "control": control, "max_pending": max_pending,
+                                  "tasks_per_worker": tasks_per_worker,
                                   "shard": shard,
                                   "session_timeout": float(serve["session_timeout"]),
                                   "stall_timeout": float(serve["stall_timeout"])})

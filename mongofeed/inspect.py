@@ -134,10 +134,12 @@ def _dry_run(config: Config, client, feed: str, ids: list) -> dict:
     reader = BatchReader(client, config.source, 1)
     decoder = BatchDecoder(config.fields, config.source.collection, batch.on_error,
                            read_gridfs=reader.read_gridfs)
-    docs, missing = reader.read(plan.batch_ids(0, 0, config.serve.shard))
+    ids = plan.batch_ids(0, 0, config.serve.shard)
+    found = reader.read(ids)
+    docs = [found[i] for i in ids if i in found]
     arrays, skipped = decoder.decode(docs)
     return {
-        "feed": feed, "documents": len(docs), "missing": len(missing),
+        "feed": feed, "documents": len(docs), "missing": len(ids) - len(docs),
         "skipped": [str(err) for err in skipped],
         "arrays": {name: _describe_array(array) for name, array in arrays.items()},
         "inputs": list(config.output.inputs), "targets": list(config.output.targets),

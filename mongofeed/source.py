@@ -74,7 +74,7 @@ def reply_batch_docs(sample_bytes: int) -> int:
 
 
 class BatchReader:
-    """Reads the documents of one batch with a single ``$in`` query, in plan order."""
+    """Reads the documents of one or more batches with a single ``$in`` query."""
 
     def __init__(self, client: pymongo.MongoClient, source: SourceConfig, sample_bytes: int):
         self.db = client[source.database]
@@ -82,18 +82,15 @@ class BatchReader:
         self.docs_per_reply = reply_batch_docs(sample_bytes)
         self._buckets = {}
 
-    def read(self, ids: list) -> tuple[list[dict], list]:
-        """Documents in the order of ``ids``, and the ids that no longer exist."""
+    def read(self, ids: list) -> dict:
+        """The documents of ``ids`` that exist, by ``_id`` (one query for all of them)."""
         try:
-            by_id = self._find(ids, self.docs_per_reply)
+            return self._find(ids, self.docs_per_reply)
         except ProtocolError:
             # Documents far larger than the schema says made a reply too large for the driver
             # (which would crash the worker on every retry): one per reply, so the decoder
             # can name the oversized ones.
-            by_id = self._find(ids, 1)
-        docs = [by_id[i] for i in ids if i in by_id]
-        missing = [i for i in ids if i not in by_id]
-        return docs, missing
+            return self._find(ids, 1)
 
     def _find(self, ids: list, docs_per_reply: int) -> dict:
         cursor = self.collection.find({"_id": {"$in": ids}}, batch_size=docs_per_reply)

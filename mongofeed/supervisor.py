@@ -51,7 +51,6 @@ from .worker import run_worker, worker_identity
 log = logging.getLogger(__name__)
 
 LOOP_POLL_MS = 100
-TASKS_PER_WORKER = 2
 MAX_SESSIONS = 64
 CRASH_WINDOW_S = 10.0          # a worker that dies sooner than this after its start crashed
 RESTART_MAX_DELAY_S = 30.0
@@ -421,7 +420,8 @@ class Supervisor:
         """Hand pending tasks to ready workers, the least loaded first."""
         while self.pending:
             free = [r for r in self.workers
-                    if r.state in ("ready", "busy") and len(r.inflight) < TASKS_PER_WORKER]
+                    if r.state in ("ready", "busy")
+                    and len(r.inflight) < self.config.serve.tasks_per_worker]
             if not free:
                 return
             record = min(free, key=lambda r: len(r.inflight))
@@ -567,9 +567,7 @@ class Supervisor:
 
     def op_status(self, request: dict) -> dict:
         now = time.monotonic()
-        sample_bytes = sum(ArraySpec(f.name, f.out_dtype, f.out_shape).sample_nbytes
-                           for f in self.config.fields.values())
-        batch_bytes = sample_bytes * self.config.batch.size
+        batch_bytes = self.config.batch_nbytes
         return {
             "ok": True, "version": __version__, "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),

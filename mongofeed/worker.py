@@ -70,14 +70,29 @@ class Worker:
         while self.parent_alive():
             if not self.tasks.poll(POLL_INTERVAL_MS):
                 continue
+            tasks, stop = self.take_tasks()
+            for frames in self.produce(tasks):
+                if not self.send(frames):
+                    stop = True
+                    break
+            if stop:
+                return
+        log.warning("worker %d: supervisor is gone, exiting", self.slot)
+
+    def take_tasks(self) -> tuple[list[dict], bool]:
+        """The next task and every task already queued behind it (read with one query), and
+        whether the supervisor asked us to stop."""
+        tasks, stop = [], False
+        while len(tasks) < self.config.serve.tasks_per_worker:
             frames = self.tasks.recv_multipart()
             if frames[0] == b"stop":
-                return
+                stop = True
+                break
             if frames[0] == b"task" and len(frames) == 2:
-                task = bson.decode(frames[1])
-                if not self.send(self.produce(task)):
-                    break
-        log.warning("worker %d: supervisor is gone, exiting", self.slot)
+                tasks.append(bson.decode(frames[1]))
+            if not self.tasks.poll(0):
+                break
+        return tasks, stop
 
     def send(self, frames: list) -> bool:
         """Push a batch to the sink; False if the supervisor died while the sink was full
@@ -88,15 +103,29 @@ class Worker:
         self.sink.send_multipart(frames, copy=False)
         return True
 
-    def produce(self, task: dict) -> list:
-        """The sink message for one task: the batch, or an error naming the document."""
+    def produce(self, tasks: list[dict]):
+        """The sink message of each task, in order: its batch, or an error naming the
+        document. All the tasks' documents are read with ONE query."""
+        if not tasks:
+            return
+        try:
+            found = self.retrying(self.reader.read, [i for task in tasks for i in task["ids"]])
+        except PyMongoError as exc:  # not transient: retrying or restarting would not help
+            error = describe_failure(self.config.source, exc)
+            for task in tasks:
+                yield [encode_json({"task": task["task"], "slot": self.slot, "error": error})]
+            return
+        for task in tasks:
+            yield self.produce_one(task, found)
+
+    def produce_one(self, task: dict, found: dict) -> list:
         meta = {"task": task["task"], "slot": self.slot}
         started = time.perf_counter()
         try:
-            arrays, problems = self.retrying(self.fetch, task["ids"])
+            arrays, problems = self.retrying(self.decode, task["ids"], found)
         except DecodeError as exc:
             return [encode_json({**meta, "error": str(exc)})]
-        except PyMongoError as exc:  # not transient: retrying or restarting would not help
+        except PyMongoError as exc:
             return [encode_json({**meta, "error": describe_failure(self.config.source, exc)})]
         meta.update(
             docs=len(next(iter(arrays.values()))),
@@ -107,14 +136,13 @@ class Worker:
         )
         return [encode_json(meta)] + pack_batch(task["feed"], task["epoch"], task["index"], arrays)
 
-    def fetch(self, ids: list) -> tuple[dict, list]:
-        """Read one batch with one query and decode it (GridFS fields are read while
-        decoding); returns the arrays and the documents left out under on_error = "skip"."""
-        docs, missing = self.reader.read(ids)
-        problems = [self.missing_error(doc_id) for doc_id in missing]
+    def decode(self, ids: list, found: dict) -> tuple[dict, list]:
+        """One batch's arrays from the documents read (GridFS fields are read here), and
+        the documents left out under on_error = "skip"."""
+        problems = [self.missing_error(i) for i in ids if i not in found]
         if problems and self.config.batch.on_error == "fail":
             raise problems[0]
-        arrays, skipped = self.decoder.decode(docs)
+        arrays, skipped = self.decoder.decode([found[i] for i in ids if i in found])
         return arrays, problems + skipped
 
     def retrying(self, operation, *args):
