@@ -9,7 +9,7 @@ FERRETDB_NAME ?= default
 FERRETDB_PORT ?= 27017
 PYTEST_ARGS ?=
 
-.PHONY: install ferretdb server-start server-stop test demo lint clean-server
+.PHONY: install ferretdb server-start server-stop test demo bench lint clean-server
 
 install: $(INSTALL_STAMP)
 
@@ -34,6 +34,22 @@ test: $(INSTALL_STAMP) $(FERRETDB_BIN)
 
 demo: $(INSTALL_STAMP) $(FERRETDB_BIN)
 	bin/demo
+
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_NAME ?= bench
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): $(INSTALL_STAMP) setup.cfg
+	$(PYTHON) -m pip install --disable-pip-version-check -q -e '.[bench]'
+	touch $@
+
+# A private FerretDB for the run, stopped whatever happens; BENCH_ARGS=--quick for a smoke run.
+bench: $(BENCH_STAMP) $(FERRETDB_BIN)
+	@uri=$$(bin/ferretdb start --name $(BENCH_NAME) --port 0) || exit 1; \
+	trap 'bin/ferretdb stop --name $(BENCH_NAME); rm -rf .cache/ferretdb/run/$(BENCH_NAME)' EXIT; \
+	trap 'exit 130' INT; trap 'exit 143' TERM; \
+	metrics=$$(bin/ferretdb metrics-url --name $(BENCH_NAME)) || exit 1; \
+	$(VENV)/bin/mongofeed bench --uri "$$uri" --metrics-url "$$metrics" $(BENCH_ARGS)
 
 lint: $(INSTALL_STAMP)
 	$(VENV)/bin/ruff check .

@@ -16,6 +16,7 @@ import time
 import click
 
 from . import __version__
+from .bench import bench
 from .config import load_config, load_source, redact_uri
 from .errors import ConfigError, MongoFeedError
 
@@ -315,6 +316,9 @@ def load_images_command(target, folder, val_fraction, **kwargs):
 
     return load_images(target, folder, val_fraction=val_fraction, **kwargs)
 
+
+
+main.add_command(bench)
 
 
 def show_environment_variables(command: click.Command):

@@ -315,8 +315,9 @@ def _transform(field: FieldConfig, array: np.ndarray) -> np.ndarray:
         one_hot = np.zeros((*array.shape, field.one_hot), field.out_dtype)
         np.put_along_axis(one_hot, array[..., None].astype(np.intp), 1, axis=-1)
         array = one_hot
+    if field.scale is not None:
+        # Cast and scale in one pass: uint8 images to float32 without a float32 temporary.
+        return np.multiply(array, field.scale, dtype=field.out_dtype, casting="unsafe")
     if array.dtype != np.dtype(field.out_dtype):
         array = array.astype(field.out_dtype)
-    if field.scale is not None:
-        array *= field.scale
     return array
