@@ -163,10 +163,6 @@ class Schema:
     batch_size: int
     arrays: tuple[ArraySpec, ...]
 
-    @property
-    def max_batch_bytes(self) -> int:
-        return self.batch_size * sum(spec.sample_nbytes for spec in self.arrays)
-
 
 def unpack_batch(frames: list, schema: Schema) -> tuple[dict, dict[str, np.ndarray]]:
     """Check a batch message against ``schema``; return (header dict, arrays).
