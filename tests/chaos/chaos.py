@@ -7,9 +7,10 @@ import signal
 from collections import Counter
 from pathlib import Path
 
-from daemon import insert_samples, sample_config, write_toml
+from daemon import Daemon, insert_samples, sample_config, write_toml
 
 from mongofeed import Consumer
+from mongofeed.security import keygen
 
 DOCS = 240          # train documents; with batch size 8 that is 30 batches per epoch
 BATCH = 8
@@ -54,3 +55,22 @@ def kill_quietly(pid: int, sig=signal.SIGKILL):
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def exposed(port: int) -> tuple:
+    """serve options that bind every address (not loopback) on ``port``."""
+    return ("--bind", f"tcp://0.0.0.0:{port}")
+
+
+def curve_daemon(tmp_path: Path, uri: str, db) -> tuple[Daemon, dict]:
+    """A daemon (not started) bound to every address with CurveZMQ keys, admitting only the
+    key pair "trainer"; the key files: server_public, trainer_secret, stranger_secret."""
+    keys = tmp_path / "keys"
+    server_public, server_secret = keygen(str(keys), "daemon")
+    _, trainer_secret = keygen(str(keys / "clients"), "trainer")
+    _, stranger_secret = keygen(str(keys / "strangers"), "stranger")
+    daemon = Daemon(feed_config(tmp_path, uri, db), workers=1)
+    daemon.command += [*exposed(daemon.port), "--server-key", server_secret,
+                       "--client-keys", str(keys / "clients")]
+    return daemon, {"server_public": server_public, "trainer_secret": trainer_secret,
+                    "stranger_secret": stranger_secret}

@@ -6,18 +6,13 @@ import subprocess
 import sys
 
 import pytest
-from chaos import BATCHES, assert_exactly_once, feed_config, read_batches
+from chaos import BATCHES, assert_exactly_once, curve_daemon, exposed, feed_config, read_batches
 from daemon import REPO, Daemon, free_port_pair
 
 from mongofeed import Consumer, FeedTimeout
 from mongofeed.security import keygen
 
 REFUSED_WITHIN_S = 3
-
-
-def exposed(port: int) -> tuple:
-    """serve options that bind every address (not loopback) on ``port``."""
-    return ("--bind", f"tcp://0.0.0.0:{port}")
 
 
 def test_non_loopback_bind_without_keys_is_refused_before_starting(tmp_path, mongo_uri, db):
@@ -39,22 +34,15 @@ def test_insecure_flag_allows_a_non_loopback_bind(tmp_path, mongo_uri, db):
 
 
 def test_only_listed_client_keys_get_data(tmp_path, mongo_uri, db):
-    keys = tmp_path / "keys"
-    server_public, server_secret = keygen(str(keys), "daemon")
-    _, trainer_secret = keygen(str(keys / "clients"), "trainer")
-    _, stranger_secret = keygen(str(keys / "strangers"), "stranger")
-    config = feed_config(tmp_path, mongo_uri, db)
-    daemon = Daemon(config, workers=1)
-    daemon.command += [*exposed(daemon.port), "--server-key", server_secret,
-                       "--client-keys", str(keys / "clients")]
+    daemon, keys = curve_daemon(tmp_path, mongo_uri, db)
     with daemon:
         with pytest.raises(FeedTimeout):  # no keys at all
             Consumer(daemon.bind, "train", timeout=REFUSED_WITHIN_S)
         with pytest.raises(FeedTimeout):  # a key pair the daemon does not list
             Consumer(daemon.bind, "train", timeout=REFUSED_WITHIN_S,
-                     server_key=server_public, client_key=stranger_secret)
-        with Consumer(daemon.bind, "train", timeout=30, server_key=server_public,
-                      client_key=trainer_secret) as trainer:
+                     server_key=keys["server_public"], client_key=keys["stranger_secret"])
+        with Consumer(daemon.bind, "train", timeout=30, server_key=keys["server_public"],
+                      client_key=keys["trainer_secret"]) as trainer:
             batches = read_batches(trainer, BATCHES)
     assert_exactly_once(batches, epochs=(0,))
 

@@ -8,11 +8,8 @@ import os
 import subprocess
 import sys
 
-from chaos import feed_config
+from chaos import curve_daemon
 from daemon import REPO, Daemon
-from test_security import exposed
-
-from mongofeed.security import keygen
 
 NO_ANSWER_WITHIN_S = 2
 
@@ -24,13 +21,8 @@ def status(daemon: Daemon, *args: str, env=None) -> subprocess.CompletedProcess:
 
 
 def test_status_with_curve_keys(tmp_path, mongo_uri, db):
-    keys = tmp_path / "keys"
-    server_public, server_secret = keygen(str(keys), "daemon")
-    _, trainer_secret = keygen(str(keys / "clients"), "trainer")
-    config = feed_config(tmp_path, mongo_uri, db)
-    daemon = Daemon(config, workers=1)
-    daemon.command += [*exposed(daemon.port), "--server-key", server_secret,
-                       "--client-keys", str(keys / "clients")]
+    daemon, keys = curve_daemon(tmp_path, mongo_uri, db)
+    server_public, trainer_secret = keys["server_public"], keys["trainer_secret"]
     with daemon:
         by_option = status(daemon, "--server-key", server_public, "--client-key",
                            trainer_secret)
