@@ -50,6 +50,16 @@ class Batch(NamedTuple):
     arrays: dict[str, np.ndarray]
 
 
+def model_io(arrays: dict, inputs: list[str], targets: list[str]) -> tuple:
+    """A batch as a model takes it, per the config's [output]: ``(inputs, targets)``, each
+    one array or, when it names several, a dict of arrays; ``(inputs,)`` without targets.
+    Works on any dict keyed by array name (arrays, tensors, tensor specs)."""
+    def pick(names):
+        return arrays[names[0]] if len(names) == 1 else {n: arrays[n] for n in names}
+
+    return (pick(inputs), pick(targets)) if targets else (pick(inputs),)
+
+
 def control_connect(context: zmq.Context, control: str, curve: dict | None = None) -> zmq.Socket:
     socket = context.socket(zmq.DEALER)
     socket.linger = 0

@@ -19,7 +19,7 @@ import threading
 
 import keras
 
-from .consumer import DEFAULT_PREFETCH, DEFAULT_TIMEOUT_S, connect
+from .consumer import DEFAULT_PREFETCH, DEFAULT_TIMEOUT_S, connect, model_io
 
 PEEK_FUNCTION = "get_tf_dataset"  # keras/src/trainers/data_adapters/py_dataset_adapter.py
 PEEK_FRAMES_SEARCHED = 6
@@ -66,20 +66,12 @@ class MongoFeedSequence(keras.utils.PyDataset):
                 return self._peeked.pop(index)
             if self._served == len(self):
                 self._served = 0
-            item = self._as_keras(self.consumer.get().arrays)
+            consumer = self.consumer
+            item = model_io(consumer.get().arrays, consumer.inputs, consumer.targets)
             self._served += 1
             if _called_by_keras_peek():
                 self._peeked[index] = item
             return item
-
-    def _as_keras(self, arrays: dict) -> tuple:
-        def pick(names):
-            return arrays[names[0]] if len(names) == 1 else {n: arrays[n] for n in names}
-
-        inputs = pick(self.consumer.inputs)
-        if not self.consumer.targets:
-            return (inputs,)
-        return inputs, pick(self.consumer.targets)
 
     def close(self):
         """End the session now (otherwise it ends when this object is collected)."""

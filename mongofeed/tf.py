@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from .consumer import connect
+from .consumer import connect, model_io
 
 
 def dataset(endpoint: str | list[str], feed: str = "train", **consumer_kwargs) -> tf.data.Dataset:
@@ -29,13 +29,8 @@ def dataset(endpoint: str | list[str], feed: str = "train", **consumer_kwargs) -
     specs = {spec.name: tf.TensorSpec((None, *spec.shape), tf.as_dtype(spec.dtype), spec.name)
              for spec in consumer.schema.arrays}
 
-    def structure(arrays: dict):
-        def pick(names):
-            return arrays[names[0]] if len(names) == 1 else {n: arrays[n] for n in names}
-
-        if not consumer.targets:
-            return (pick(consumer.inputs),)
-        return pick(consumer.inputs), pick(consumer.targets)
+    def structure(arrays: dict) -> tuple:
+        return model_io(arrays, consumer.inputs, consumer.targets)
 
     def one_epoch():
         for batch in consumer.epoch():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.utils.data
 
-from .consumer import connect
+from .consumer import connect, model_io
 
 WORKERS_REFUSED = (
     "mongofeed.torch.IterableDataset does not support DataLoader num_workers > 0: each worker "
@@ -48,15 +48,8 @@ class IterableDataset(torch.utils.data.IterableDataset):
         for batch in self.consumer.epoch():
             # A copy: the received arrays are read-only views of the message.
             tensors = {name: torch.tensor(array) for name, array in batch.arrays.items()}
-            yield tensors if self.as_dict else self._structure(tensors)
-
-    def _structure(self, tensors: dict):
-        def pick(names):
-            return tensors[names[0]] if len(names) == 1 else {n: tensors[n] for n in names}
-
-        if not self.consumer.targets:
-            return (pick(self.consumer.inputs),)
-        return pick(self.consumer.inputs), pick(self.consumer.targets)
+            yield tensors if self.as_dict else model_io(tensors, self.consumer.inputs,
+                                                        self.consumer.targets)
 
     def close(self):
         """End the session now (otherwise it ends when this object is collected)."""
