@@ -21,7 +21,7 @@ from .codec import BatchDecoder
 from .config import Config, redact_uri
 from .errors import ConfigError, SourceError
 from .planner import Plan
-from .source import BatchReader, connect, describe_failure, list_ids
+from .source import BatchReader, connect, describe_failure, plan_feed
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ def inspect_source(config: Config, feed: str | None = None) -> dict:
         raise ConfigError(f"{config.path}: no feed {feed!r} (feeds: {', '.join(config.feeds)})")
     client = connect(config.source, appname="mongofeed-inspect")
     try:
-        # list_ids first: it names a missing collection clearly.
-        ids = list_ids(client, config.source, config.feeds[feed].filter)
+        # The plan first: it names a missing collection or too few documents clearly.
+        plan = plan_feed(client, config, config.feeds[feed])
         collection = client[config.source.database][config.source.collection]
         try:
             report = {
@@ -48,7 +48,7 @@ def inspect_source(config: Config, feed: str | None = None) -> dict:
                 "feeds": _feeds(config, collection),
                 "sample": _sample(collection, config.feeds[feed].filter),
             }
-            report["dry_run"] = _dry_run(config, client, feed, ids)
+            report["dry_run"] = _dry_run(config, client, feed, plan)
         except PyMongoError as exc:
             raise SourceError(describe_failure(config.source, exc)) from None
     finally:
@@ -123,14 +123,9 @@ def _describe_value(value) -> dict:
     return {"type": type(value).__name__}
 
 
-def _dry_run(config: Config, client, feed: str, ids: list) -> dict:
+def _dry_run(config: Config, client, feed: str, plan: Plan) -> dict:
     """Decode the first batch that ``serve`` would send for ``feed``, as a worker does."""
     batch = config.batch
-    plan = Plan(ids, batch.size, batch.seed, config.feeds[feed].shuffle, batch.drop_last)
-    if plan.batches_per_epoch(config.serve.shard) == 0:
-        raise SourceError(f"feed {feed!r}: filter {config.feeds[feed].filter} selects "
-                          f"{len(ids)} documents, not enough for one batch of {batch.size} "
-                          f"in shard {config.serve.shard}")
     reader = BatchReader(client, config.source, 1)
     decoder = BatchDecoder(config.fields, config.source.collection, batch.on_error,
                            read_gridfs=reader.read_gridfs)

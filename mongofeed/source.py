@@ -11,9 +11,9 @@ import logging
 import pymongo
 from pymongo.errors import ConnectionFailure, OperationFailure, ProtocolError, PyMongoError
 
-from .config import SourceConfig, redact_uri
+from .config import Config, FeedConfig, SourceConfig, redact_uri
 from .errors import SourceError
-from .planner import sort_key
+from .planner import Plan, sort_key
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,18 @@ def list_ids(client: pymongo.MongoClient, source: SourceConfig, query: dict) -> 
         raise SourceError(f"{source.database}.{source.collection}: _id values of types that "
                           f"cannot be ordered (e.g. documents as _id) are not supported") from None
     return ids
+
+
+def plan_feed(client: pymongo.MongoClient, config: Config, feed: FeedConfig) -> Plan:
+    """The feed's plan from its ``_id``s; refused when it cannot fill one batch."""
+    ids = list_ids(client, config.source, feed.filter)
+    batch, shard = config.batch, config.serve.shard
+    plan = Plan(ids, batch.size, batch.seed, feed.shuffle, batch.drop_last)
+    if plan.batches_per_epoch(shard) == 0:
+        raise SourceError(f"feed {feed.name!r}: filter {feed.filter} selects {len(ids)} "
+                          f"documents of {config.source.database}.{config.source.collection}, "
+                          f"not enough for one batch of {batch.size} in shard {shard}")
+    return plan
 
 
 def reply_batch_docs(sample_bytes: int) -> int:

@@ -35,7 +35,7 @@ from .errors import ProtocolError, SourceError
 from .planner import Plan, Shard
 from .security import CurveServer
 from .sink import Session, Sink
-from .source import connect, list_ids
+from .source import connect, plan_feed
 from .wire import (
     MAX_CONTROL_BYTES,
     PROTOCOL_VERSION,
@@ -155,16 +155,7 @@ class Supervisor:
         client = connect(self.config.source, appname="mongofeed-supervisor")
         try:
             for feed in self.config.feeds.values():
-                ids = list_ids(client, self.config.source, feed.filter)
-                batch = self.config.batch
-                plan = Plan(ids, batch.size, batch.seed, feed.shuffle, batch.drop_last)
-                if plan.batches_per_epoch(self.config.serve.shard) == 0:
-                    raise SourceError(
-                        f"feed {feed.name!r}: filter {feed.filter} selects {len(ids)} documents "
-                        f"of {self.config.source.database}.{self.config.source.collection}, "
-                        f"not enough for one batch of {batch.size} in shard "
-                        f"{self.config.serve.shard}")
-                self.plans[feed.name] = plan
+                self.plans[feed.name] = plan_feed(client, self.config, feed)
         finally:
             client.close()
 
