@@ -222,3 +222,19 @@ def test_gridfs_field(tmp_path, mongo_uri, db):
         assert np.array_equal(batch.arrays["x"][:, 0], batch.arrays["idx"].astype(np.float32))
         counts.update(batch.arrays["idx"].tolist())
     assert counts == Counter(range(10))
+
+
+def test_status_command_shows_workers_feeds_and_sessions(tmp_path, mongo_uri, samples):
+    with run_daemon(tmp_path, mongo_uri, samples, workers=2) as daemon, \
+            Consumer(daemon.bind, feed="train", timeout=30) as consumer:
+        epoch_ids(consumer)
+        done = subprocess.run([sys.executable, "-m", "mongofeed", "status", "--control",
+                               daemon.control], capture_output=True, text=True, timeout=60)
+        pids = [w["pid"] for w in daemon.status()["workers"]]
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    for pid in pids:
+        assert any(line.split()[1:2] == [str(pid)] for line in lines), done.stdout
+    assert any(line.split()[:3] == ["train", str(TRAIN_DOCS), "8"] for line in lines)
+    assert any(consumer.session in line and "train" in line for line in lines)
+    assert "memory bound" in done.stdout and mongo_uri.split("@")[-1] in done.stdout
