@@ -401,6 +401,7 @@ def memory_daemon_main():
     """
     import bson
 
+    from . import source as source_module
     from . import supervisor as supervisor_module
     from .config import load_config
 
@@ -409,7 +410,7 @@ def memory_daemon_main():
     with open(docs_path, "rb") as f:
         ids = sorted(doc["_id"] for doc in bson.decode_file_iter(f))
     supervisor_module.connect = lambda *args, **kwargs: _NoClient()
-    supervisor_module.list_ids = lambda client, source, query: list(ids)
+    source_module.list_ids = lambda client, source, query: list(ids)
     supervisor_module.run_worker = memory_worker
     config = load_config(config_path)
     supervisor = supervisor_module.Supervisor(config)
