@@ -1,22 +1,39 @@
-"""Messages on mongofeed's sockets, and the checks a receiver makes before trusting them.
+"""Every message on mongofeed's sockets, as pack/unpack pairs, and the checks a receiver
+makes before trusting one.
 
 ::
 
-                        (internal, 127.0.0.1)                       (public)
-  supervisor ROUTER ──Task──▶ worker DEALER                 consumer DEALER ──Hello/Status/Bye──▶
-             ◀──Ready──────                                 control ROUTER  ◀──Reply──────────
-  worker PUSH ──[meta, header, array...]──▶ sink PULL       consumer DEALER ──Credit─────────▶
-                                                            data ROUTER     ◀──[header, array...]
+  public (tcp or ipc; CurveZMQ off loopback)
+    consumer DEALER ──hello / status / bye──▶ control ROUTER
+                    ◀──reply──────────────────
+    consumer DEALER ──credit───────────────▶ data ROUTER
+                    ◀──[header, array...]─────
 
-Public messages (what a consumer or a stranger can send or receive):
+  internal (ipc:// in the daemon's private folder; loopback tcp where ipc is missing)
+    supervisor ROUTER ──task / stop──▶ worker DEALER
+                      ◀──ready / event──
+    worker PUSH ──[meta, header, array...]──▶ sink PULL (in the supervisor)
 
-- control request/reply: one frame, a JSON object (``{"op": "hello", ...}``), at most
-  ``MAX_CONTROL_BYTES``.
-- credit: one frame, ``{"credit": n}``; the consumer grants the daemon n more batches.
-  ``n = 0`` is a heartbeat.
-- batch: frame 0 is the header, a JSON object ``{"v", "kind": "batch", "feed", "epoch",
-  "index", "count", "arrays": [[name, dtype, shape], ...]}``; then one frame per array with
-  its raw C-order bytes. ``kind = "error"`` carries ``"message"`` and no array frames.
+Public messages (what a consumer, or a stranger, can send or receive):
+
+1. control request/reply: one frame, a JSON object (``{"op": "hello", ...}``), at most
+   ``MAX_CONTROL_BYTES``; replies carry ``"ok"`` and, when false, ``"error"``.
+2. credit: one frame, ``{"credit": n}``; the consumer grants the daemon n more batches.
+   ``n = 0`` is a heartbeat.
+3. batch: frame 0 is the header, a JSON object ``{"v", "kind": "batch", "feed", "epoch",
+   "index", "count", "arrays": [[name, dtype, shape], ...]}``; then one frame per array with
+   its raw C-order bytes. ``kind = "error"`` carries ``"message"`` and no array frames.
+
+Internal messages (supervisor, workers and sink; the peers are our own processes, but every
+frame is still checked, so a bug shows as a counted rejection, not a crash):
+
+4. task (supervisor → worker): ``[b"task", BSON {task, feed, epoch, index, ids}]``; ``[b"stop"]``
+   asks the worker to exit.
+5. ready / event (worker → supervisor): ``[b"ready", {slot, pid}]`` once the worker's client
+   and sockets exist; ``[b"event", {slot, waiting, error}]`` when it starts or stops waiting
+   for the database.
+6. batch (worker → sink): ``[meta, header, array...]``: ``meta`` (JSON) names the task and
+   carries the worker's counts or an ``error``; the rest goes on to the consumer unchanged.
 
 Nothing received is ever unpickled: headers are JSON, arrays are raw bytes of plain numeric
 dtypes, and every length is checked against dtype x shape before ``np.frombuffer``.
@@ -29,6 +46,7 @@ import math
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import bson
 import numpy as np
 
 from .errors import ConfigError, ProtocolError
@@ -79,7 +97,7 @@ def encode_json(obj) -> bytes:
 
 def decode_json(frame, limit: int, what: str) -> dict:
     """Parse one frame as a JSON object, refusing anything too long or not an object."""
-    data = frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+    data = _bytes_of(frame)
     if len(data) > limit:
         raise ProtocolError(f"{what} of {len(data)} bytes exceeds the limit of {limit}")
     try:
@@ -246,3 +264,120 @@ def hello_schema(reply: dict) -> Schema:
     if not isinstance(specs, list) or not specs:
         raise ProtocolError("hello reply lacks arrays")
     return Schema(reply["feed"], size, tuple(ArraySpec.from_json(s) for s in specs))
+
+
+# -- internal: supervisor <-> workers -> sink ------------------------------------------------
+
+TASK, STOP, READY, EVENT = b"task", b"stop", b"ready", b"event"
+
+
+@dataclass(frozen=True)
+class TaskMessage:
+    """One batch to make: the ``_id``s of batch ``index`` of ``epoch`` of ``feed``."""
+
+    task: int
+    feed: str
+    epoch: int
+    index: int
+    ids: list
+
+    def pack(self) -> list:
+        return [TASK, bson.encode({"task": self.task, "feed": self.feed, "epoch": self.epoch,
+                                   "index": self.index, "ids": self.ids})]
+
+
+def unpack_worker_command(frames: list) -> TaskMessage | None:
+    """What the supervisor asks of a worker: a task, or None for stop."""
+    if frames == [STOP]:
+        return None
+    if len(frames) != 2 or frames[0] != TASK:
+        raise ProtocolError(f"unknown worker command {frames[:1]!r:.50}")
+    try:
+        body = bson.decode(frames[1])
+    except bson.errors.BSONError as exc:
+        raise ProtocolError(f"task is not BSON: {exc}") from None
+    task = TaskMessage(body.get("task"), body.get("feed"), body.get("epoch"), body.get("index"),
+                       body.get("ids"))
+    if not (isinstance(task.task, int) and isinstance(task.feed, str) and _is_count(task.epoch)
+            and _is_count(task.index) and isinstance(task.ids, list)):
+        raise ProtocolError("malformed task")
+    return task
+
+
+@dataclass(frozen=True)
+class WorkerEvent:
+    """A worker's announcement: ready (``kind = READY``), or waiting for the database or
+    done waiting (``kind = EVENT``)."""
+
+    kind: bytes
+    slot: int
+    pid: int | None = None
+    waiting: bool = False
+    error: str | None = None
+
+    def pack(self) -> list:
+        if self.kind == READY:
+            return [READY, encode_json({"slot": self.slot, "pid": self.pid})]
+        return [EVENT, encode_json({"slot": self.slot, "waiting": self.waiting,
+                                    "error": self.error})]
+
+    @classmethod
+    def unpack(cls, frames: list) -> WorkerEvent:
+        """``frames`` as the supervisor's ROUTER receives them: [identity, kind, body]."""
+        if len(frames) != 3:
+            raise ProtocolError(f"worker message of {len(frames)} frames, expected 3")
+        kind = _bytes_of(frames[1])
+        body = decode_json(frames[2], MAX_CONTROL_BYTES, "worker event")
+        slot = body.get("slot")
+        if kind not in (READY, EVENT) or not _is_count(slot):
+            raise ProtocolError(f"malformed worker message {kind!r:.20}")
+        if kind == READY:
+            return cls(READY, slot, pid=body.get("pid"))
+        error = body.get("error")
+        return cls(EVENT, slot, waiting=body.get("waiting") is True,
+                   error=error if isinstance(error, str) else None)
+
+
+@dataclass(frozen=True)
+class BatchMeta:
+    """Frame 0 of a worker's batch message: which task, and what it cost, or why it failed."""
+
+    task: int
+    slot: int
+    docs: int = 0
+    bytes: int = 0
+    skips: int = 0
+    skipped: tuple[str, ...] = ()
+    seconds: float = 0.0
+    error: str | None = None
+
+    def pack(self) -> bytes:
+        body = {"task": self.task, "slot": self.slot}
+        if self.error is not None:
+            body["error"] = self.error
+        else:
+            body.update(docs=self.docs, bytes=self.bytes, skips=self.skips,
+                        skipped=list(self.skipped), seconds=self.seconds)
+        return encode_json(body)
+
+    @classmethod
+    def unpack(cls, frame) -> BatchMeta:
+        body = decode_json(frame, MAX_CONTROL_BYTES, "batch meta")
+        task, slot = body.get("task"), body.get("slot")
+        if not (isinstance(task, int) and _is_count(slot)):
+            raise ProtocolError("batch meta lacks task or slot")
+        if "error" in body:
+            if not isinstance(body["error"], str):
+                raise ProtocolError("batch meta error must be a string")
+            return cls(task, slot, error=body["error"])
+        counts = [body.get(key) for key in ("docs", "bytes", "skips")]
+        skipped, seconds = body.get("skipped"), body.get("seconds")
+        if not (all(_is_count(c) for c in counts) and isinstance(skipped, list)
+                and all(isinstance(s, str) for s in skipped)
+                and isinstance(seconds, (int, float))):
+            raise ProtocolError("malformed batch meta")
+        return cls(task, slot, *counts, tuple(skipped), float(seconds))
+
+
+def _bytes_of(frame) -> bytes:
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)

@@ -13,7 +13,6 @@ import atexit
 import os
 import shutil
 import subprocess
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,10 @@ from pathlib import Path
 import pymongo
 import pytest
 
+from mongofeed.testing import ServerCounters
+
 REPO = Path(__file__).resolve().parent.parent
 FERRETDB_SCRIPT = REPO / "bin" / "ferretdb"
-ACCEPTS_METRIC = "ferretdb_client_accepts_total"
 
 
 @dataclass(frozen=True)
@@ -108,38 +108,13 @@ def db(mongo_client):
     mongo_client.drop_database(name)
 
 
-def parse_prometheus_counter(text: str, metric: str) -> float:
-    """The sum of a counter over all its label sets in Prometheus text format (0 if absent)."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(metric):
-            continue
-        rest = line[len(metric) :]
-        if rest[:1] not in ("{", " "):
-            continue  # another metric whose name starts the same
-        if rest.startswith("{"):
-            rest = rest[rest.rindex("}") + 1 :]
-        total += float(rest.split()[0])
-    return total
-
-
 @pytest.fixture(scope="session")
-def accepted_connections(test_server, mongo_client):
+def accepted_connections(test_server):
     """A callable: how many connections the server has accepted so far.
 
     FerretDB: ``ferretdb_client_accepts_total`` from its metrics endpoint. A real MongoDB:
     ``serverStatus().connections.totalCreated``.
     """
-    if test_server.metrics_url:
-
-        def count() -> int:
-            with urllib.request.urlopen(test_server.metrics_url, timeout=10) as reply:
-                text = reply.read().decode()
-            return int(parse_prometheus_counter(text, ACCEPTS_METRIC))
-
-    else:
-
-        def count() -> int:
-            return int(mongo_client.admin.command("serverStatus")["connections"]["totalCreated"])
-
-    return count
+    counters = ServerCounters(test_server.uri, test_server.metrics_url)
+    yield lambda: counters.read()["conns"]
+    counters.close()

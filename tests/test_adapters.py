@@ -4,7 +4,9 @@ the hello reply, and every iteration is one epoch with every document exactly on
 from __future__ import annotations
 
 import pytest
-from daemon import Daemon, insert_samples, sample_config, write_toml
+
+from mongofeed.testing import Daemon
+from tests.support import insert_samples, sample_config, write_toml
 
 COUNT, BATCH = 45, 8  # 45 train documents: 5 full batches and a short one of 5
 

@@ -7,7 +7,7 @@ import json
 
 from click.testing import CliRunner
 
-from mongofeed.bench import bench
+from mongofeed.bench.command import bench
 
 EXPECTED_ROWS = {
     ("digits", "mongofeed-w1"), ("digits", "mongofeed-w2"), ("digits", "keras-forum-posted"),

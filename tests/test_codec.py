@@ -18,8 +18,8 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 from pymongo.errors import AutoReconnect
 
-from mongofeed.codec import BatchDecoder, get_path
-from mongofeed.config import FieldConfig
+from mongofeed.daemon.codec import BatchDecoder, get_path
+from mongofeed.daemon.config import FieldConfig
 from mongofeed.errors import DecodeError
 
 COLLECTION = "samples"
@@ -250,7 +250,7 @@ def test_pickle_decodes_and_warns_once(caplog):
               make_field("b", decode="pickle", dtype="int16", shape=(2,), allow_pickle=True)]
     decoder = BatchDecoder({f.name: f for f in fields}, COLLECTION)
     doc = {"_id": 1, "a": pickle.dumps(np.array([1.5, 2.0])), "b": pickle.dumps([3, 4])}
-    with caplog.at_level(logging.WARNING, logger="mongofeed.codec"):
+    with caplog.at_level(logging.WARNING, logger="mongofeed.daemon.codec"):
         arrays, _ = decoder.decode([doc, doc])
         decoder.decode([doc])
     np.testing.assert_array_equal(arrays["a"], [[1.5, 2.0]] * 2)

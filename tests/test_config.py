@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 
 import pytest
-from daemon import REPO
 
-from mongofeed.config import load_config, parse_config, redact_uri
+from mongofeed.daemon.config import load_config, parse_config, redact_uri
 from mongofeed.errors import ConfigError
+from tests.support import REPO
 
 
 def good() -> dict:

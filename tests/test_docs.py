@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mongofeed.config import SCHEMA
-from mongofeed.docs import reference_markdown
+from mongofeed.daemon.config import SCHEMA
+from mongofeed.tools.docs import reference_markdown
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -14,7 +14,8 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 def test_configuration_reference_is_generated_from_the_schema():
     committed = (DOCS / "configuration.md").read_text()
     assert committed == reference_markdown(), (
-        "docs/configuration.md is stale: run python -m mongofeed.docs > docs/configuration.md")
+        "docs/configuration.md is stale: "
+        "run python -m mongofeed.tools.docs > docs/configuration.md")
 
 
 def test_reference_names_every_key():

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 from click.testing import CliRunner
-from daemon import insert_samples, sample_config, write_toml
 
-from mongofeed.cli import main
-from mongofeed.config import parse_config
-from mongofeed.inspect import format_report, inspect_source
+from mongofeed.daemon.config import parse_config
+from mongofeed.tools.cli import main
+from mongofeed.tools.inspect import format_report, inspect_source
+from tests.support import insert_samples, sample_config, write_toml
 
 
 def run_inspect(*args):

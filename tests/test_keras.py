@@ -7,7 +7,9 @@ import threading
 from collections import Counter
 
 import pytest
-from daemon import Daemon, insert_samples, sample_config, write_toml
+
+from mongofeed.testing import Daemon
+from tests.support import insert_samples, sample_config, write_toml
 
 keras = pytest.importorskip("keras")
 from mongofeed.keras import MongoFeedSequence  # noqa: E402

@@ -1,11 +1,12 @@
-"""mongofeed.load against a real server (FerretDB in the test suite), through the db fixture."""
+"""mongofeed.tools.load against a real server (FerretDB in the test suite), through the db
+fixture."""
 
 import bson
 import numpy as np
 import pytest
 
-from mongofeed import load
-from mongofeed.load import LoadError, load_digits, load_images, load_npz, load_synthetic
+from mongofeed.tools import load
+from mongofeed.tools.load import LoadError, load_digits, load_images, load_npz, load_synthetic
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import urllib.request
 
 import pytest
-from conftest import parse_prometheus_counter
-from daemon import Daemon, free_port_pair, insert_samples, sample_config, write_toml
 
 from mongofeed import Consumer
-from mongofeed.config import parse_config
+from mongofeed.daemon.config import parse_config
 from mongofeed.errors import ConfigError
+from mongofeed.testing import Daemon, free_port_pair, parse_prometheus
+from tests.support import insert_samples, sample_config, write_toml
 
 pytest.importorskip("prometheus_client", reason="the 'metrics' extra is not installed")
 
@@ -30,15 +30,15 @@ def test_metrics_match_status(mongo_uri, db, tmp_path):
             batches = list(consumer.epoch())
             text = scrape(port)
             status = daemon.status()
-        assert parse_prometheus_counter(text, "mongofeed_sessions") == 1
-        assert parse_prometheus_counter(text, "mongofeed_sessions_opened_total") == 1
+        assert parse_prometheus(text, "mongofeed_sessions") == 1
+        assert parse_prometheus(text, "mongofeed_sessions_opened_total") == 1
         assert 'mongofeed_worker_batches_total{worker="1"}' in text
-        delivered = parse_prometheus_counter(text, "mongofeed_session_delivered_batches_total")
+        delivered = parse_prometheus(text, "mongofeed_session_delivered_batches_total")
         assert delivered >= len(batches) == 4
-        produced = parse_prometheus_counter(text, "mongofeed_worker_batches_total")
+        produced = parse_prometheus(text, "mongofeed_worker_batches_total")
         assert produced <= sum(w["batches"] for w in status["workers"])
         assert produced >= delivered
-        assert parse_prometheus_counter(text, "mongofeed_worker_documents_total") >= 32
+        assert parse_prometheus(text, "mongofeed_worker_documents_total") >= 32
         assert "mongofeed_rejected_messages_total 0.0" in text
 
 

@@ -8,10 +8,11 @@ from collections import Counter
 from contextlib import ExitStack
 
 import pytest
-from daemon import Daemon, insert_samples, sample_config, write_toml
 
 from mongofeed import FeedError
 from mongofeed.consumer import MultiConsumer
+from mongofeed.testing import Daemon
+from tests.support import insert_samples, sample_config, write_toml
 
 WORLD = 2
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mongofeed.planner import WHOLE, Plan, Shard, sort_key
+from mongofeed.daemon.planner import WHOLE, Plan, Shard, sort_key
 
 
 def epoch_batches(plan: Plan, epoch: int, shard: Shard = WHOLE) -> list[list]:

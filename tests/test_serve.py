@@ -8,9 +8,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from daemon import Daemon, insert_samples, pid_alive, sample_config, wait_until, write_toml
 
 from mongofeed import Consumer, FeedError, FeedTimeout
+from mongofeed.testing import Daemon, pid_alive, wait_until
+from tests.support import insert_samples, sample_config, write_toml
 
 TRAIN_DOCS = 61  # a prime: every batch size below leaves a short last batch
 VAL_DOCS = 11

@@ -5,9 +5,9 @@ uneven split (fewer than R documents)."""
 
 from __future__ import annotations
 
-from daemon import Daemon, insert_samples, sample_config, write_toml
-
 from mongofeed import Consumer
+from mongofeed.testing import Daemon
+from tests.support import insert_samples, sample_config, write_toml
 
 COUNT, WORLD = 45, 2  # odd on purpose: one document is the remainder
 

@@ -13,11 +13,11 @@ from urllib.parse import urlsplit
 
 import pymongo
 import pytest
-from chaos import feed_config
-from daemon import REPO, free_port_pair, sample_config, write_toml
-from test_daemon_stop import port_free
 
-from mongofeed.config import redact_uri
+from mongofeed.daemon.config import redact_uri
+from mongofeed.testing import free_port_pair
+from tests.chaos.support import feed_config, port_free
+from tests.support import REPO, sample_config, write_toml
 
 SERVE_TIMEOUT_S = 60
 MARKER = "MONGOFEED_TEST_MARKER"  # inherited by every process the daemon starts

@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import signal
-import socket
 import time
 
 import pytest
-from chaos import feed_config, read_batches
-from daemon import Daemon, pid_alive, wait_until
 
 from mongofeed import Consumer, FeedTimeout
+from mongofeed.testing import Daemon, pid_alive, wait_until
+from tests.chaos.support import feed_config, port_free, private_tmp, read_batches
 
 EXIT_WITHIN_S = 10
-
-
-def private_tmp(tmp_path):
-    """A TMPDIR of the daemon's own, so its ipc folder is told apart from other daemons'."""
-    folder = tmp_path / "tmp"
-    folder.mkdir()
-    return folder, {"TMPDIR": str(folder)}
-
-
-def port_free(port: int) -> bool:
-    """Bindable again by a new daemon (ZeroMQ sets SO_REUSEADDR, as we do here)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 
 import pytest
-from chaos import BATCHES, assert_exactly_once, feed_config, read_batches
-from daemon import Daemon, sample_config, wait_until, write_toml
-from proxy import Proxy
 
 from mongofeed import Consumer, FeedTimeout
+from mongofeed.testing import Daemon, wait_until
+from tests.chaos.proxy import Proxy
+from tests.chaos.support import BATCHES, assert_exactly_once, feed_config, read_batches
+from tests.support import sample_config, write_toml
 
 OUTAGE_S = 4
 

@@ -17,10 +17,11 @@ import gridfs
 import numpy as np
 import pytest
 from bson import ObjectId
-from daemon import Daemon, write_toml
 from PIL import Image
 
 from mongofeed import Consumer, FeedError
+from mongofeed.testing import Daemon
+from tests.support import write_toml
 
 COLLECTION = "docs"
 GOOD = 15                # documents that fit every field, _id 0..14

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import zmq
-from chaos import BATCHES, assert_exactly_once, feed_config, read_batches
-from daemon import Daemon
 
 from mongofeed import Consumer
+from mongofeed.testing import Daemon
 from mongofeed.wire import MAX_CONTROL_BYTES
+from tests.chaos.support import BATCHES, assert_exactly_once, feed_config, read_batches
 
 HELLO_FLOOD = 200
 

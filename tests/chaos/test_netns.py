@@ -11,10 +11,11 @@ import subprocess
 import sys
 
 import pytest
-from chaos import BATCH, DOCS, assert_exactly_once
-from daemon import REPO, Daemon, sample_config, write_toml
 
 from mongofeed.security import keygen
+from mongofeed.testing import Daemon
+from tests.chaos.support import BATCH, DOCS, assert_exactly_once
+from tests.support import REPO, sample_config, write_toml
 
 ADDRESSES = ("10.231.0.1", "10.231.0.2")  # daemon host, trainer host; only inside our namespaces
 FERRETDB = REPO / ".cache" / "ferretdb" / "bin" / "ferretdb"
@@ -25,7 +26,7 @@ REFUSED_WITHIN_S = 3
 LOAD_SAMPLES = """
 import sys
 import pymongo
-from daemon import insert_samples
+from tests.support import insert_samples
 client = pymongo.MongoClient(sys.argv[1], serverSelectionTimeoutMS=int(sys.argv[3]) * 1000)
 insert_samples(client[sys.argv[2]]["samples"], int(sys.argv[4]))
 """
@@ -95,7 +96,7 @@ def database(hosts, tmp_path):
     try:
         subprocess.run(in_namespace(hosts[0], sys.executable, "-c", LOAD_SAMPLES, DATABASE_URI,
                                     "netns", READY_WITHIN_S, DOCS),
-                       check=True, cwd=REPO / "tests", timeout=2 * READY_WITHIN_S)
+                       check=True, cwd=REPO, timeout=2 * READY_WITHIN_S)
         yield "netns"
     finally:
         server.terminate()

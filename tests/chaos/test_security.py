@@ -6,11 +6,19 @@ import subprocess
 import sys
 
 import pytest
-from chaos import BATCHES, assert_exactly_once, curve_daemon, exposed, feed_config, read_batches
-from daemon import REPO, Daemon, free_port_pair
 
 from mongofeed import Consumer, FeedTimeout
 from mongofeed.security import keygen
+from mongofeed.testing import Daemon, free_port_pair
+from tests.chaos.support import (
+    BATCHES,
+    assert_exactly_once,
+    curve_daemon,
+    exposed,
+    feed_config,
+    read_batches,
+)
+from tests.support import REPO
 
 REFUSED_WITHIN_S = 3
 

@@ -8,10 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from chaos import BATCHES, assert_exactly_once, feed_config, read_batches
-from daemon import Daemon, wait_until
-
 from mongofeed import Consumer
+from mongofeed.testing import Daemon, wait_until
+from tests.chaos.support import BATCHES, assert_exactly_once, feed_config, read_batches
 
 SESSION_TIMEOUT_S = 3
 

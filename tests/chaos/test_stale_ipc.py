@@ -6,11 +6,9 @@ import os
 import signal
 import subprocess
 
-from chaos import feed_config
-from daemon import Daemon
-from test_daemon_stop import private_tmp
-
-from mongofeed.supervisor import remove_stale_runtime_dirs
+from mongofeed.portable import remove_stale_runtime_dirs
+from mongofeed.testing import Daemon
+from tests.chaos.support import feed_config, private_tmp
 
 
 def dead_pid() -> int:

@@ -8,8 +8,9 @@ import os
 import subprocess
 import sys
 
-from chaos import curve_daemon
-from daemon import REPO, Daemon
+from mongofeed.testing import Daemon
+from tests.chaos.support import curve_daemon
+from tests.support import REPO
 
 NO_ANSWER_WITHIN_S = 2
 

@@ -6,10 +6,15 @@ import os
 import signal
 import time
 
-from chaos import BATCHES, assert_exactly_once, feed_config, kill_quietly, read_batches
-from daemon import Daemon, pid_alive, wait_until
-
 from mongofeed import Consumer
+from mongofeed.testing import Daemon, pid_alive, wait_until
+from tests.chaos.support import (
+    BATCHES,
+    assert_exactly_once,
+    feed_config,
+    kill_quietly,
+    read_batches,
+)
 
 
 def test_sigkilled_worker_is_replaced_and_its_tasks_reissued(tmp_path, mongo_uri, db):

@@ -17,11 +17,11 @@ from collections.abc import Mapping
 import numpy as np
 from pymongo.errors import PyMongoError
 
-from .codec import BatchDecoder
-from .config import Config, redact_uri
-from .errors import ConfigError, SourceError
-from .planner import Plan
-from .source import BatchReader, connect, describe_failure, plan_feed
+from ..daemon.codec import BatchDecoder
+from ..daemon.config import Config, redact_uri
+from ..daemon.planner import Plan
+from ..daemon.source import MongoSource, describe_failure, plan_feed
+from ..errors import ConfigError, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,11 @@ def inspect_source(config: Config, feed: str | None = None) -> dict:
     feed = feed or next(iter(config.feeds))
     if feed not in config.feeds:
         raise ConfigError(f"{config.path}: no feed {feed!r} (feeds: {', '.join(config.feeds)})")
-    client = connect(config.source, appname="mongofeed-inspect")
+    source = MongoSource(config.source)
+    client = source.connect("mongofeed-inspect")
     try:
         # The plan first: it names a missing collection or too few documents clearly.
-        plan = plan_feed(client, config, config.feeds[feed])
+        plan = plan_feed(source, client, config, config.feeds[feed])
         collection = client[config.source.database][config.source.collection]
         try:
             report = {
@@ -48,7 +49,7 @@ def inspect_source(config: Config, feed: str | None = None) -> dict:
                 "feeds": _feeds(config, collection),
                 "sample": _sample(collection, config.feeds[feed].filter),
             }
-            report["dry_run"] = _dry_run(config, client, feed, plan)
+            report["dry_run"] = _dry_run(config, source.reader(client, 1), feed, plan)
         except PyMongoError as exc:
             raise SourceError(describe_failure(config.source, exc)) from None
     finally:
@@ -123,10 +124,9 @@ def _describe_value(value) -> dict:
     return {"type": type(value).__name__}
 
 
-def _dry_run(config: Config, client, feed: str, plan: Plan) -> dict:
+def _dry_run(config: Config, reader, feed: str, plan: Plan) -> dict:
     """Decode the first batch that ``serve`` would send for ``feed``, as a worker does."""
     batch = config.batch
-    reader = BatchReader(client, config.source, 1)
     decoder = BatchDecoder(config.fields, config.source.collection, batch.on_error,
                            read_gridfs=reader.read_gridfs)
     ids = plan.batch_ids(0, 0, config.serve.shard)

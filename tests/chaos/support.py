@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from collections import Counter
 from pathlib import Path
 
-from daemon import Daemon, insert_samples, sample_config, write_toml
-
 from mongofeed import Consumer
 from mongofeed.security import keygen
+from mongofeed.testing import Daemon
+from tests.support import insert_samples, sample_config, write_toml
 
 DOCS = 240          # train documents; with batch size 8 that is 30 batches per epoch
 BATCH = 8
@@ -74,3 +75,21 @@ def curve_daemon(tmp_path: Path, uri: str, db) -> tuple[Daemon, dict]:
                        "--client-keys", str(keys / "clients")]
     return daemon, {"server_public": server_public, "trainer_secret": trainer_secret,
                     "stranger_secret": stranger_secret}
+
+
+def private_tmp(tmp_path):
+    """A TMPDIR of the daemon's own, so its ipc folder is told apart from other daemons'."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    return folder, {"TMPDIR": str(folder)}
+
+
+def port_free(port: int) -> bool:
+    """Bindable again by a new daemon (ZeroMQ sets SO_REUSEADDR, as we do here)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..security import check_exposure
+from ..wire import check_endpoint, next_port
 from .planner import Shard
-from .security import check_exposure
-from .wire import check_endpoint, next_port
 
 REQUIRED = object()
 

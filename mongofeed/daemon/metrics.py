@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from .errors import ConfigError, SourceError
+from ..errors import ConfigError, SourceError
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 Each consumer's session is its own stream of its feed. Worker batches for a session wait
 here until they are next in plan order (or, with ``ordered = false``, until their epoch is
 the one being delivered) and the consumer has granted credit; then they go out on the data
-ROUTER socket, addressed to the session's identity. A batch is *delivered* once it is handed
-to that socket: only then does the supervisor forget its task.
+ROUTER socket, addressed to the session's identity. The supervisor forgets a task once its
+batch has reached the sink; from then on the batch is the session's to deliver.
 
 Memory per session is bounded by ``max_pending`` batches produced ahead (tasks in flight
 plus batches waiting here) and by the consumer's credit for those in transit.
@@ -14,78 +14,20 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import zmq
 
-from .planner import Shard
-from .wire import pack_error
+from ..wire import pack_error
+from .sessions import Session
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Session:
-    id: bytes
-    feed: str
-    shard: Shard
-    batches_per_epoch: int
-    start_epoch: int
-    ordered: bool
-    last_seen: float = field(default_factory=time.monotonic)
-    active: bool = False          # the consumer has connected its data socket
-    credit: int = 0
-    plan_epoch: int = 0           # next batch to make into a task
-    plan_index: int = 0
-    deliver_epoch: int = 0        # epoch being delivered; delivered_in_epoch of it so far
-    delivered_in_epoch: int = 0
-    in_production: int = 0        # tasks issued whose batch has not arrived
-    ready: dict = field(default_factory=dict)  # (epoch, index) -> frames
-    delivered: int = 0
-    skips: int = 0
-
-    def __post_init__(self):
-        self.plan_epoch = self.deliver_epoch = self.start_epoch
-
-    @property
-    def name(self) -> str:
-        return self.id.decode()
-
-    def ahead(self) -> int:
-        return self.in_production + len(self.ready)
-
-    def next_task(self) -> tuple[int, int]:
-        """Advance the plan cursor and return the (epoch, index) it pointed at."""
-        position = (self.plan_epoch, self.plan_index)
-        self.plan_index += 1
-        if self.plan_index == self.batches_per_epoch:
-            self.plan_epoch, self.plan_index = self.plan_epoch + 1, 0
-        return position
-
-    def next_deliverable(self):
-        if self.ordered:
-            key = (self.deliver_epoch, self.delivered_in_epoch)
-            return key if key in self.ready else None
-        # Unordered: any batch of the current epoch, never one of the next (epochs stay exact).
-        return next((k for k in self.ready if k[0] == self.deliver_epoch), None)
-
-    def status(self, now: float) -> dict:
-        return {
-            "session": self.name, "feed": self.feed, "shard": str(self.shard),
-            "epoch": self.deliver_epoch, "batch": self.delivered_in_epoch,
-            "batches_per_epoch": self.batches_per_epoch, "delivered": self.delivered,
-            "waiting": len(self.ready), "in_production": self.in_production,
-            "credit": self.credit, "skips": self.skips,
-            "idle_s": round(now - self.last_seen, 1),
-        }
-
-
 class Sink:
-    """Holds the data socket and the sessions' delivery state."""
+    """Sends each session's batches on the data socket, in order and within its credit."""
 
     def __init__(self, socket: zmq.Socket):
         self.socket = socket
-        self.sessions: dict[bytes, Session] = {}
 
     def accept(self, session: Session, epoch: int, index: int, frames: list) -> bool:
         """A worker's batch for ``session``; sends what has become deliverable."""

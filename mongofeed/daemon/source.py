@@ -2,6 +2,8 @@
 
 A worker calls ``connect`` once, after it has started, and keeps the client for its whole
 life; the supervisor uses a client only while it lists the ``_id``s of each feed.
+``MongoSource`` bundles the three for the supervisor and the workers; a stand-in with the
+same methods (the benchmark's documents in memory) serves without a database.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import logging
 import pymongo
 from pymongo.errors import ConnectionFailure, OperationFailure, ProtocolError, PyMongoError
 
+from ..errors import SourceError
 from .config import Config, FeedConfig, SourceConfig, redact_uri
-from .errors import SourceError
 from .planner import Plan, sort_key
 
 log = logging.getLogger(__name__)
@@ -68,9 +70,10 @@ def list_ids(client: pymongo.MongoClient, source: SourceConfig, query: dict) -> 
     return ids
 
 
-def plan_feed(client: pymongo.MongoClient, config: Config, feed: FeedConfig) -> Plan:
-    """The feed's plan from its ``_id``s; refused when it cannot fill one batch."""
-    ids = list_ids(client, config.source, feed.filter)
+def plan_feed(source, client, config: Config, feed: FeedConfig) -> Plan:
+    """The feed's plan from its ``_id``s as ``source`` lists them; refused when it cannot
+    fill one batch."""
+    ids = source.list_ids(client, feed.filter)
     batch, shard = config.batch, config.serve.shard
     plan = Plan(ids, batch.size, batch.seed, feed.shuffle, batch.drop_last)
     if plan.batches_per_epoch(shard) == 0:
@@ -115,3 +118,20 @@ class BatchReader:
             self._buckets[bucket] = gridfs.GridFSBucket(self.db, bucket_name=bucket)
         with self._buckets[bucket].open_download_stream(file_id) as stream:
             return stream.read()
+
+
+class MongoSource:
+    """Where a daemon's documents come from: the MongoDB of ``[source]``. Picklable, so a
+    spawned worker receives it and connects by itself."""
+
+    def __init__(self, config: SourceConfig):
+        self.config = config
+
+    def connect(self, appname: str) -> pymongo.MongoClient:
+        return connect(self.config, appname)
+
+    def list_ids(self, client: pymongo.MongoClient, query: dict) -> list:
+        return list_ids(client, self.config, query)
+
+    def reader(self, client: pymongo.MongoClient, sample_bytes: int) -> BatchReader:
+        return BatchReader(client, self.config, sample_bytes)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MongoFeedError
+from ..errors import MongoFeedError
 
 Progress = Callable[[int, int], Any]
 

@@ -2,7 +2,7 @@
 what the server, the transport and the memory allow. Same server, same data, one run.
 
 For each data set it loads the data (into ``--database``, dropping the bench's collections),
-then runs every row in its own process (``bench_peers.row_main``) while this process samples
+then runs every row in its own process (``bench.rows.row_main``) while this process samples
 the memory of that process tree, prints one line per row, and at the end the table, the
 targets of issue 5 (met or missed, by how much), ``results.json`` and ``results.png`` in
 ``--output``. Rows, what they measure and how to read them: docs/benchmarks.md.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -23,16 +22,21 @@ from pathlib import Path
 
 import click
 
-REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+from .report import (
+    MEMORY_LOADERS,
+    OTHER_LOADERS,
+    evaluate_targets,
+    format_table,
+    format_targets,
+    machine,
+    server_name,
+    write_chart,
+)
+
+PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent.parent)
 MEMORY_SAMPLE_S = 0.2
 ROW_TIMEOUT_EXTRA_S = 240.0
 SHORT_ROW_S = 3.0  # memcpy and loopback are steady at once
-CONNS_CONSTANT = 4  # target: connections accepted per epoch <= workers + this
-DB_LOADERS = ("mongofeed", "keras-forum-posted", "keras-forum-intended", "keras-best-practice",
-              "tensorpack", "raw-drain")
-MEMORY_LOADERS = ("ceiling", "zmq-loopback", "memcpy")
-OTHER_LOADERS = ("keras-forum-posted", "keras-forum-intended", "keras-best-practice",
-                 "tensorpack")
 
 
 def shape_option(text: str) -> tuple[int, ...]:
@@ -70,6 +74,8 @@ def shape_option(text: str) -> tuple[int, ...]:
               "[default: 12, --quick 1].")
 @click.option("--fit-epochs", type=int, help="Epochs of the Keras fit comparison "
               "(0: skip) [default: 8, --quick 0].")
+
+
 def bench(uri, database, metrics_url, output, quick, only, workers, batch_size,
           synthetic_count, synthetic_shape, large_shape, large_count, seconds, fit_epochs):
     """Benchmark mongofeed against the usual Keras loaders on the same server and data."""
@@ -150,7 +156,7 @@ def bench(uri, database, metrics_url, output, quick, only, workers, batch_size,
 
 def load_datasets(client, database: str, synthetic_count: int, shape) -> list:
     """Load digits and the synthetic images (dropping earlier copies); describe both."""
-    from .load import load_digits, load_synthetic
+    from ..tools.load import load_digits, load_synthetic
 
     db = client[database]
     click.echo(f"loading digits and {synthetic_count} synthetic {'x'.join(map(str, shape))} "
@@ -202,11 +208,11 @@ def _prod(shape) -> int:
 def run_process(spec: dict, entry: str, timeout: float) -> dict:
     """Run ``bench_peers.<entry>`` with ``spec``; sample its tree's memory; kill what is left."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p),
+        p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p),
         "KERAS_BACKEND": "tensorflow",
         "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
     process = subprocess.Popen(
-        [sys.executable, "-c", f"from mongofeed.bench_peers import {entry}; {entry}()",
+        [sys.executable, "-c", f"from mongofeed.bench.rows import {entry}; {entry}()",
          json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=env, start_new_session=True)
     memory = MemorySampler(process.pid)
@@ -304,167 +310,3 @@ def describe(result: dict) -> str:
     return (f"{result['samples_per_s']:>9.1f} samples/s  {result['mb_per_s']:>8.1f} MB/s  "
             f"({result['batches']:.0f} batches in {result['seconds']:.1f} s, "
             f"startup {result['startup_s']:.1f} s)")
-
-
-# -- report ---------------------------------------------------------------------------------------
-
-def reference_rate(results: list, data: str) -> float | None:
-    """The best mongofeed rate of a data set (the ceiling where no database is involved)."""
-    for prefix in ("mongofeed", "ceiling"):
-        rates = [r["samples_per_s"] for r in results
-                 if r["data"] == data and r["loader"] == prefix and "samples_per_s" in r]
-        if rates:
-            return max(rates)
-    return None
-
-
-def format_table(results: list) -> str:
-    head = ("| data | loader | samples/s | MB/s | mongofeed × | train CPU ms/batch | "
-            "conns/epoch | queries/epoch | peak MB |")
-    lines = [head, "|" + "---|" * 9]
-
-    def num(value, fmt):
-        return "–" if value is None else format(value, fmt)
-
-    for r in results:
-        if "samples_per_s" not in r:
-            why = r.get("skipped") or r.get("error", "").splitlines()[0]
-            lines.append(f"| {r['data']} | {r['name']} | {why} | | | | | | |")
-            continue
-        ref = reference_rate(results, r["data"])
-        ratio = ref / r["samples_per_s"] if ref and r["samples_per_s"] else None
-        cpu = r.get("train_cpu_ms_per_batch")
-        lines.append(
-            f"| {r['data']} | {r['name']} | {r['samples_per_s']:,.0f} | {r['mb_per_s']:,.1f} | "
-            f"{num(ratio, '.2f')} | {num(cpu, '.2f' if cpu is None or cpu >= 0.1 else '.3f')} | "
-            f"{num(r.get('conns_per_epoch'), 'd')} | {num(r.get('queries_per_epoch'), 'd')} | "
-            f"{num(r.get('peak_mb'), ',.0f')} |")
-    return "\n".join(lines)
-
-
-def evaluate_targets(results: list, fit: dict | None) -> list:
-    """Issue 5's targets, each with the measured value, the goal and whether it is met."""
-    def rows(data, loader):
-        return [r for r in results
-                if r["data"] == data and r["loader"] == loader and "samples_per_s" in r]
-
-    targets = []
-
-    def add(name, value, goal, met, detail):
-        targets.append({"target": name, "value": value, "goal": goal, "met": met,
-                        "detail": detail})
-
-    for data in dict.fromkeys(r["data"] for r in results):
-        feed = max(rows(data, "mongofeed"), key=lambda r: r["samples_per_s"], default=None)
-        copy = next(iter(rows(data, "memcpy")), None)
-        if feed and copy:
-            ratio = feed["train_cpu_ms_per_batch"] / copy["train_cpu_ms_per_batch"]
-            add(f"{data}: training-side CPU per batch vs memcpy", ratio, "<= 1.5x",
-                ratio <= 1.5, f"{feed['name']} {feed['train_cpu_ms_per_batch']:.2f} ms, "
-                f"memcpy {copy['train_cpu_ms_per_batch']:.2f} ms")
-        ceiling = max(rows(data, "ceiling"), key=lambda r: r["samples_per_s"], default=None)
-        loop = next(iter(rows(data, "zmq-loopback")), None)
-        if ceiling and loop:
-            ratio = loop["samples_per_s"] / ceiling["samples_per_s"]
-            add(f"{data}: loopback transport rate vs pipeline ceiling", ratio, "<= 2x",
-                ratio <= 2, f"loopback {loop['samples_per_s']:,.0f}/s, "
-                f"{ceiling['name']} {ceiling['samples_per_s']:,.0f}/s")
-        if not feed:
-            continue
-        others = [r for name in OTHER_LOADERS for r in rows(data, name)]
-        if others:
-            best = max(others, key=lambda r: r["samples_per_s"])
-            ratio = feed["samples_per_s"] / best["samples_per_s"]
-            add(f"{data}: mongofeed vs best other loader", ratio, ">= 1.5x", ratio >= 1.5,
-                f"{feed['name']} {feed['samples_per_s']:,.0f}/s, {best['name']} "
-                f"{best['samples_per_s']:,.0f}/s")
-        for name in ("keras-forum-posted", "keras-forum-intended"):
-            for r in rows(data, name):
-                ratio = feed["samples_per_s"] / r["samples_per_s"]
-                add(f"{data}: mongofeed vs {name}", ratio, ">= 3x", ratio >= 3,
-                    f"{r['samples_per_s']:,.1f}/s")
-        for r in rows(data, "mongofeed"):
-            if r.get("conns_per_epoch") is not None:
-                extra = r["conns_per_epoch"] - r["workers"]
-                add(f"{data}: connections per epoch, {r['name']}", r["conns_per_epoch"],
-                    f"<= W + {CONNS_CONSTANT}", extra <= CONNS_CONSTANT,
-                    f"W + {extra} (startup {r['conns_startup']}, steady {r['conns_steady']})")
-    if fit and "slowdown" in fit:
-        add("digits: Keras fit slowdown from mongofeed vs in-memory numpy", fit["slowdown"],
-            "<= 10%", fit["slowdown"] <= 0.10,
-            f"epoch {fit['mongofeed_epoch_s']:.3f} s vs {fit['numpy_epoch_s']:.3f} s, "
-            f"stall fraction {fit['stall_fraction']:.0%}; a PyDataset over the same arrays "
-            f"{fit['pydataset_slowdown']:+.0%}, mongofeed from memory (no database) "
-            f"{fit['memory_slowdown']:+.0%}")
-    return targets
-
-
-def format_targets(targets: list) -> str:
-    lines = ["| target | measured | goal | met | detail |", "|---|---|---|---|---|"]
-    for t in targets:
-        value = t["value"]
-        shown = (f"{value:+.0%}" if "slowdown" in t["target"] else
-                 f"{value:d}" if isinstance(value, int) else f"{value:.2f}x")
-        lines.append(f"| {t['target']} | {shown} | {t['goal']} | "
-                     f"{'yes' if t['met'] else '**no**'} | {t['detail']} |")
-    return "\n".join(lines)
-
-
-def write_chart(results: list, path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        click.echo("(matplotlib is not installed: no chart)")
-        return None
-    groups = list(dict.fromkeys(r["data"] for r in results))
-    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 2.4 + 0.42 * len(results)),
-                             squeeze=False)
-    for ax, data in zip(axes[:, 0], groups, strict=True):
-        mine = [r for r in results if r["data"] == data and "samples_per_s" in r]
-        names = [r["name"] for r in mine]
-        rates = [r["samples_per_s"] for r in mine]
-        colors = ["tab:green" if r["loader"] == "mongofeed" else
-                  "tab:gray" if r["loader"] in MEMORY_LOADERS + ("raw-drain",) else
-                  "tab:orange" for r in mine]
-        ax.barh(names, rates, color=colors)
-        ax.set_xscale("log")
-        ax.invert_yaxis()
-        ax.set_title(data)
-        for y, rate in enumerate(rates):
-            ax.text(rate, y, f" {rate:,.0f}", va="center", fontsize=8)
-    axes[-1, 0].set_xlabel("samples/s (log scale); green: mongofeed, orange: other loaders, "
-                           "gray: ceilings")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def server_name(build: dict) -> str:
-    if "ferretdbVersion" in build:
-        return f"FerretDB {build['ferretdbVersion']} (wire as MongoDB {build.get('version')})"
-    return f"MongoDB {build.get('version')}"
-
-
-def machine(cpus: int) -> dict:
-    from importlib import metadata
-
-    versions = {}
-    for package in ("numpy", "pymongo", "pyzmq", "keras", "tensorflow-cpu", "tensorflow",
-                    "tensorpack"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpus": cpus, "processor": platform.processor(), "versions": versions}
-    try:
-        import psutil
-
-        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:
-        pass
-    return info

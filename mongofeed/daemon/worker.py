@@ -21,15 +21,22 @@ import os
 import signal
 import time
 
-import bson
 import zmq
 from pymongo.errors import PyMongoError
 
+from ..errors import DecodeError, ProtocolError
+from ..wire import (
+    EVENT,
+    READY,
+    BatchMeta,
+    TaskMessage,
+    WorkerEvent,
+    pack_batch,
+    unpack_worker_command,
+)
 from .codec import BatchDecoder
 from .config import Config
-from .errors import DecodeError
-from .source import TRANSIENT_ERRORS, BatchReader, connect, describe_failure
-from .wire import encode_json, pack_batch
+from .source import TRANSIENT_ERRORS, describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +48,8 @@ SOCKET_LINGER_MS = 0
 
 
 class Worker:
-    def __init__(self, slot: int, config: Config, task_endpoint: str, sink_endpoint: str):
+    def __init__(self, slot: int, config: Config, source, task_endpoint: str,
+                 sink_endpoint: str):
         self.slot = slot
         self.config = config
         self.context = zmq.Context()
@@ -53,10 +61,10 @@ class Worker:
         self.sink.linger = SOCKET_LINGER_MS
         self.sink.sndhwm = 2
         self.sink.connect(sink_endpoint)
-        self.client = connect(config.source, appname=f"mongofeed-worker-{slot}")
+        self.client = source.connect(f"mongofeed-worker-{slot}")
         self.decoder = BatchDecoder(config.fields, config.source.collection,
                                     config.batch.on_error, read_gridfs=self._read_gridfs)
-        self.reader = BatchReader(self.client, config.source, self.decoder.sample_nbytes())
+        self.reader = source.reader(self.client, self.decoder.sample_nbytes())
         self.parent = multiprocessing.parent_process()
 
     def _read_gridfs(self, bucket, file_id):
@@ -66,7 +74,7 @@ class Worker:
         return self.parent is None or self.parent.is_alive()
 
     def run(self):
-        self.tasks.send_multipart([b"ready", encode_json({"slot": self.slot, "pid": os.getpid()})])
+        self.tasks.send_multipart(WorkerEvent(READY, self.slot, pid=os.getpid()).pack())
         while self.parent_alive():
             if not self.tasks.poll(POLL_INTERVAL_MS):
                 continue
@@ -79,17 +87,21 @@ class Worker:
                 return
         log.warning("worker %d: supervisor is gone, exiting", self.slot)
 
-    def take_tasks(self) -> tuple[list[dict], bool]:
+    def take_tasks(self) -> tuple[list[TaskMessage], bool]:
         """The next task and every task already queued behind it (read with one query), and
         whether the supervisor asked us to stop."""
         tasks, stop = [], False
         while len(tasks) < self.config.serve.tasks_per_worker:
-            frames = self.tasks.recv_multipart()
-            if frames[0] == b"stop":
+            try:
+                task = unpack_worker_command(self.tasks.recv_multipart())
+            except ProtocolError as exc:
+                log.error("worker %d: ignoring a malformed command: %s", self.slot, exc)
+                task = False
+            if task is None:
                 stop = True
                 break
-            if frames[0] == b"task" and len(frames) == 2:
-                tasks.append(bson.decode(frames[1]))
+            if task:
+                tasks.append(task)
             if not self.tasks.poll(0):
                 break
         return tasks, stop
@@ -103,38 +115,39 @@ class Worker:
         self.sink.send_multipart(frames, copy=False)
         return True
 
-    def produce(self, tasks: list[dict]):
+    def produce(self, tasks: list[TaskMessage]):
         """The sink message of each task, in order: its batch, or an error naming the
         document. All the tasks' documents are read with ONE query."""
         if not tasks:
             return
         try:
-            found = self.retrying(self.reader.read, [i for task in tasks for i in task["ids"]])
+            found = self.retrying(self.reader.read, [i for task in tasks for i in task.ids])
         except PyMongoError as exc:  # not transient: retrying or restarting would not help
             error = describe_failure(self.config.source, exc)
             for task in tasks:
-                yield [encode_json({"task": task["task"], "slot": self.slot, "error": error})]
+                yield [BatchMeta(task.task, self.slot, error=error).pack()]
             return
         for task in tasks:
             yield self.produce_one(task, found)
 
-    def produce_one(self, task: dict, found: dict) -> list:
-        meta = {"task": task["task"], "slot": self.slot}
+    def produce_one(self, task: TaskMessage, found: dict) -> list:
         started = time.perf_counter()
         try:
-            arrays, problems = self.retrying(self.decode, task["ids"], found)
+            arrays, problems = self.retrying(self.decode, task.ids, found)
         except DecodeError as exc:
-            return [encode_json({**meta, "error": str(exc)})]
+            return [BatchMeta(task.task, self.slot, error=str(exc)).pack()]
         except PyMongoError as exc:
-            return [encode_json({**meta, "error": describe_failure(self.config.source, exc)})]
-        meta.update(
+            error = describe_failure(self.config.source, exc)
+            return [BatchMeta(task.task, self.slot, error=error).pack()]
+        meta = BatchMeta(
+            task.task, self.slot,
             docs=len(next(iter(arrays.values()))),
             bytes=sum(a.nbytes for a in arrays.values()),
             skips=len(problems),
-            skipped=[str(p) for p in problems[:SKIP_MESSAGES_SENT]],
+            skipped=tuple(str(p) for p in problems[:SKIP_MESSAGES_SENT]),
             seconds=time.perf_counter() - started,
         )
-        return [encode_json(meta)] + pack_batch(task["feed"], task["epoch"], task["index"], arrays)
+        return [meta.pack()] + pack_batch(task.feed, task.epoch, task.index, arrays)
 
     def decode(self, ids: list, found: dict) -> tuple[dict, list]:
         """One batch's arrays from the documents read (GridFS fields are read here), and
@@ -156,14 +169,13 @@ class Worker:
                     raise SystemExit(0) from None
                 message = describe_failure(self.config.source, exc)
                 log.warning("worker %d: %s; retrying in %.1f s", self.slot, message, delay)
-                self.tasks.send_multipart([b"event", encode_json(
-                    {"slot": self.slot, "state": "waiting for database", "error": message})])
+                self.tasks.send_multipart(
+                    WorkerEvent(EVENT, self.slot, waiting=True, error=message).pack())
                 time.sleep(delay)
                 delay = min(RETRY_MAX_DELAY_S, delay * 2)
                 continue
             if delay > RETRY_FIRST_DELAY_S:
-                self.tasks.send_multipart([b"event", encode_json(
-                    {"slot": self.slot, "state": "busy", "error": None})])
+                self.tasks.send_multipart(WorkerEvent(EVENT, self.slot, waiting=False).pack())
             return result
 
     def missing_error(self, doc_id) -> DecodeError:
@@ -181,14 +193,14 @@ def worker_identity(slot: int) -> bytes:
     return str(slot).encode()
 
 
-def run_worker(slot: int, config: Config, task_endpoint: str, sink_endpoint: str,
+def run_worker(slot: int, config: Config, source, task_endpoint: str, sink_endpoint: str,
                log_level: int = logging.WARNING):
     """Process entry point (must be importable by ``spawn``)."""
     # Ctrl-C reaches the whole process group; the supervisor decides how to stop us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=f"%(asctime)s worker-{slot} %(levelname)s "
                         "%(message)s")
-    worker = Worker(slot, config, task_endpoint, sink_endpoint)
+    worker = Worker(slot, config, source, task_endpoint, sink_endpoint)
     try:
         worker.run()
     finally:

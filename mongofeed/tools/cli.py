@@ -1,4 +1,4 @@
-"""Command line: ``mongofeed serve | status | load``.
+"""Command line: ``mongofeed serve | status | inspect | load | keygen | bench``.
 
 Each command only builds the object that does the work and runs it. Every option can also
 come from an environment variable (shown in ``--help``); options win over the environment,
@@ -8,6 +8,7 @@ which wins over the config file. Errors the user caused become one clear message
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import sys
@@ -15,10 +16,9 @@ import time
 
 import click
 
-from . import __version__
-from .bench import bench
-from .config import load_config, load_source, redact_uri
-from .errors import ConfigError, MongoFeedError
+from .. import __version__
+from ..daemon.config import load_config, load_source, redact_uri
+from ..errors import ConfigError, MongoFeedError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -68,7 +68,28 @@ def user_errors(func):
     return wrapper
 
 
-@click.group(context_settings={"auto_envvar_prefix": "MONGOFEED"},
+class LazyGroup(click.Group):
+    """A group that imports some subcommands only when they are invoked or listed in help:
+    the benchmark is not part of the daemon or the tools, and costs nothing until asked for."""
+
+    def __init__(self, *args, lazy_subcommands: dict[str, str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_subcommands = lazy_subcommands  # name -> "module:attribute"
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy_subcommands])
+
+    def get_command(self, ctx, name: str):
+        if name not in self.lazy_subcommands:
+            return super().get_command(ctx, name)
+        module, attribute = self.lazy_subcommands[name].split(":")
+        command = getattr(importlib.import_module(module), attribute)
+        show_environment_variables(command)
+        return command
+
+
+@click.group(cls=LazyGroup, lazy_subcommands={"bench": "mongofeed.bench.command:bench"},
+             context_settings={"auto_envvar_prefix": "MONGOFEED"},
              epilog="Example:\n\n\b\n  mongofeed load digits --uri mongodb://127.0.0.1:27017 "
              "--database mongofeed_demo --collection digits\n"
              "  mongofeed serve --config configs/digits.toml --workers 8\n"
@@ -105,7 +126,7 @@ def main():
 def serve(config_path, uri, database, collection, workers, bind, control, shard, ordered,
           metrics_port, server_key, client_keys, insecure, log_level):
     """Serve batches from MongoDB until stopped with Ctrl-C or SIGTERM."""
-    from .supervisor import Supervisor
+    from ..daemon.supervisor import Supervisor
 
     config = load_config(config_path, {
         **source_overrides(uri, database, collection), "serve.workers": workers,
@@ -115,19 +136,18 @@ def serve(config_path, uri, database, collection, workers, bind, control, shard,
         "serve.insecure": insecure,
     })
     supervisor = Supervisor(config, log_level=log_level)
-    supervisor.install_signal_handlers()
-    supervisor.start()
-    try:
-        supervisor.wait_ready()
-        feeds = ", ".join(f"{name} ({plan.batches_per_epoch(config.serve.shard)} batches/epoch)"
-                          for name, plan in supervisor.plans.items())
-        click.echo(f"mongofeed ready: data {config.serve.bind} control {config.serve.control} "
-                   f"workers {config.serve.workers} feeds {feeds}", err=False)
-        sys.stdout.flush()
-        supervisor.run()
-    finally:
-        supervisor.stop()
+    supervisor.serve(on_ready=lambda: announce_ready(supervisor))
     click.echo("mongofeed stopped")
+
+
+def announce_ready(supervisor):
+    """The one line that tells scripts the daemon serves (they wait for its prefix)."""
+    config = supervisor.config
+    feeds = ", ".join(f"{name} ({plan.batches_per_epoch(config.serve.shard)} batches/epoch)"
+                      for name, plan in supervisor.plans.items())
+    click.echo(f"mongofeed ready: data {config.serve.bind} control {config.serve.control} "
+               f"workers {config.serve.workers} feeds {feeds}")
+    sys.stdout.flush()
 
 
 @main.command(epilog="Example:\n\n\b\n  mongofeed keygen daemon --dir keys\n"
@@ -138,7 +158,7 @@ def serve(config_path, uri, database, collection, workers, bind, control, shard,
 def keygen(name, folder):
     """Write a CurveZMQ key pair for the daemon (--server-key) or a client (its public key
     goes in the daemon's --client-keys folder)."""
-    from .security import keygen as write_keys
+    from ..security import keygen as write_keys
 
     public, secret = write_keys(folder, name)
     click.echo(f"public key {public}\nsecret key {secret} (keep it private)")
@@ -159,7 +179,7 @@ def keygen(name, folder):
 @user_errors
 def status(control, as_json, watch, interval, timeout, server_key, client_key):
     """Show the daemon's workers, sessions and feeds."""
-    from .consumer import daemon_status
+    from ..consumer import daemon_status
 
     if bool(server_key) != bool(client_key):
         raise click.UsageError("--server-key and --client-key go together (a daemon with "
@@ -258,7 +278,7 @@ def load_command(name):
             except (ValueError, OSError) as exc:
                 raise click.ClickException(str(exc)) from None
             except pymongo.errors.PyMongoError as exc:
-                from .source import describe_failure
+                from ..daemon.source import describe_failure
 
                 raise click.ClickException(describe_failure(source, exc)) from None
             finally:
@@ -315,10 +335,6 @@ def load_images_command(target, folder, val_fraction, **kwargs):
     from .load import load_images
 
     return load_images(target, folder, val_fraction=val_fraction, **kwargs)
-
-
-
-main.add_command(bench)
 
 
 def show_environment_variables(command: click.Command):

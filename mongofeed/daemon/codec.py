@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from pymongo.errors import ConnectionFailure
 
+from ..errors import DecodeError
 from .config import ON_ERROR, FieldConfig
-from .errors import DecodeError
 
 log = logging.getLogger(__name__)
 

@@ -1,19 +1,20 @@
 """The configuration reference (docs/configuration.md), generated from ``config.SCHEMA`` so
 it cannot drift from the code; a test compares the committed file with this output.
 
-Regenerate with ``python -m mongofeed.docs > docs/configuration.md``.
+Regenerate with ``python -m mongofeed.tools.docs > docs/configuration.md``.
 """
 
 from __future__ import annotations
 
 import json
 
-from .config import REQUIRED, SCHEMA, _type_name
+from ..daemon.config import REQUIRED, SCHEMA, _type_name
 
 INTRO = """\
 # Configuration reference
 
-<!-- Generated from mongofeed/config.py (SCHEMA) by `python -m mongofeed.docs`; do not edit. -->
+<!-- Generated from mongofeed/daemon/config.py (SCHEMA)
+     by `python -m mongofeed.tools.docs`; do not edit. -->
 
 mongofeed reads one TOML file (`mongofeed serve --config FILE`, env `MONGOFEED_CONFIG`).
 Precedence: command-line option > environment variable > config file > default. Unknown

@@ -1,0 +1,218 @@
+"""The producer processes: start, reap, back off, kill when stalled, hand out tasks.
+
+Like a pre-fork server's arbiter, the pool owns one record per worker slot. A worker is
+started with ``spawn`` (never forking a process that holds a MongoClient); one that dies is
+reaped and restarted, after a growing delay when it keeps dying early; one that holds a task
+without a sign of life for ``serve.stall_timeout`` is killed and handled like any other
+death. The tasks a dead worker had not delivered go back to the caller to be re-issued.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import multiprocessing
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from ..wire import READY, STOP, WorkerEvent
+from .config import Config
+from .sessions import Task
+from .worker import run_worker, worker_identity
+
+log = logging.getLogger(__name__)
+
+CRASH_WINDOW_S = 10.0          # a worker that dies sooner than this after its start crashed
+RESTART_FIRST_DELAY_S = 0.5
+RESTART_MAX_DELAY_S = 30.0
+CRASHES_REPORTED = 3           # from this many early deaths in a row, say it keeps dying
+STOP_GRACE_S = 3.0
+KILL_GRACE_S = 1.0
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"      # spawned, has not said ready (or cannot be reached)
+    READY = "ready"            # idle
+    BUSY = "busy"              # holds tasks
+    WAITING = "waiting for database"  # holds tasks, retrying a database outage
+    BACKOFF = "backoff"        # dead; restarts at restart_at
+
+
+@dataclass
+class WorkerRecord:
+    slot: int
+    process: multiprocessing.Process | None = None
+    state: WorkerState = WorkerState.STARTING
+    started_at: float = 0.0
+    restart_at: float = 0.0
+    inflight: list = field(default_factory=list)  # task ids, in the order they were sent
+    crashes: int = 0           # consecutive early deaths, for the backoff
+    restarts: int = 0
+    batches: int = 0
+    docs: int = 0
+    bytes: int = 0
+    skips: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    last_heard: float = 0.0    # the last message from this worker (ready, event or batch)
+
+    @property
+    def pid(self):
+        return self.process.pid if self.process else None
+
+    @property
+    def accepts_tasks(self) -> bool:
+        return self.state in (WorkerState.READY, WorkerState.BUSY)
+
+    def status(self) -> dict:
+        return {"slot": self.slot, "pid": self.pid, "state": self.state.value,
+                "inflight": len(self.inflight), "batches": self.batches, "docs": self.docs,
+                "bytes": self.bytes, "skips": self.skips, "errors": self.errors,
+                "restarts": self.restarts, "last_error": self.last_error}
+
+
+class WorkerPool:
+    """Worker records and their processes; talks to workers over the task socket."""
+
+    def __init__(self, config: Config, source, task_socket: zmq.Socket, task_endpoint: str,
+                 sink_endpoint: str, log_level: int, on_error, worker_main=run_worker):
+        self.config = config
+        self.source = source
+        self.worker_main = worker_main  # the process entry point (a stand-in in loop tests)
+        self.task_socket = task_socket
+        self.endpoints = (task_endpoint, sink_endpoint)
+        self.log_level = log_level
+        self.on_error = on_error  # called with a message for status' error list
+        self.records = [WorkerRecord(slot) for slot in range(config.serve.workers)]
+        self.mp = multiprocessing.get_context("spawn")
+
+    def start_all(self):
+        for record in self.records:
+            self.start(record)
+
+    def start(self, record: WorkerRecord):
+        record.process = self.mp.Process(
+            target=self.worker_main, name=f"mongofeed-worker-{record.slot}", daemon=True,
+            args=(record.slot, self.config, self.source, *self.endpoints, self.log_level))
+        record.process.start()
+        record.state = WorkerState.STARTING
+        record.started_at = record.last_heard = time.monotonic()
+
+    def all_ready(self) -> bool:
+        return all(r.state == WorkerState.READY for r in self.records)
+
+    def heard(self, slot: int) -> WorkerRecord:
+        record = self.records[slot]
+        record.last_heard = time.monotonic()
+        return record
+
+    def on_event(self, event: WorkerEvent):
+        """A worker said ready, or that it waits for the database (or no longer does)."""
+        record = self.heard(event.slot)
+        if event.kind == READY:
+            record.state = WorkerState.READY
+        elif event.waiting:
+            record.state = WorkerState.WAITING
+            record.last_error = event.error or record.last_error
+        elif record.state == WorkerState.WAITING:
+            record.state = WorkerState.BUSY
+
+    def delivered(self, record: WorkerRecord, task_id: int):
+        """A batch of ``record``'s came back: the task is no longer in its hands."""
+        if task_id in record.inflight:
+            record.inflight.remove(task_id)
+        if record.state in (WorkerState.STARTING, WorkerState.READY, WorkerState.BUSY):
+            record.state = WorkerState.BUSY if record.inflight else WorkerState.READY
+
+    def check(self) -> list[int]:
+        """Reap dead workers, restart those whose backoff is over, kill stalled ones;
+        returns the ids of the tasks the dead had not delivered."""
+        now = time.monotonic()
+        orphaned = []
+        for record in self.records:
+            if record.state == WorkerState.BACKOFF:
+                if now >= record.restart_at:
+                    record.restarts += 1
+                    self.start(record)
+                continue
+            if record.process is None:
+                continue
+            if record.process.is_alive():
+                self.kill_if_stalled(record, now)
+                continue
+            record.process.join()
+            orphaned += record.inflight
+            record.inflight = []
+            self.back_off(record, now)
+        return orphaned
+
+    def back_off(self, record: WorkerRecord, now: float):
+        early = now - record.started_at < CRASH_WINDOW_S
+        record.crashes = record.crashes + 1 if early else 0
+        delay = min(RESTART_MAX_DELAY_S, RESTART_FIRST_DELAY_S * 2 ** record.crashes) if early \
+            else 0.0
+        message = (f"worker {record.slot} (pid {record.process.pid}) exited with code "
+                   f"{record.process.exitcode}")
+        if record.crashes >= CRASHES_REPORTED:
+            message += f"; it keeps dying, next start in {delay:.0f} s"
+        log.warning(message)
+        self.on_error(message)
+        record.state = WorkerState.BACKOFF
+        record.restart_at = now + delay
+
+    def kill_if_stalled(self, record: WorkerRecord, now: float):
+        """A hung worker would stall its tasks forever: kill it, so it is reaped, its tasks
+        re-issued and a replacement started like after any other death."""
+        silent = now - record.last_heard
+        if record.inflight and silent > self.config.serve.stall_timeout:
+            message = (f"worker {record.slot} (pid {record.pid}) held a task for {silent:.0f} s "
+                       f"without a sign of life; killing it")
+            log.warning(message)
+            self.on_error(message)
+            record.process.kill()
+
+    def least_loaded(self) -> WorkerRecord | None:
+        """The worker with the fewest tasks in hand that can take one more, if any."""
+        limit = self.config.serve.tasks_per_worker
+        free = [r for r in self.records if r.accepts_tasks and len(r.inflight) < limit]
+        return min(free, key=lambda r: len(r.inflight)) if free else None
+
+    def send(self, record: WorkerRecord, task: Task) -> bool:
+        """Hand ``task`` to ``record``'s worker; False if it cannot be reached (yet)."""
+        try:
+            self.task_socket.send_multipart([worker_identity(record.slot)]
+                                            + task.message().pack(), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            record.state = WorkerState.STARTING  # not connected (yet or any more)
+            return False
+        if not record.inflight:
+            record.last_heard = time.monotonic()  # the stall clock starts with the work
+        record.inflight.append(task.id)
+        record.state = WorkerState.BUSY
+        return True
+
+    def stop(self):
+        """Ask workers to stop, wait briefly, then terminate and kill what is left."""
+        for record in self.records:
+            if record.accepts_tasks or record.state == WorkerState.WAITING:
+                try:
+                    self.task_socket.send_multipart([worker_identity(record.slot), STOP],
+                                                    flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        deadline = time.monotonic() + STOP_GRACE_S
+        for record in self.records:
+            if record.process is not None:
+                record.process.join(max(0.0, deadline - time.monotonic()))
+        for record in self.records:
+            if record.process is not None and record.process.is_alive():
+                record.process.terminate()
+                record.process.join(KILL_GRACE_S)
+                if record.process.is_alive():
+                    record.process.kill()
+                    record.process.join()
+
+    def status(self) -> list[dict]:
+        return [r.status() for r in self.records]

@@ -1,0 +1,160 @@
+"""Sessions and their tasks: what each consumer's stream needs next, and what is in flight.
+
+A session is one consumer's own stream of one feed, from a full epoch boundary, with its own
+position in the deterministic plan. For each session the table keeps up to
+``serve.max_pending`` batches ahead of delivery (tasks in production plus batches waiting at
+the sink), and every task until its batch is delivered, so that a task whose worker died
+can be re-issued and a late duplicate recognised.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..wire import TaskMessage
+from .planner import Plan, Shard
+
+
+@dataclass
+class Task:
+    id: int
+    session: bytes
+    feed: str
+    epoch: int
+    index: int
+    ids: list
+
+    def message(self) -> TaskMessage:
+        return TaskMessage(self.id, self.feed, self.epoch, self.index, self.ids)
+
+
+@dataclass
+class Session:
+    id: bytes
+    feed: str
+    shard: Shard
+    batches_per_epoch: int
+    start_epoch: int
+    ordered: bool
+    last_seen: float = field(default_factory=time.monotonic)
+    active: bool = False          # the consumer has connected its data socket
+    credit: int = 0
+    plan_epoch: int = 0           # next batch to make into a task
+    plan_index: int = 0
+    deliver_epoch: int = 0        # epoch being delivered; delivered_in_epoch of it so far
+    delivered_in_epoch: int = 0
+    in_production: int = 0        # tasks issued whose batch has not arrived
+    ready: dict = field(default_factory=dict)  # (epoch, index) -> frames
+    delivered: int = 0
+    skips: int = 0
+
+    def __post_init__(self):
+        self.plan_epoch = self.deliver_epoch = self.start_epoch
+
+    @property
+    def name(self) -> str:
+        return self.id.decode()
+
+    def ahead(self) -> int:
+        return self.in_production + len(self.ready)
+
+    def next_task(self) -> tuple[int, int]:
+        """Advance the plan cursor and return the (epoch, index) it pointed at."""
+        position = (self.plan_epoch, self.plan_index)
+        self.plan_index += 1
+        if self.plan_index == self.batches_per_epoch:
+            self.plan_epoch, self.plan_index = self.plan_epoch + 1, 0
+        return position
+
+    def next_deliverable(self):
+        if self.ordered:
+            key = (self.deliver_epoch, self.delivered_in_epoch)
+            return key if key in self.ready else None
+        # Unordered: any batch of the current epoch, never one of the next (epochs stay exact).
+        return next((k for k in self.ready if k[0] == self.deliver_epoch), None)
+
+    def status(self, now: float) -> dict:
+        return {
+            "session": self.name, "feed": self.feed, "shard": str(self.shard),
+            "epoch": self.deliver_epoch, "batch": self.delivered_in_epoch,
+            "batches_per_epoch": self.batches_per_epoch, "delivered": self.delivered,
+            "waiting": len(self.ready), "in_production": self.in_production,
+            "credit": self.credit, "skips": self.skips,
+            "idle_s": round(now - self.last_seen, 1),
+        }
+
+
+class SessionTable:
+    """The live sessions, their tasks, and the queue of tasks waiting for a worker."""
+
+    def __init__(self, plans: dict[str, Plan], max_pending: int):
+        self.plans = plans
+        self.max_pending = max_pending
+        self.sessions: dict[bytes, Session] = {}
+        self.tasks: dict[int, Task] = {}
+        self.pending: deque[int] = deque()
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def get(self, session_id: bytes) -> Session | None:
+        return self.sessions.get(session_id)
+
+    def open(self, feed: str, shard: Shard, start_epoch: int, ordered: bool) -> Session:
+        session = Session(secrets.token_hex(8).encode(), feed, shard,
+                          self.plans[feed].batches_per_epoch(shard), start_epoch, ordered)
+        self.sessions[session.id] = session
+        return session
+
+    def end(self, session: Session):
+        """Forget a session and its tasks; those in flight are dropped when they come back."""
+        self.sessions.pop(session.id, None)
+        for task_id in [t.id for t in self.tasks.values() if t.session == session.id]:
+            del self.tasks[task_id]
+        session.ready.clear()
+
+    def silent(self, now: float, timeout: float) -> list[Session]:
+        """Sessions whose consumer sent nothing for ``timeout`` seconds."""
+        return [s for s in self.sessions.values() if now - s.last_seen > timeout]
+
+    def plan_tasks(self):
+        """Give every active session tasks until it has ``max_pending`` batches ahead."""
+        hungry = [s for s in self.sessions.values() if s.active and s.ahead() < self.max_pending]
+        while hungry:
+            for session in list(hungry):
+                epoch, index = session.next_task()
+                plan = self.plans[session.feed]
+                task = Task(secrets.randbits(62), session.id, session.feed, epoch, index,
+                            plan.batch_ids(epoch, index, session.shard))
+                self.tasks[task.id] = task
+                self.pending.append(task.id)
+                session.in_production += 1
+                if session.ahead() >= self.max_pending:
+                    hungry.remove(session)
+
+    def finish(self, task_id: int) -> tuple[Task | None, Session | None]:
+        """A batch came back: its task (None for a late duplicate or an ended session's)
+        and the session that still waits for it."""
+        task = self.tasks.pop(task_id, None)
+        return task, self.sessions.get(task.session) if task else None
+
+    def requeue(self, task_ids: list[int]):
+        """Tasks of a worker that died: first in line again, in their order."""
+        for task_id in reversed(task_ids):
+            if task_id in self.tasks:
+                self.pending.appendleft(task_id)
+
+    def next_pending(self) -> Task | None:
+        """The next task waiting for a worker (skipping those of ended sessions)."""
+        while self.pending:
+            task = self.tasks.get(self.pending.popleft())
+            if task is not None:
+                return task
+        return None
+
+    def status(self, now: float) -> list[dict]:
+        # A copy: the metrics thread also calls this while the loop changes sessions.
+        return [s.status(now) for s in list(self.sessions.values())]

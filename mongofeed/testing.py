@@ -1,0 +1,270 @@
+"""Helpers for testing and measuring mongofeed with real processes: the daemon as a child
+process, free ports, what the server counted, and a document source without a database.
+
+Used by the test suite and ``mongofeed bench``; useful in a project's own tests too::
+
+    with Daemon("feed.toml", workers=2) as daemon:
+        with Consumer(daemon.bind) as consumer:
+            ...
+
+``python -m mongofeed.testing DOCS.bson --config FILE [--workers N] [--bind ENDPOINT]``
+serves the documents of a BSON file instead of a database (the benchmark's pipeline ceiling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from .consumer import daemon_status
+from .portable import pid_alive
+
+READY_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 20.0
+PORT_RANGE = (20_000, 32_000)  # below Linux's ephemeral range (32768-), so no client takes it
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+FERRETDB_ACCEPTS = "ferretdb_client_accepts_total"
+FERRETDB_REQUESTS = "ferretdb_client_requests_total"
+QUERY_COMMANDS = ("find", "getMore", "aggregate")
+
+__all__ = ["Daemon", "MemorySource", "ServerCounters", "free_port_pair", "parse_prometheus",
+           "pid_alive", "wait_until", "write_documents"]
+
+
+def free_port_pair() -> int:
+    """A port p such that p and p + 1 are both free (data and control endpoints)."""
+    for _ in range(200):
+        port = random.randint(*PORT_RANGE)
+        sockets = []
+        try:
+            for p in (port, port + 1):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free port pair")
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+class Daemon:
+    """``mongofeed serve`` as a child process on free loopback ports; a context manager.
+
+    ``documents`` (a BSON file) serves those documents instead of the config's database.
+    Its stderr goes to ``stderr_path`` (next to the config unless given).
+    """
+
+    def __init__(self, config_path, workers: int = 2, args=(), env=None,
+                 documents: str | None = None, stderr_path=None):
+        self.port = free_port_pair()
+        self.bind = f"tcp://127.0.0.1:{self.port}"
+        self.control = f"tcp://127.0.0.1:{self.port + 1}"
+        program = ["-m", "mongofeed", "serve"] if documents is None else [
+            "-m", "mongofeed.testing", str(documents)]
+        self.command = [sys.executable, *program, "--config", str(config_path),
+                        "--workers", str(workers), "--bind", self.bind, *args]
+        self.env = {**os.environ, **(env or {})}
+        self.stderr_path = Path(stderr_path or Path(config_path).with_suffix(
+            f".{self.port}.stderr"))
+        self.process = None
+        self.ready_line = None
+
+    def start(self) -> Daemon:
+        self.stderr = open(self.stderr_path, "w")
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=self.stderr,
+                                        text=True, cwd=PACKAGE_ROOT, env=self.env)
+        lines = []
+        reader = threading.Thread(target=lambda: lines.append(self.process.stdout.readline()),
+                                  daemon=True)
+        reader.start()
+        reader.join(READY_TIMEOUT_S)
+        if not lines or not lines[0].startswith("mongofeed ready"):
+            self.stop(signal.SIGKILL)
+            raise RuntimeError(f"daemon did not become ready: {lines!r}\n"
+                               f"{self.stderr_path.read_text()}")
+        self.ready_line = lines[0]
+        return self
+
+    def status(self) -> dict:
+        return daemon_status(self.control, timeout=10)
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        """Stop the daemon; returns its exit code (waits at most STOP_TIMEOUT_S)."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"daemon ignored {sig!r} for {STOP_TIMEOUT_S} s") from None
+        finally:
+            self.process.stdout.close()
+            self.stderr.close()
+
+    def __enter__(self) -> Daemon:
+        return self.start()
+
+    def __exit__(self, *exc):
+        if self.process.poll() is None:
+            self.stop()
+
+
+# -- what the server counted ----------------------------------------------------------------
+
+def parse_prometheus(text: str, metric: str, keep=lambda labels: True) -> float:
+    """The sum of ``metric`` over the label sets that ``keep`` accepts, in Prometheus text
+    format (0 if absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(metric) or line[len(metric):len(metric) + 1] not in ("{", " "):
+            continue  # another metric, or one whose name starts the same
+        head, _, value = line.rpartition(" ")
+        if keep(head[len(metric):]):
+            total += float(value)
+    return total
+
+
+class ServerCounters:
+    """Connections accepted and queries run by the server so far (None where unknown).
+
+    FerretDB: its Prometheus endpoint (``ferretdb_client_accepts_total`` and
+    ``ferretdb_client_requests_total{command=find|getMore|aggregate}``). MongoDB:
+    ``serverStatus`` (``connections.totalCreated``, ``opcounters.query + getmore``).
+    """
+
+    def __init__(self, uri: str | None, metrics_url: str | None = None):
+        self.metrics_url = metrics_url
+        self.client = None
+        if uri and not metrics_url:
+            import pymongo
+
+            self.client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000)
+
+    def read(self) -> dict:
+        if self.metrics_url:
+            with urllib.request.urlopen(self.metrics_url, timeout=10) as reply:
+                text = reply.read().decode()
+            queries = parse_prometheus(text, FERRETDB_REQUESTS, lambda labels: any(
+                f'command="{c}"' in labels for c in QUERY_COMMANDS))
+            return {"conns": int(parse_prometheus(text, FERRETDB_ACCEPTS)),
+                    "queries": int(queries)}
+        if self.client is not None:
+            try:
+                status = self.client.admin.command("serverStatus")
+            except Exception:  # noqa: BLE001 - a server without serverStatus: unknown
+                return {"conns": None, "queries": None}
+            conns = status.get("connections", {}).get("totalCreated")
+            ops = status.get("opcounters", {})
+            queries = ops["query"] + ops["getmore"] if "query" in ops else None
+            return {"conns": conns, "queries": queries}
+        return {"conns": None, "queries": None}
+
+    @staticmethod
+    def change(after: dict, before: dict, key: str):
+        """How much ``key`` grew between two readings; None where either is unknown."""
+        if after.get(key) is None or before.get(key) is None:
+            return None
+        return after[key] - before[key]
+
+    def close(self):
+        if self.client is not None:
+            self.client.close()
+
+
+# -- a daemon without a database --------------------------------------------------------------
+
+class MemorySource:
+    """Documents from a BSON file in place of MongoDB, with the methods of
+    ``daemon.source.MongoSource``. Picklable: each worker loads the file for itself.
+    Filters may only test top-level fields for equality."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def connect(self, appname: str) -> _Documents:
+        return _Documents(self.path)
+
+    def list_ids(self, documents: _Documents, query: dict) -> list:
+        from .daemon.planner import sort_key
+
+        if any(key.startswith("$") or isinstance(value, dict) for key, value in query.items()):
+            raise ValueError(f"MemorySource filters test fields for equality only: {query}")
+        return sorted((i for i, doc in documents.docs.items()
+                       if all(doc.get(k) == v for k, v in query.items())), key=sort_key)
+
+    def reader(self, documents: _Documents, sample_bytes: int) -> _Documents:
+        return documents
+
+
+class _Documents:
+    """One process's copy of the file's documents, by ``_id``."""
+
+    def __init__(self, path: str):
+        import bson
+
+        with open(path, "rb") as f:
+            self.docs = {doc["_id"]: doc for doc in bson.decode_file_iter(f)}
+
+    def read(self, ids: list) -> dict:
+        return {i: self.docs[i] for i in ids if i in self.docs}
+
+    def read_gridfs(self, bucket: str, file_id):
+        raise LookupError("MemorySource holds no GridFS files")
+
+    def close(self):
+        self.docs = {}
+
+
+def write_documents(docs, path: str) -> str:
+    """Write documents to a BSON file for ``MemorySource`` / ``Daemon(documents=...)``."""
+    import bson
+
+    with open(path, "wb") as f:
+        for doc in docs:
+            f.write(bson.encode(doc))
+    return path
+
+
+def serve_documents(argv: list[str] | None = None):
+    """``python -m mongofeed.testing DOCS.bson --config FILE ...``: ``mongofeed serve`` with
+    the documents of a BSON file in place of the database."""
+    from .daemon.config import load_config
+    from .daemon.supervisor import Supervisor
+    from .tools.cli import announce_ready
+
+    parser = argparse.ArgumentParser(prog="python -m mongofeed.testing")
+    parser.add_argument("documents")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--bind")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, {"serve.workers": args.workers, "serve.bind": args.bind})
+    supervisor = Supervisor(config, source=MemorySource(args.documents))
+    supervisor.serve(on_ready=lambda: announce_ready(supervisor))
+
+
+if __name__ == "__main__":
+    serve_documents()

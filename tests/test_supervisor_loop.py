@@ -1,0 +1,143 @@
+"""The supervisor's loop, stepped one iteration at a time by the test, with a stub worker
+process that speaks the internal protocol and no database: tasks go out, batches come back
+and are delivered once, in plan order, also after the worker is killed mid-epoch."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from mongofeed.daemon.config import parse_config
+from mongofeed.daemon.pool import WorkerState
+from mongofeed.daemon.supervisor import Supervisor
+from mongofeed.daemon.worker import worker_identity
+from mongofeed.testing import MemorySource, write_documents
+from mongofeed.wire import (
+    PROTOCOL_VERSION,
+    READY,
+    BatchMeta,
+    WorkerEvent,
+    decode_json,
+    encode_json,
+    hello_schema,
+    pack_batch,
+    pack_credit,
+    unpack_batch,
+    unpack_worker_command,
+)
+
+DOCS, BATCH = 20, 4
+STEP_BUDGET_S = 30.0
+
+
+def stub_worker(slot, config, source, task_endpoint, sink_endpoint, log_level):
+    """A worker without a database: each task's batch holds its ``_id``s as ``idx``."""
+    context = zmq.Context()
+    tasks = context.socket(zmq.DEALER)
+    tasks.identity = worker_identity(slot)
+    tasks.connect(task_endpoint)
+    sink = context.socket(zmq.PUSH)
+    sink.connect(sink_endpoint)
+    tasks.send_multipart(WorkerEvent(READY, slot, pid=os.getpid()).pack())
+    while (task := unpack_worker_command(tasks.recv_multipart())) is not None:
+        arrays = {"idx": np.array(task.ids, np.int64)}
+        meta = BatchMeta(task.task, slot, docs=len(task.ids), bytes=arrays["idx"].nbytes)
+        sink.send_multipart([meta.pack(), *pack_batch(task.feed, task.epoch, task.index,
+                                                       arrays)])
+    context.destroy(linger=1000)
+
+
+@pytest.fixture
+def supervisor(tmp_path):
+    documents = write_documents(({"_id": i, "i": i} for i in range(DOCS)),
+                                str(tmp_path / "docs.bson"))
+    config = parse_config({
+        "source": {"database": "none", "collection": "none"},
+        "batch": {"size": BATCH, "seed": 3},
+        "fields": {"idx": {"path": "i", "decode": "scalar", "dtype": "int64"}},
+        "serve": {"workers": 1, "bind": f"ipc://{tmp_path}/data", "max_pending": 2},
+    })
+    running = Supervisor(config, source=MemorySource(documents), worker_main=stub_worker)
+    running.start()
+    step_until(running, running.pool.all_ready)
+    yield running
+    running.stop()
+
+
+def step_until(supervisor: Supervisor, condition):
+    deadline = time.monotonic() + STEP_BUDGET_S
+    while not condition():
+        assert time.monotonic() < deadline, "the loop made no progress"
+        supervisor.loop_once(timeout_ms=10)
+
+
+class RawConsumer:
+    """The consumer's side of the public protocol, driven by the test between loop steps."""
+
+    def __init__(self, supervisor: Supervisor):
+        self.supervisor = supervisor
+        self.context = zmq.Context()
+        control = self.context.socket(zmq.DEALER)
+        control.connect(supervisor.config.serve.control)
+        control.send(encode_json({"op": "hello", "protocol": PROTOCOL_VERSION,
+                                  "feed": "train"}))
+        step_until(supervisor, lambda: control.poll(0))
+        self.reply = decode_json(control.recv(), 2**20, "reply")
+        self.schema = hello_schema(self.reply)
+        self.data = self.context.socket(zmq.DEALER)
+        self.data.identity = self.reply["session"].encode()
+        self.data.connect(supervisor.config.serve.bind)
+        self.data.send(pack_credit(1000))
+        self.surplus = []
+
+    def take(self, count: int) -> list:
+        """The next ``count`` batches as (epoch, index, ids), stepping the loop meanwhile."""
+        batches = self.surplus
+
+        def received():
+            while self.data.poll(0):
+                head, arrays = unpack_batch(self.data.recv_multipart(), self.schema)
+                batches.append((head["epoch"], head["index"], arrays["idx"].tolist()))
+            return len(batches) >= count
+
+        step_until(self.supervisor, received)
+        self.surplus = batches[count:]
+        return batches[:count]
+
+    def close(self):
+        self.context.destroy(linger=0)
+
+
+def expected(supervisor: Supervisor, epoch: int) -> list:
+    plan = supervisor.plans["train"]
+    return [(epoch, i, plan.batch_ids(epoch, i)) for i in range(plan.batches_per_epoch())]
+
+
+@pytest.fixture
+def consumer(supervisor):
+    raw = RawConsumer(supervisor)
+    yield raw
+    raw.close()
+
+
+def test_stepped_loop_delivers_each_batch_once_in_plan_order(supervisor, consumer):
+    assert consumer.reply["batches_per_epoch"] == DOCS // BATCH
+    batches = consumer.take(2 * DOCS // BATCH)
+    assert batches == expected(supervisor, 0) + expected(supervisor, 1)
+    assert sorted(i for _, _, ids in batches[:DOCS // BATCH] for i in ids) == list(range(DOCS))
+    assert supervisor.pool.records[0].batches >= len(batches)
+
+
+def test_a_killed_worker_is_restarted_and_its_tasks_reissued(supervisor, consumer):
+    first = consumer.take(2)
+    record = supervisor.pool.records[0]
+    record.process.kill()
+    step_until(supervisor, lambda: record.state == WorkerState.BACKOFF)
+    assert record.inflight == []  # handed back to the session table
+    rest = consumer.take(2 * DOCS // BATCH - len(first))
+    assert record.restarts == 1
+    assert first + rest == expected(supervisor, 0) + expected(supervisor, 1)
