@@ -19,6 +19,7 @@ import sys
 from . import run, server
 
 NOT_RUNNING_STATUS = 3
+INTERRUPTED_STATUS = 130  # as a shell reports a Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     except (server.ServerError, run.RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a server command; what it started is cleaned up already
+        return INTERRUPTED_STATUS
     print(f"unknown command: {' '.join(args)}\n\n{__doc__.strip()}", file=sys.stderr)
     return 2
 
