@@ -122,9 +122,8 @@ def build() -> Path:
         except BaseException:
             log.error("FerretDB build failed")
             raise
-        finally:  # what an interrupted or failed build leaves behind
-            _remove_tree(CACHE / f"bin.tmp.{os.getpid()}")
-            for leftover in (CACHE / "src").glob("*.tmp.*"):
+        finally:  # what this or an earlier interrupted or failed build left behind
+            for leftover in (*CACHE.glob("bin.tmp.*"), *(CACHE / "src").glob("*.tmp.*")):
                 _remove_tree(leftover)
     log.info("built %s", BINARY)
     return BINARY
