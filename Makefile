@@ -1,6 +1,9 @@
 # mongofeed development targets. Re-runs skip finished work via file targets and stamps.
+# The work itself is done by `python3 -m mongofeed.dev ...` (standard library only), which
+# also runs without make or bash, e.g. on Windows: see README.md, Development.
 
 PYTHON_SYS ?= python3
+DEV := $(PYTHON_SYS) -m mongofeed.dev
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 INSTALL_STAMP := $(VENV)/.installed
@@ -21,22 +24,22 @@ $(INSTALL_STAMP): setup.cfg pyproject.toml
 ferretdb: $(FERRETDB_BIN)
 
 $(FERRETDB_BIN):
-	bin/ferretdb build
+	$(DEV) server build
 
 server-start: $(FERRETDB_BIN)
-	bin/ferretdb start --name $(FERRETDB_NAME) --port $(FERRETDB_PORT)
+	$(DEV) server start --name $(FERRETDB_NAME) --port $(FERRETDB_PORT)
 
 server-stop:
-	bin/ferretdb stop --name $(FERRETDB_NAME)
+	$(DEV) server stop --name $(FERRETDB_NAME)
 
+# A private FerretDB for the run, stopped whatever happens (or MONGOFEED_TEST_URI).
 test: $(INSTALL_STAMP) $(FERRETDB_BIN)
-	bin/run-tests $(PYTEST_ARGS)
+	$(DEV) test $(PYTEST_ARGS)
 
 demo: $(INSTALL_STAMP) $(FERRETDB_BIN)
-	bin/demo
+	$(DEV) demo
 
 BENCH_STAMP := $(VENV)/.bench-installed
-BENCH_NAME ?= bench
 BENCH_ARGS ?=
 
 $(BENCH_STAMP): $(INSTALL_STAMP) setup.cfg
@@ -45,11 +48,7 @@ $(BENCH_STAMP): $(INSTALL_STAMP) setup.cfg
 
 # A private FerretDB for the run, stopped whatever happens; BENCH_ARGS=--quick for a smoke run.
 bench: $(BENCH_STAMP) $(FERRETDB_BIN)
-	@uri=$$(bin/ferretdb start --name $(BENCH_NAME) --port 0) || exit 1; \
-	trap 'bin/ferretdb stop --name $(BENCH_NAME); rm -rf .cache/ferretdb/run/$(BENCH_NAME)' EXIT; \
-	trap 'exit 130' INT; trap 'exit 143' TERM; \
-	metrics=$$(bin/ferretdb metrics-url --name $(BENCH_NAME)) || exit 1; \
-	$(VENV)/bin/mongofeed bench --uri "$$uri" --metrics-url "$$metrics" $(BENCH_ARGS)
+	$(DEV) bench $(BENCH_ARGS)
 
 lint: $(INSTALL_STAMP)
 	$(VENV)/bin/ruff check .

@@ -4,9 +4,13 @@
 reads batches with ``mongofeed.Consumer`` or ``mongofeed.keras.MongoFeedSequence``.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
-from .consumer import Batch, Consumer, MultiConsumer
 from .errors import (
     ConfigError,
     DecodeError,
@@ -15,6 +19,22 @@ from .errors import (
     MongoFeedError,
     ProtocolError,
 )
+
+if TYPE_CHECKING:
+    from .consumer import Batch, Consumer, MultiConsumer
+
+# Imported on first use (PEP 562), so that importing the package does not need zmq, numpy or
+# pymongo: ``python3 -m mongofeed.dev`` runs with a bare Python, before the venv exists.
+_LAZY = {"Batch": ".consumer", "Consumer": ".consumer", "MultiConsumer": ".consumer"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Batch",

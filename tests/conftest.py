@@ -3,27 +3,23 @@ the connections the server has accepted.
 
 The server is the one named by ``MONGOFEED_TEST_URI`` (``make test`` starts a private FerretDB
 and sets it, with ``MONGOFEED_TEST_METRICS_URL``). Without it, the first test that needs a
-server starts a private FerretDB through ``bin/ferretdb`` (building it on first use, which needs
-Go) and stops it when the session ends, so a plain ``pytest`` works too.
+server starts a private FerretDB through ``mongofeed.dev.server`` (building it on first use,
+which needs Go) and stops it when the session ends, so a plain ``pytest`` works too.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-import shutil
-import subprocess
+import sys
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import pymongo
 import pytest
 
+from mongofeed.dev import server as ferretdb
 from mongofeed.testing import ServerCounters
-
-REPO = Path(__file__).resolve().parent.parent
-FERRETDB_SCRIPT = REPO / "bin" / "ferretdb"
 
 
 @dataclass(frozen=True)
@@ -37,38 +33,31 @@ class _PrivateFerretDB:
 
     def __init__(self) -> None:
         self.name = f"pytest-{os.getpid()}"
-        self.run_dir = REPO / ".cache" / "ferretdb" / "run" / self.name
         self.started = False
-
-    def _run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(FERRETDB_SCRIPT), *args, "--name", self.name],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
 
     def start(self) -> ServerInfo:
         self.started = True  # set first: an interrupted start still gets stopped
         atexit.register(self.stop)
-        started = self._run("start")
-        if started.returncode != 0:
+        try:
+            server = ferretdb.start(self.name)
+        except ferretdb.ServerError as error:
             self.stop()
             pytest.exit(
-                f"could not start a private FerretDB for the tests:\n{started.stderr}\n"
-                "Run the suite with `make test`, or set MONGOFEED_TEST_URI to a server.",
+                f"could not start a private FerretDB for the tests:\n{error}\n"
+                "Run the suite with `make test` (or `python -m mongofeed.dev test`), or set "
+                "MONGOFEED_TEST_URI to a server.",
                 returncode=3,
             )
-        metrics = self._run("metrics-url", timeout=30)
-        return ServerInfo(started.stdout.strip(), metrics.stdout.strip() or None)
+        return ServerInfo(server.uri, server.metrics_url)
 
     def stop(self) -> None:
         if not self.started:
             return
         self.started = False
-        self._run("stop", timeout=30)
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        try:
+            ferretdb.discard(self.name)
+        except ferretdb.ServerError as error:
+            print(f"conftest: could not stop FerretDB '{self.name}': {error}", file=sys.stderr)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,8 @@
+"""``python -m mongofeed.dev`` runs the development commands."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
