@@ -1,10 +1,16 @@
-"""What differs between operating systems, in one place.
+"""What differs between operating systems, in one place; standard library only at import,
+so the development commands (``python3 -m mongofeed.dev``) use it before the venv exists.
 
+For the daemon:
 - Internal sockets (supervisor, workers, sink): ``ipc://`` in a private folder where ZeroMQ
   has it (every POSIX system), loopback ``tcp://`` on a random port where it does not
   (Windows). Chosen by capability (``zmq.has("ipc")``), not by platform name.
 - The private folder is ``mongofeed-<pid>-*`` in the temp folder; a daemon killed with
   SIGKILL cannot remove its own, so the next daemon removes those whose pid is gone.
+
+For the development commands: the executable suffix, the venv layout, how a server is
+started detached, asked to stop, killed and found alive, how a port is checked and a file
+locked, and a child's exit status.
 """
 
 from __future__ import annotations
@@ -13,28 +19,165 @@ import logging
 import os
 import re
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
-
-import zmq
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+WINDOWS = sys.platform == "win32"
+EXE_SUFFIX = ".exe" if WINDOWS else ""
+
+# SIGTERM asks a process to stop. On Windows os.kill(pid, SIGTERM) is TerminateProcess (there
+# is nothing gentler for a process without a console), and there is no SIGKILL.
+STOP_SIGNAL = signal.SIGTERM
+KILL_SIGNAL = getattr(signal, "SIGKILL", signal.SIGTERM)
+
+LOCK_RETRY_S = 0.5
+
+
+def venv_python(venv: Path) -> Path | None:
+    """The Python of a virtual environment, on either layout; None if there is none."""
+    for candidate in (venv / "bin" / "python", venv / "Scripts" / "python.exe"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def detached() -> dict:
+    """Popen keywords for a server that outlives its starter and that a Ctrl-C in the
+    starter's terminal does not reach (its own session; on Windows no console)."""
+    if WINDOWS:
+        flags = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.DETACHED_PROCESS
+        return {"creationflags": flags}
+    return {"start_new_session": True}
+
+
+def pid_alive(pid: int, command: str | None = None) -> bool:
+    """Whether ``pid`` is a live process (not a zombie) and, if ``command`` is given, one
+    whose command line contains it, so that a recycled pid is not taken for ours (Linux;
+    elsewhere only whether the pid is alive)."""
+    if WINDOWS:
+        return _windows_pid_alive(pid)
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # gone, or no /proc (macOS)
+        try:
+            os.kill(pid, 0)  # signal 0: checks without sending anything
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # alive, another user's
+        return True
+    if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+        return False
+    if command is None:
+        return True
+    try:
+        return command.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _windows_pid_alive(pid: int) -> bool:
+    import ctypes
+
+    process_query_limited_information = 0x1000
+    still_active = 259
+    kernel32 = ctypes.windll.kernel32
+    handle = kernel32.OpenProcess(process_query_limited_information, False, pid)
+    if not handle:
+        return False
+    try:
+        code = ctypes.c_ulong()
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and (
+            code.value == still_active
+        )
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+def signal_pid(pid: int, sig: int) -> None:
+    """Send ``sig`` to ``pid``, which may have exited meanwhile."""
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def reap(pid: int) -> None:
+    """Collect the exit status of ``pid`` if it is our exited child (no zombie left)."""
+    if WINDOWS:
+        return
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def interrupt(process: subprocess.Popen) -> None:
+    """What a Ctrl-C does to a child: SIGINT, or on Windows (no SIGINT to one process)
+    terminate."""
+    if WINDOWS:
+        process.terminate()
+    else:
+        process.send_signal(signal.SIGINT)
+
+
+def exit_status(returncode: int) -> int:
+    """A child's exit status as a shell reports it: 128 + N when signal N ended it."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:``port`` now."""
+    with socket.socket() as sock:
+        if not WINDOWS:  # as Go's listener does; on Windows it would allow taking a used port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created if needed), waiting for it."""
+    with open(path, "a+b") as file:
+        if WINDOWS:
+            import msvcrt
+
+            file.seek(0)  # every process locks the same first byte
+            while True:
+                try:
+                    msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+                    break
+                except OSError:
+                    time.sleep(LOCK_RETRY_S)
+        else:
+            import fcntl
+
+            fcntl.flock(file, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+# -- the daemon's private folder and internal sockets ------------------------------------
 
 RUNTIME_DIR_PREFIX = "mongofeed-"  # + owner pid + "-": stale once that pid is gone
 _RUNTIME_DIR_NAME = re.compile(rf"{RUNTIME_DIR_PREFIX}(\d+)-\w+")
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (POSIX: signal 0 checks without sending anything)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, another user's
-    return True
-
-
 def has_ipc() -> bool:
+    """Whether ZeroMQ offers ipc:// here (every POSIX system; not Windows)."""
+    import zmq
+
     return zmq.has("ipc")
 
 
@@ -59,7 +202,7 @@ def remove_stale_runtime_dirs(parent: str | None = None):
             shutil.rmtree(entry.path, ignore_errors=True)
 
 
-def bind_internal(socket: zmq.Socket, runtime_dir: str | None, name: str) -> str:
+def bind_internal(socket, runtime_dir: str | None, name: str) -> str:
     """Bind ``socket`` for the daemon's own processes; returns the endpoint to connect to."""
     if runtime_dir is None:
         port = socket.bind_to_random_port("tcp://127.0.0.1")

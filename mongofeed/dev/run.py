@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from ..portable import exit_status, interrupt, venv_python
 from . import server
-from .portable import exit_status, interrupt, venv_python
 
 ROOT = server.ROOT
 ENDING_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .portable import (
+from ..portable import (
     EXE_SUFFIX,
     KILL_SIGNAL,
     STOP_SIGNAL,
