@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -151,7 +152,9 @@ class Consumer:
         return self.info["targets"]
 
     def get(self, timeout: float | None = None) -> Batch:
-        """The next batch of the stream; raises FeedTimeout rather than waiting forever."""
+        """The next batch of the stream; raises FeedTimeout rather than waiting forever, and
+        FeedError, naming the cause, once the session has failed (the daemon's error, a
+        broken message, a socket error or any other failure of the receiving thread)."""
         if os.getpid() != self._pid:
             raise RuntimeError("a mongofeed Consumer cannot be used in a forked child process; "
                                "create it in the process that reads from it")
@@ -195,6 +198,15 @@ class Consumer:
                         "the daemon already reads in parallel)")
 
 
+# The plan fields a hello reply announces, and the setting a user changes for each.
+PLAN_SETTINGS = (
+    ("batch_size", "batch.size"), ("seed", "batch.seed"), ("drop_last", "batch.drop_last"),
+    ("shuffle", "feeds.{feed}.shuffle"), ("ids", "documents selected"),
+    ("ids_digest", "digest of the selected _ids"),
+)
+IDS_SETTINGS = {"ids", "ids_digest"}  # these differ when the daemons listed other documents
+
+
 class MultiConsumer:
     """The union of one feed of several daemons, e.g. one per host with ``serve --shard r/R``.
 
@@ -202,6 +214,11 @@ class MultiConsumer:
     round-robin, skipping a daemon whose epoch is complete until all are: an epoch here is
     one epoch of every daemon, and the daemons' epochs stay aligned. A batch's ``index`` is
     its position in that union epoch.
+
+    Before any batch is taken it refuses (``FeedError``) daemons that would give documents
+    twice or never: different schemas, different plans (batch size, seed, drop_last,
+    shuffle, or other ``_id``s), or shards that overlap or come from different splits. A set
+    of shards that leaves some out (0/3 and 1/3 only) is read with a warning.
     """
 
     def __init__(self, endpoints: list[str], feed: str = "train", **consumer_kwargs):
@@ -216,6 +233,8 @@ class MultiConsumer:
             for endpoint in endpoints:
                 self.consumers.append(Consumer(endpoint, feed=feed, **consumer_kwargs))
             self._check_same_schema()
+            check_same_plan(feed, [(c.endpoint, c.info.get("plan")) for c in self.consumers])
+            check_shards(feed, self._daemon_shards((consumer_kwargs.get("shard") or (0, 1))[1]))
         except BaseException:
             self.close()
             raise
@@ -235,6 +254,19 @@ class MultiConsumer:
             raise FeedError(f"daemons announce different schemas for feed {self.feed!r}: "
                             f"{', '.join(differ)} differ from {first.endpoint} (batch size, "
                             f"arrays or inputs/targets); serve them with the same config")
+
+    def _daemon_shards(self, consumer_world: int) -> list[tuple[str, tuple[int, int]]]:
+        """Each daemon's ``--shard``: a consumer's ``shard`` is taken within the daemon's,
+        so the session's shard announced in the hello is the daemon's times the consumer's."""
+        shards = []
+        for consumer in self.consumers:
+            shard = consumer.info.get("shard")
+            if not (isinstance(shard, list) and len(shard) == 2
+                    and all(isinstance(n, int) and n >= 0 for n in shard)):
+                raise ProtocolError(f"{consumer.endpoint}: hello reply lacks the session's shard")
+            rank, world = shard
+            shards.append((consumer.endpoint, (rank // consumer_world, world // consumer_world)))
+        return shards
 
     def get(self, timeout: float | None = None) -> Batch:
         """The next batch, from the next daemon whose epoch is not yet complete."""
@@ -269,12 +301,70 @@ class MultiConsumer:
         self.close()
 
 
+def check_same_plan(feed: str, plans: list[tuple[str, dict | None]]):
+    """Refuse daemons (``plans``: endpoint and the plan its hello announced) whose shards
+    would not split one epoch: other ids, order or cut. Names each setting that differs,
+    with its value at each endpoint."""
+    unknown = [endpoint for endpoint, plan in plans if not isinstance(plan, dict)]
+    if unknown:
+        raise FeedError(f"{', '.join(unknown)} do not announce the plan of feed {feed!r}, so "
+                        f"MultiConsumer cannot check that their shards split one epoch: run "
+                        f"the same mongofeed version on every daemon")
+    differ = {}
+    for key, setting in PLAN_SETTINGS:
+        values = [plan.get(key) for _, plan in plans]
+        if any(value != values[0] for value in values):
+            differ[key] = f"{setting.format(feed=feed)}: " + ", ".join(
+                f"{value} at {endpoint}" for (endpoint, _), value in zip(plans, values,
+                                                                        strict=True))
+    if not differ:
+        return
+    fixes = []
+    if set(differ) - IDS_SETTINGS:
+        fixes.append("the same [batch] settings and feed options")
+    if set(differ) & IDS_SETTINGS:
+        fixes.append(f"the same filter for feed {feed!r} over the same collection (a daemon "
+                     f"lists the _ids when it starts: restart the daemons once the collection "
+                     f"has stopped changing)")
+    raise FeedError(f"daemons plan feed {feed!r} differently, so their shards would give some "
+                    f"documents twice and others never: {'; '.join(differ.values())}. Serve "
+                    f"them with {' and '.join(fixes)}")
+
+
+def check_shards(feed: str, shards: list[tuple[str, tuple[int, int]]]):
+    """Refuse daemon shards (endpoint and ``(rank, world)``) that overlap or come from
+    different splits, naming the ``--shard`` each daemon needs. A split with ranks missing
+    (0/3 and 1/3 only) is read with a warning: a trainer may read part of the data on purpose,
+    but never without being told."""
+    held = ", ".join(f"{rank}/{world} at {endpoint}" for endpoint, (rank, world) in shards)
+    advice = "start " + ", ".join(f"{endpoint} with --shard {i}/{len(shards)}"
+                                  for i, (endpoint, _) in enumerate(shards))
+    worlds = {world for _, (_, world) in shards}
+    if len(worlds) > 1:
+        raise FeedError(f"daemons serve shards of different splits of feed {feed!r} ({held}), "
+                        f"so some documents would come twice and others never: {advice}")
+    ranks = [rank for _, (rank, _) in shards]
+    if len(set(ranks)) < len(ranks):
+        raise FeedError(f"daemons serve overlapping shards of feed {feed!r} ({held}), so the "
+                        f"documents of a shard served twice would come twice per epoch: "
+                        f"{advice}")
+    world = worlds.pop()
+    missing = sorted(set(range(world)) - set(ranks))
+    if missing:
+        warnings.warn(f"MultiConsumer reads {len(ranks)} of {world} shards of feed {feed!r} "
+                      f"({held}): every epoch leaves out the documents of shard "
+                      f"{', '.join(f'{rank}/{world}' for rank in missing)}", stacklevel=3)
+
+
 def connect(endpoint: str | list[str], feed: str = "train", **consumer_kwargs):
     """A ``Consumer`` for one endpoint, a ``MultiConsumer`` for a list of them: the one
     place the adapters choose."""
     if isinstance(endpoint, str):
         return Consumer(endpoint, feed=feed, **consumer_kwargs)
     return MultiConsumer(list(endpoint), feed=feed, **consumer_kwargs)
+
+
+FAILED = object()  # queued when the receiver stops on a failure, so a waiting take wakes
 
 
 class _Receiver:
@@ -291,7 +381,8 @@ class _Receiver:
         self.prefetch = prefetch
         self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self.stopping = threading.Event()
-        self.failure: BaseException | None = None
+        self.endpoint = endpoint
+        self.failure: FeedError | None = None  # why the thread stopped, raised on every take
         self.epoch, self.seen = start_epoch, set()
         self.data = context.socket(zmq.DEALER)
         self.data.linger = 0
@@ -314,19 +405,22 @@ class _Receiver:
         if self.thread.is_alive() and threading.current_thread() is not self.thread:
             self.thread.join()
 
-    def take(self, timeout: float):
-        if self.failure is not None:
-            raise self.failure
+    def take(self, timeout: float) -> Batch | None:
+        """The next batch, None after ``timeout``; once the thread has failed, its failure
+        (it wakes a waiting take at once)."""
+        self.raise_failure()
         try:
             item = self.queue.get(timeout=timeout)
         except queue.Empty:
-            if self.failure is not None:
-                raise self.failure from None
+            item = None
+        if item is None or item is FAILED:
+            self.raise_failure()
             return None
-        if isinstance(item, BaseException):
-            self.failure = item
-            raise item
         return item
+
+    def raise_failure(self):
+        if self.failure is not None:
+            raise self.failure.with_traceback(None)
 
     def run(self):
         try:
@@ -334,13 +428,28 @@ class _Receiver:
                 self.send_credit()
                 if self.data.poll(int(HEARTBEAT_INTERVAL_S * 1000)):
                     self.deliver(self.receive())
-        except (ProtocolError, FeedError) as exc:
-            self.put(exc)
-        except zmq.ZMQError as exc:
+        except BaseException as exc:  # whatever it is, the caller hears of it on its next get
             if not self.stopping.is_set():
-                self.put(FeedError(f"socket error: {exc}"))
+                self.fail(exc)
         finally:
             self.say_bye()
+
+    def fail(self, exc: BaseException):
+        """Keep why the thread stops as a FeedError that names the cause, for the caller."""
+        if isinstance(exc, FeedError):
+            failure = exc
+        else:
+            what = ("socket error" if isinstance(exc, zmq.ZMQError) else
+                    "the daemon broke the protocol" if isinstance(exc, ProtocolError) else
+                    "the receiver thread failed")
+            failure = FeedError(f"{what} on session {self.session} from {self.endpoint}: "
+                                f"{type(exc).__name__}: {exc}")
+            failure.__cause__ = exc
+        self.failure = failure
+        try:
+            self.queue.put_nowait(FAILED)
+        except queue.Full:
+            pass  # the caller takes a batch without waiting, and the failure on the next take
 
     def receive(self) -> Batch:
         head, arrays = unpack_batch(self.data.recv_multipart(copy=False), self.schema)

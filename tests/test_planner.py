@@ -72,3 +72,49 @@ def test_mixed_id_types_sort_without_comparing_across_types():
 def test_batch_index_out_of_range():
     with pytest.raises(IndexError):
         Plan(list(range(10)), 5).batch_ids(0, 2)
+
+
+class CountingPlan(Plan):
+    """A plan that records each epoch order it computes."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.computed = []
+
+    def compute_order(self, epoch: int):
+        self.computed.append(epoch)
+        return super().compute_order(epoch)
+
+
+def test_sessions_at_different_epochs_do_not_thrash_the_order_cache():
+    """Five sessions, each halfway through its own epoch, take turns as the daemon plans
+    their tasks (one batch each per turn) until each is halfway through its next epoch:
+    every epoch's order is computed once, not once per task."""
+    plan = CountingPlan(list(range(1000)), 100, seed=3)  # 10 batches per epoch
+    cursors = [(epoch, 5) for epoch in range(5)]
+    for _ in range(10):
+        for session, (epoch, index) in enumerate(cursors):
+            plan.batch_ids(epoch, index)
+            cursors[session] = (epoch + 1, 0) if index == 9 else (epoch, index + 1)
+    assert sorted(plan.computed) == list(range(6))
+
+
+def test_order_cache_drops_the_least_recently_used_epoch():
+    plan = CountingPlan(list(range(50)), 10, seed=1)
+    for epoch in range(plan.orders_cached):
+        plan.batch_ids(epoch, 0)
+    plan.batch_ids(0, 1)                      # epoch 0 is now the most recently used
+    plan.batch_ids(plan.orders_cached, 0)     # one more epoch: epoch 1 goes, not epoch 0
+    plan.batch_ids(0, 2)
+    plan.batch_ids(1, 0)
+    assert plan.computed == [*range(plan.orders_cached), plan.orders_cached, 1]
+
+
+def test_plan_identity_names_seed_cut_and_the_exact_ids():
+    ids = list(range(100))
+    identity = Plan(ids, 10, seed=7, shuffle=True, drop_last=True).identity()
+    assert {k: v for k, v in identity.items() if k != "ids_digest"} == {
+        "seed": 7, "batch_size": 10, "drop_last": True, "shuffle": True, "ids": 100}
+    assert Plan(list(ids), 10).ids_digest == Plan(ids, 4, seed=1).ids_digest
+    for other in (ids[:-1] + [1000], ids[:-1] + ["99"], ids[1:]):
+        assert Plan(other, 10).ids_digest != identity["ids_digest"], other

@@ -69,6 +69,8 @@ class Control:
                 "heartbeat_timeout": self.config.serve.session_timeout}
 
     def describe_feed(self, feed: str, shard: Shard | None = None) -> dict:
+        """The feed as a stream of ``shard`` (the daemon's own by default) gets it: its
+        schema, and the plan and shard a consumer of several daemons compares."""
         plan = self.supervisor.plans[feed]
         shard = shard or self.config.serve.shard
         fields = self.config.fields.values()
@@ -78,7 +80,8 @@ class Control:
                 "samples_per_epoch": plan.samples_per_epoch(shard), "arrays": arrays,
                 "inputs": list(self.config.output.inputs),
                 "targets": list(self.config.output.targets),
-                "ordered": self.config.serve.ordered}
+                "ordered": self.config.serve.ordered, "plan": plan.identity(),
+                "shard": [shard.rank, shard.world]}
 
     def op_bye(self, request: dict) -> dict:
         session = self.supervisor.sessions.get(str(request.get("session")).encode())

@@ -7,13 +7,21 @@ sharding across trainers and reproducible runs exact without any coordination.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import bson
 import numpy as np
 
-ORDERS_CACHED = 4  # sessions of one feed are usually within an epoch or two of each other
+# Epoch orders kept, least recently used dropped first. Sessions at different epochs take
+# turns (each wants its current and, near the end, its next epoch), so the cache must hold
+# all of their epochs or it recomputes a permutation for nearly every task.
+ORDER_CACHE_BYTES = 256 * 2**20
+ORDERS_CACHED_MIN = 4     # even for the largest plans
+ORDERS_CACHED_MAX = 128   # two epochs for each of the daemon's at most 64 sessions
+IDS_DIGEST_CHUNK = 1024   # _ids encoded per BSON document while hashing the plan's list
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,21 @@ class Plan:
     seed: int = 0
     shuffle: bool = True
     drop_last: bool = False
+    ids_digest: str = field(init=False)
+    orders_cached: int = field(init=False, repr=False)  # epoch orders kept, by the plan's size
     _orders: OrderedDict = field(default_factory=OrderedDict, repr=False)
+
+    def __post_init__(self):
+        self.ids_digest = digest_ids(self.ids)
+        order_bytes = max(1, len(self.ids)) * np.dtype(np.int64).itemsize
+        self.orders_cached = min(ORDERS_CACHED_MAX,
+                                 max(ORDERS_CACHED_MIN, ORDER_CACHE_BYTES // order_bytes))
+
+    def identity(self) -> dict:
+        """What two daemons must share for their shards to split one epoch: the same ids,
+        the same order for every epoch and the same cut into batches."""
+        return {"seed": self.seed, "batch_size": self.batch_size, "drop_last": self.drop_last,
+                "shuffle": self.shuffle, "ids": len(self.ids), "ids_digest": self.ids_digest}
 
     def samples_per_epoch(self, shard: Shard = WHOLE) -> int:
         """Samples each shard gets; the remainder of an uneven split sits out that epoch."""
@@ -77,14 +99,17 @@ class Plan:
         """Positions into ``ids`` in this epoch's order (the same for the same seed)."""
         order = self._orders.get(epoch)
         if order is None:
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
-            else:
-                order = np.arange(len(self.ids))
-            self._orders[epoch] = order
-            if len(self._orders) > ORDERS_CACHED:
+            order = self._orders[epoch] = self.compute_order(epoch)
+            if len(self._orders) > self.orders_cached:
                 self._orders.popitem(last=False)
+        else:
+            self._orders.move_to_end(epoch)
         return order
+
+    def compute_order(self, epoch: int) -> np.ndarray:
+        if self.shuffle:
+            return np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
+        return np.arange(len(self.ids))
 
     def batch_ids(self, epoch: int, index: int, shard: Shard = WHOLE) -> list:
         """The ``_id``s of batch ``index`` of ``epoch`` for ``shard``, in delivery order."""
@@ -94,3 +119,12 @@ class Plan:
         start = shard.rank * per_shard + index * self.batch_size
         stop = min(start + self.batch_size, (shard.rank + 1) * per_shard)
         return [self.ids[i] for i in self.epoch_order(epoch)[start:stop]]
+
+
+def digest_ids(ids: list) -> str:
+    """A short hash of the sorted ``_id`` list (their BSON, streamed in chunks): equal on
+    two daemons exactly when they listed the same documents."""
+    digest = hashlib.blake2b(digest_size=16)
+    for start in range(0, len(ids), IDS_DIGEST_CHUNK):
+        digest.update(bson.encode({"ids": ids[start:start + IDS_DIGEST_CHUNK]}))
+    return digest.hexdigest()
