@@ -439,7 +439,7 @@ class MemoryReader:
             self.docs = {doc["_id"]: doc for doc in bson.decode_file_iter(f)}
 
     def read(self, ids):
-        return {i: self.docs[i] for i in ids}
+        return [self.docs[i] for i in ids]
 
 
 def memory_worker(*args, **kwargs):
