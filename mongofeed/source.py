@@ -149,10 +149,11 @@ class BatchReader:
     def read(self, ids: list) -> list:
         """For each of ``ids``, in order: its document, the DecodeError of a document that
         pymongo cannot decode, or None where no document has that ``_id``."""
+        unique = {id_key(doc_id): doc_id for doc_id in ids}  # tasks of two epochs share ids
         found = {}
-        for chunk in id_chunks(ids):
+        for chunk in id_chunks(list(unique.values())):
             found.update(self._read(chunk))
-        return [found.get(id_key(doc_id)) for doc_id in ids]
+        return [found.get(key) for key in map(id_key, ids)]
 
     def _read(self, ids: list) -> dict:
         """The documents of ``ids`` (or their DecodeErrors) by ``id_key``: one query."""

@@ -115,7 +115,7 @@ class Worker:
 
     def produce(self, tasks: list[dict]):
         """The sink message of each task, in order: its batch, or its error. All the tasks'
-        documents are read with ONE query."""
+        documents are read with ONE query (more only if their ids do not fit in one)."""
         if not tasks:
             return
         try:
