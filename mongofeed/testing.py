@@ -228,8 +228,10 @@ class _Documents:
         with open(path, "rb") as f:
             self.docs = {doc["_id"]: doc for doc in bson.decode_file_iter(f)}
 
-    def read(self, ids: list) -> dict:
-        return {i: self.docs[i] for i in ids if i in self.docs}
+    def read(self, ids: list) -> list:
+        """One entry per id, in order: its document, or None if there is none (as
+        ``BatchReader.read``)."""
+        return [self.docs.get(i) for i in ids]
 
     def read_gridfs(self, bucket: str, file_id):
         raise LookupError("MemorySource holds no GridFS files")

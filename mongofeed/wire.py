@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 
 import bson
 import numpy as np
+from bson.codec_options import CodecOptions, DatetimeConversion
 
 from .errors import ConfigError, ProtocolError
 
@@ -269,6 +270,8 @@ def hello_schema(reply: dict) -> Schema:
 # -- internal: supervisor <-> workers -> sink ------------------------------------------------
 
 TASK, STOP, READY, EVENT = b"task", b"stop", b"ready", b"event"
+# Ids travel as the source read them: a date beyond Python's range stays a DatetimeMS.
+TASK_CODEC_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 
 
 @dataclass(frozen=True)
@@ -293,7 +296,7 @@ def unpack_worker_command(frames: list) -> TaskMessage | None:
     if len(frames) != 2 or frames[0] != TASK:
         raise ProtocolError(f"unknown worker command {frames[:1]!r:.50}")
     try:
-        body = bson.decode(frames[1])
+        body = bson.decode(frames[1], TASK_CODEC_OPTIONS)
     except bson.errors.BSONError as exc:
         raise ProtocolError(f"task is not BSON: {exc}") from None
     task = TaskMessage(body.get("task"), body.get("feed"), body.get("epoch"), body.get("index"),

@@ -12,13 +12,14 @@ from typing import ClassVar
 import numpy as np
 import pytest
 from bson import Int64, ObjectId
+from gridfs.errors import NoFile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
-from pymongo.errors import AutoReconnect
+from pymongo.errors import AutoReconnect, OperationFailure
 
-from mongofeed.daemon.codec import BatchDecoder, get_path
+from mongofeed.daemon.codec import BatchDecoder, DocumentFailure, get_path
 from mongofeed.daemon.config import FieldConfig
 from mongofeed.errors import DecodeError
 
@@ -235,11 +236,13 @@ def test_image_refuses_wrong_values(value, found):
     check_error(err, field, 9, found)
 
 
-def test_image_without_pillow_says_how_to_install(monkeypatch):
+def test_image_without_pillow_fails_the_batch_naming_the_document(monkeypatch):
+    """Not a misfit of the document: on_error = "skip" would drop every image silently."""
     monkeypatch.setitem(sys.modules, "PIL", None)
     field = make_field(decode="image", shape=(4, 5, 3))
-    with pytest.raises(ImportError, match=r"pip install 'mongofeed\[image\]'"):
-        decode(field, [{"_id": 1, "x": b"png"}])
+    with pytest.raises(DocumentFailure, match=r"_id 1: field 'x': ImportError: .*"
+                       r"pip install 'mongofeed\[image\]'"):
+        decode(field, [{"_id": 1, "x": b"png"}], on_error="skip")
 
 
 # pickle
@@ -282,6 +285,12 @@ class FakeGridFS:
     def __call__(self, bucket, file_id):
         if bucket == "down":
             raise AutoReconnect("connection lost")
+        if bucket == "electing":
+            raise OperationFailure("primary stepped down", code=189)
+        if bucket == "locked":
+            raise OperationFailure("not authorized on fs", code=13)
+        if (bucket, file_id) not in self.files:
+            raise NoFile(f"no file {file_id!r}")
         return self.files[bucket, file_id]
 
 
@@ -305,9 +314,17 @@ def test_gridfs_missing_file_is_a_decode_error():
     check_error(err, field, 4, "GridFS file 'nope' missing in bucket 'imgs'")
 
 
-def test_gridfs_connection_errors_propagate():
-    field = make_field(gridfs=True, bucket="down")
-    with pytest.raises(AutoReconnect):
+@pytest.mark.parametrize("bucket, error", [("down", AutoReconnect),
+                                           ("electing", OperationFailure)])
+def test_gridfs_transient_errors_propagate_for_the_worker_to_retry(bucket, error):
+    field = make_field(gridfs=True, bucket=bucket)
+    with pytest.raises(error):
+        decode(field, [{"_id": 4, "x": "f"}], read_gridfs=FakeGridFS({}), on_error="skip")
+
+
+def test_gridfs_other_database_errors_fail_the_batch_not_the_document():
+    field = make_field(gridfs=True, bucket="locked")
+    with pytest.raises(DocumentFailure, match="_id 4: field 'x': OperationFailure: not auth"):
         decode(field, [{"_id": 4, "x": "f"}], read_gridfs=FakeGridFS({}), on_error="skip")
 
 

@@ -16,10 +16,11 @@ import pickle
 from collections.abc import Callable, Mapping
 
 import numpy as np
-from pymongo.errors import ConnectionFailure
+from gridfs.errors import GridFSError
 
 from ..errors import DecodeError
 from .config import ON_ERROR, FieldConfig
+from .source import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,15 @@ _NPY_HEADERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
     (2, 0): np.lib.format.read_array_header_2_0,
 }
+
+
+class DocumentFailure(Exception):
+    """Decoding a document failed for a reason that is not its data (a missing package, a
+    bug): no ``on_error`` applies, the batch fails naming the document and field."""
+
+    def __init__(self, collection: str, doc_id, field: str, cause: Exception):
+        super().__init__(f"collection {collection!r}, _id {doc_id!r}: field {field!r}: "
+                         f"{type(cause).__name__}: {cause}")
 
 
 class _Mismatch(Exception):
@@ -119,16 +129,19 @@ class BatchDecoder:
         except _Mismatch as bad:
             raise DecodeError(self.collection, doc.get("_id"), field.name, field.path,
                               bad.expected or _describe(field), bad.found) from bad.__cause__
+        except Exception as exc:
+            if is_transient(exc):  # a database outage while reading GridFS: the worker retries
+                raise
+            raise DocumentFailure(self.collection, doc.get("_id"), field.name, exc) from exc
 
     def _fetch(self, field: FieldConfig, file_id) -> bytes:
-        """The bytes of a GridFS file; connection errors propagate so the worker retries."""
+        """The bytes of a GridFS file; other database errors propagate to the worker."""
         try:
             return self.read_gridfs(field.bucket, file_id)
-        except ConnectionFailure:
-            raise
-        except Exception as exc:
-            raise _Mismatch(f"GridFS file {file_id!r} missing in bucket {field.bucket!r}",
-                            f"a GridFS file ({_describe(field)})") from exc
+        except GridFSError as exc:  # no such file, or its chunks are missing
+            raise _Mismatch(f"GridFS file {file_id!r} missing in bucket {field.bucket!r} "
+                            f"({type(exc).__name__})", f"a GridFS file ({_describe(field)})"
+                            ) from exc
 
     def _warn_pickle(self, field: FieldConfig) -> None:
         if not self._warned_pickle:

@@ -375,6 +375,9 @@ def _field(name: str, values: dict[str, Any], where: str) -> FieldConfig:
     if decode == "image" and (dtype != "uint8" or len(shape) != 3 or shape[2] not in (1, 3, 4)):
         raise ConfigError(f"{where}: {key}: decode = 'image' needs dtype = 'uint8' and "
                           f"shape = [height, width, channels] with 1, 3 or 4 channels")
+    if decode == "image" and not _pillow_imports():
+        raise ConfigError(f"{where}: {key}.decode = 'image' needs Pillow, which does not "
+                          f"import here: pip install 'mongofeed[image]'")
     if decode == "pickle" and not values["allow_pickle"]:
         raise ConfigError(f"{where}: {key}: decode = 'pickle' runs code stored in the database;"
                           f" set {key}.allow_pickle = true if you trust that data")
@@ -393,6 +396,16 @@ def _field(name: str, values: dict[str, Any], where: str) -> FieldConfig:
         if not math.isfinite(values["scale"]):
             raise ConfigError(f"{where}: {key}.scale must be a finite number")
     return FieldConfig(name=name, **values)
+
+
+def _pillow_imports() -> bool:
+    """Whether Pillow imports: checked with the config so that a missing Pillow stops
+    ``serve`` at once instead of failing the first batch of every session."""
+    try:
+        import PIL.Image  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _field_list(names: list, key: str, fields: dict, where: str) -> tuple[str, ...]:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import logging
 
+import bson
 import pymongo
+from bson.codec_options import CodecOptions, DatetimeConversion
+from bson.raw_bson import RawBSONDocument
 from pymongo.errors import ConnectionFailure, OperationFailure, ProtocolError, PyMongoError
 
-from ..errors import SourceError
+from ..errors import DecodeError, SourceError
 from .config import Config, FeedConfig, SourceConfig, redact_uri
 from .planner import Plan, sort_key
 
@@ -21,9 +24,23 @@ log = logging.getLogger(__name__)
 
 SERVER_SELECTION_TIMEOUT_MS = 5_000
 REPLY_TARGET_BYTES = 8 * 1024 * 1024  # well under the 16 MiB (MongoDB) / 48 MB (FerretDB) caps
+ID_QUERY_MAX_BYTES = 8 * 1024 * 1024  # the ids of one $in: half MongoDB's 16 MiB command cap
 
-# Faults that go away when the server comes back: the worker retries them with backoff.
-TRANSIENT_ERRORS = (ConnectionFailure,)
+# Dates outside Python's years 1-9999 decode as bson.DatetimeMS instead of failing the whole
+# reply (pymongo's own answer to them); used for documents, _id lists and tasks alike.
+CODEC_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
+RAW_CODEC_OPTIONS = CODEC_OPTIONS.with_options(document_class=RawBSONDocument)
+
+# OperationFailure codes that pymongo itself retries: its helpers_shared._RETRYABLE_ERROR_CODES
+# (4.20), i.e. "not primary" / "node is recovering" (an election, a shutdown) and the network
+# faults a mongos reports for a shard. tests/test_source.py checks that they still agree.
+RETRYABLE_CODES = frozenset({
+    10058, 10107, 13435, 11602, 13436, 189,  # not primary, primary stepped down
+    11600, 91,                               # shutting down
+    7, 6, 89, 9001,                          # host not found / unreachable, network timeout
+    262, 134,                                # exceeded time limit, read concern not yet available
+})
+WHOLE_DOCUMENT = "(whole document)"  # the field of an error about no field in particular
 
 
 def connect(source: SourceConfig, appname: str) -> pymongo.MongoClient:
@@ -34,7 +51,18 @@ def connect(source: SourceConfig, appname: str) -> pymongo.MongoClient:
         maxPoolSize=2,
         serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS,
         retryReads=True,
+        datetime_conversion=CODEC_OPTIONS.datetime_conversion,
     )
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` goes away by itself (an outage, a failover, a network blip): the worker
+    retries these with backoff. The rule of pymongo's retryable reads: connection failures,
+    and server errors with a retryable code or label."""
+    if isinstance(exc, ConnectionFailure):  # includes NotPrimaryError and timeouts
+        return True
+    return isinstance(exc, OperationFailure) and (
+        exc.code in RETRYABLE_CODES or exc.has_error_label("RetryableError"))
 
 
 def describe_failure(source: SourceConfig, exc: Exception) -> str:
@@ -88,28 +116,81 @@ def reply_batch_docs(sample_bytes: int) -> int:
     return max(1, min(10_000, REPLY_TARGET_BYTES // max(1, 2 * sample_bytes)))
 
 
+def id_key(doc_id) -> bytes:
+    """An ``_id`` as the server tells them apart: its BSON type and value. Python's ``==``
+    and ``hash`` merge true, 1 and 1.0, which are three ``_id``s to MongoDB (and to the
+    planner, which orders them by type first)."""
+    return bson.encode({"": doc_id}, codec_options=CODEC_OPTIONS)
+
+
+def id_chunks(ids: list, max_bytes: int = ID_QUERY_MAX_BYTES) -> list[list]:
+    """``ids`` cut into runs whose encoded size fits one ``$in`` query (long string ids can
+    make one batch's query exceed the server's 16 MiB)."""
+    chunks, size = [], 0
+    for doc_id in ids:
+        nbytes = len(id_key(doc_id))
+        if not chunks or size + nbytes > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(doc_id)
+        size += nbytes
+    return chunks
+
+
 class BatchReader:
-    """Reads the documents of one or more batches with a single ``$in`` query."""
+    """Reads the documents of one or more batches with a single ``$in`` query (more only when
+    the ids do not fit in one), decoding each document on its own so that one pymongo cannot
+    decode spoils nothing but itself."""
 
     def __init__(self, client: pymongo.MongoClient, source: SourceConfig, sample_bytes: int):
         self.db = client[source.database]
         self.collection = self.db[source.collection]
+        self.raw_collection = self.collection.with_options(codec_options=RAW_CODEC_OPTIONS)
         self.docs_per_reply = reply_batch_docs(sample_bytes)
         self._buckets = {}
 
-    def read(self, ids: list) -> dict:
-        """The documents of ``ids`` that exist, by ``_id`` (one query for all of them)."""
+    def read(self, ids: list) -> list:
+        """For each of ``ids``, in order: its document, the DecodeError of a document that
+        pymongo cannot decode, or None where no document has that ``_id``."""
+        unique = {id_key(doc_id): doc_id for doc_id in ids}  # tasks of two epochs share ids
+        found = {}
+        for chunk in id_chunks(list(unique.values())):
+            found.update(self._read(chunk))
+        return [found.get(key) for key in map(id_key, ids)]
+
+    def _read(self, ids: list) -> dict:
+        """The documents of ``ids`` (or their DecodeErrors) by ``id_key``: one query."""
         try:
-            return self._find(ids, self.docs_per_reply)
+            raw_docs = self._find(ids, self.docs_per_reply)
         except ProtocolError:
             # Documents far larger than the schema says made a reply too large for the driver
             # (which would crash the worker on every retry): one per reply, so the decoder
             # can name the oversized ones.
-            return self._find(ids, 1)
+            raw_docs = self._find(ids, 1)
+        found, failures = {}, []
+        for raw in raw_docs:
+            try:
+                doc = bson.decode(raw.raw, CODEC_OPTIONS)
+            except Exception as exc:  # bson raises several kinds of errors for bad bytes
+                failures.append(f"{type(exc).__name__}: {exc}")
+                continue
+            found[id_key(doc["_id"])] = doc
+        if failures:
+            found.update(self._undecodable(ids, found, failures))
+        return found
 
-    def _find(self, ids: list, docs_per_reply: int) -> dict:
-        cursor = self.collection.find({"_id": {"$in": ids}}, batch_size=docs_per_reply)
-        return {doc["_id"]: doc for doc in cursor}
+    def _find(self, ids: list, docs_per_reply: int) -> list[RawBSONDocument]:
+        return list(self.raw_collection.find({"_id": {"$in": ids}}, batch_size=docs_per_reply))
+
+    def _undecodable(self, ids: list, found: dict, failures: list[str]) -> dict:
+        """The DecodeErrors of the documents that could not be decoded, which are the ids
+        asked for, not decoded and present (read again by ``_id`` alone, which decodes)."""
+        unread = [i for i in ids if id_key(i) not in found]
+        present = self.collection.find({"_id": {"$in": unread}}, {"_id": 1})
+        why = f"a document that pymongo cannot decode ({'; '.join(sorted(set(failures)))})"
+        return {id_key(doc["_id"]): DecodeError(self.collection.name, doc["_id"], WHOLE_DOCUMENT,
+                                                WHOLE_DOCUMENT, "BSON that pymongo decodes", why)
+                for doc in present}
 
     def read_gridfs(self, bucket: str, file_id) -> bytes:
         import gridfs

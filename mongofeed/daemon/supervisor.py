@@ -247,7 +247,7 @@ class Supervisor:
         if meta.error is not None:
             record.errors += 1
             record.last_error = meta.error
-            self.record_error(f"feed {task.feed}: {meta.error}")
+            self.record_error(meta.error)  # it names the feed, epoch and batch
             self.end_session(session, meta.error)
             return
         record.batches += 1

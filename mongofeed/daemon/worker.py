@@ -9,6 +9,15 @@ sockets are created here, in the child, never inherited. The loop:
 3. push ``[meta, header, array...]`` to the sink (the header and arrays go on to the
    consumer unchanged; ``meta`` tells the supervisor which task it was).
 
+A worker never dies from data. Every failure while producing a batch is one of three kinds:
+
+- about one document (``DecodeError``: a misfit, a document deleted since the plan was made,
+  one pymongo cannot decode): ``batch.on_error`` fails the batch or skips it, counted;
+- transient (``source.is_transient``: the database is away): retried with backoff, shown in
+  status as "waiting for database";
+- anything else: this batch fails (``meta["error"]``, which ends the session with a
+  ``FeedError`` naming feed, epoch, batch and the exception) and the worker goes on.
+
 The worker exits when told to, or by itself when its parent is gone (checked by polling the
 parent's sentinel, which works on every platform).
 """
@@ -36,7 +45,7 @@ from ..wire import (
 )
 from .codec import BatchDecoder
 from .config import Config
-from .source import TRANSIENT_ERRORS, describe_failure
+from .source import describe_failure, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,7 @@ POLL_INTERVAL_MS = 500
 RETRY_FIRST_DELAY_S = 0.5
 RETRY_MAX_DELAY_S = 5.0
 SKIP_MESSAGES_SENT = 5  # per batch; the rest are counted only
+MESSAGE_MAX_CHARS = 2_000  # per error message: a long _id must not overflow the batch meta
 SOCKET_LINGER_MS = 0
 
 
@@ -116,46 +126,67 @@ class Worker:
         return True
 
     def produce(self, tasks: list[TaskMessage]):
-        """The sink message of each task, in order: its batch, or an error naming the
-        document. All the tasks' documents are read with ONE query."""
+        """The sink message of each task, in order: its batch, or its error. All the tasks'
+        documents are read with ONE query (more only if their ids do not fit in one)."""
         if not tasks:
             return
         try:
-            found = self.retrying(self.reader.read, [i for task in tasks for i in task.ids])
-        except PyMongoError as exc:  # not transient: retrying or restarting would not help
-            error = describe_failure(self.config.source, exc)
+            docs = self.retrying(self.reader.read, [i for task in tasks for i in task.ids])
+        except Exception as exc:  # not transient: retrying or restarting would not help
             for task in tasks:
-                yield [BatchMeta(task.task, self.slot, error=error).pack()]
+                yield self.failed(task, exc)
             return
+        start = 0
         for task in tasks:
-            yield self.produce_one(task, found)
+            count = len(task.ids)
+            yield self.produce_one(task, docs[start:start + count])
+            start += count
 
-    def produce_one(self, task: TaskMessage, found: dict) -> list:
+    def produce_one(self, task: TaskMessage, docs: list) -> list:
+        """The batch of ``task`` from its documents as read (in plan order), or its error."""
         started = time.perf_counter()
         try:
-            arrays, problems = self.retrying(self.decode, task.ids, found)
-        except DecodeError as exc:
-            return [BatchMeta(task.task, self.slot, error=str(exc)).pack()]
-        except PyMongoError as exc:
-            error = describe_failure(self.config.source, exc)
-            return [BatchMeta(task.task, self.slot, error=error).pack()]
+            arrays, problems = self.retrying(self.decode, task.ids, docs)
+            header_and_arrays = pack_batch(task.feed, task.epoch, task.index, arrays)
+        except Exception as exc:
+            return self.failed(task, exc)
         meta = BatchMeta(
             task.task, self.slot,
             docs=len(next(iter(arrays.values()))),
             bytes=sum(a.nbytes for a in arrays.values()),
             skips=len(problems),
-            skipped=tuple(str(p) for p in problems[:SKIP_MESSAGES_SENT]),
+            skipped=tuple(clip(str(p)) for p in problems[:SKIP_MESSAGES_SENT]),
             seconds=time.perf_counter() - started,
         )
-        return [meta.pack()] + pack_batch(task.feed, task.epoch, task.index, arrays)
+        return [meta.pack()] + header_and_arrays
 
-    def decode(self, ids: list, found: dict) -> tuple[dict, list]:
-        """One batch's arrays from the documents read (GridFS fields are read here), and
+    def failed(self, task: TaskMessage, exc: Exception) -> list:
+        """The sink message that fails ``task``'s batch, and with it its session."""
+        if isinstance(exc, DecodeError):  # on_error = "fail"; it names the document
+            cause = str(exc)
+        elif isinstance(exc, PyMongoError):
+            cause = describe_failure(self.config.source, exc)
+        else:
+            cause = f"{type(exc).__name__}: {exc}"
+        error = clip(f"feed {task.feed!r}, epoch {task.epoch}, batch {task.index}: {cause}")
+        if not isinstance(exc, DecodeError):
+            log.error("worker %d: %s", self.slot, error, exc_info=exc)
+        return [BatchMeta(task.task, self.slot, error=error).pack()]
+
+    def decode(self, ids: list, docs: list) -> tuple[dict, list]:
+        """One batch's arrays from its documents as read (GridFS fields are read here), and
         the documents left out under on_error = "skip"."""
-        problems = [self.missing_error(i) for i in ids if i not in found]
+        readable, problems = [], []
+        for doc_id, doc in zip(ids, docs, strict=True):
+            if doc is None:
+                problems.append(self.missing_error(doc_id))
+            elif isinstance(doc, DecodeError):  # pymongo cannot decode it
+                problems.append(doc)
+            else:
+                readable.append(doc)
         if problems and self.config.batch.on_error == "fail":
             raise problems[0]
-        arrays, skipped = self.decoder.decode([found[i] for i in ids if i in found])
+        arrays, skipped = self.decoder.decode(readable)
         return arrays, problems + skipped
 
     def retrying(self, operation, *args):
@@ -164,7 +195,9 @@ class Worker:
         while True:
             try:
                 result = operation(*args)
-            except TRANSIENT_ERRORS as exc:
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
                 if not self.parent_alive():
                     raise SystemExit(0) from None
                 message = describe_failure(self.config.source, exc)
@@ -186,6 +219,13 @@ class Worker:
     def close(self):
         self.client.close()
         self.context.destroy(linger=SOCKET_LINGER_MS)
+
+
+def clip(message: str) -> str:
+    """``message`` cut to ``MESSAGE_MAX_CHARS``, saying so."""
+    if len(message) <= MESSAGE_MAX_CHARS:
+        return message
+    return message[:MESSAGE_MAX_CHARS] + f"... ({len(message)} characters)"
 
 
 def worker_identity(slot: int) -> bytes:

@@ -21,7 +21,7 @@ from ..daemon.codec import BatchDecoder
 from ..daemon.config import Config, redact_uri
 from ..daemon.planner import Plan
 from ..daemon.source import MongoSource, describe_failure, plan_feed
-from ..errors import ConfigError, SourceError
+from ..errors import ConfigError, DecodeError, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +130,13 @@ def _dry_run(config: Config, reader, feed: str, plan: Plan) -> dict:
     decoder = BatchDecoder(config.fields, config.source.collection, batch.on_error,
                            read_gridfs=reader.read_gridfs)
     ids = plan.batch_ids(0, 0, config.serve.shard)
-    found = reader.read(ids)
-    docs = [found[i] for i in ids if i in found]
+    read = reader.read(ids)
+    docs = [doc for doc in read if isinstance(doc, dict)]
+    unreadable = [doc for doc in read if isinstance(doc, DecodeError)]
     arrays, skipped = decoder.decode(docs)
     return {
-        "feed": feed, "documents": len(docs), "missing": len(ids) - len(docs),
-        "skipped": [str(err) for err in skipped],
+        "feed": feed, "documents": len(docs), "missing": read.count(None),
+        "skipped": [str(err) for err in unreadable + skipped],
         "arrays": {name: _describe_array(array) for name, array in arrays.items()},
         "inputs": list(config.output.inputs), "targets": list(config.output.targets),
     }
