@@ -20,8 +20,8 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
 )
 
-from mongofeed.planner import sort_key
-from mongofeed.source import RETRYABLE_CODES, id_chunks, id_key, is_transient
+from mongofeed.daemon.planner import sort_key
+from mongofeed.daemon.source import RETRYABLE_CODES, id_chunks, id_key, is_transient
 
 # A few codes pymongo does not retry: bad value, unauthorized, time limit set by the query,
 # cursor gone, duplicate key, authentication failed.

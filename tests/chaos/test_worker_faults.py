@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 from bson import ObjectId
-from daemon import REPO, Daemon, free_port_pair, write_toml
-from proxy import Proxy
 
 from mongofeed import Consumer, FeedError
+from mongofeed.testing import Daemon, free_port_pair
+from tests.chaos.proxy import Proxy
+from tests.support import REPO, write_toml
 
 TIMEOUT_S = 60
 SERVE_TIMEOUT_S = 60
