@@ -51,13 +51,17 @@ class Batch(NamedTuple):
     arrays: dict[str, np.ndarray]
 
 
-def model_io(arrays: dict, inputs: list[str], targets: list[str]) -> tuple:
+def model_io(arrays: dict, inputs: list[str], targets: list[str],
+             sample_weight: str | None = None) -> tuple:
     """A batch as a model takes it, per the config's [output]: ``(inputs, targets)``, each
-    one array or, when it names several, a dict of arrays; ``(inputs,)`` without targets.
+    one array or, when it names several, a dict of arrays; ``(inputs,)`` without targets;
+    ``(inputs, targets, weights)`` with a sample_weight array (Keras's ``fit`` takes that).
     Works on any dict keyed by array name (arrays, tensors, tensor specs)."""
     def pick(names):
         return arrays[names[0]] if len(names) == 1 else {n: arrays[n] for n in names}
 
+    if sample_weight is not None:
+        return pick(inputs), pick(targets), arrays[sample_weight]
     return (pick(inputs), pick(targets)) if targets else (pick(inputs),)
 
 
@@ -151,6 +155,11 @@ class Consumer:
     def targets(self) -> list[str]:
         return self.info["targets"]
 
+    @property
+    def sample_weight(self) -> str | None:
+        """The array a model takes as its sample weights (config output.sample_weight)."""
+        return self.info.get("sample_weight")
+
     def get(self, timeout: float | None = None) -> Batch:
         """The next batch of the stream; raises FeedTimeout rather than waiting forever, and
         FeedError, naming the cause, once the session has failed (the daemon's error, a
@@ -240,20 +249,22 @@ class MultiConsumer:
             raise
         first = self.consumers[0]
         self.schema, self.inputs, self.targets = first.schema, first.inputs, first.targets
+        self.sample_weight = first.sample_weight
         self.batches_per_epoch = sum(c.batches_per_epoch for c in self.consumers)
         self._left = [0] * len(self.consumers)  # batches still due in each daemon's epoch
         self._next = 0
 
     def _check_same_schema(self):
         def announced(consumer):
-            return consumer.schema, consumer.inputs, consumer.targets
+            return consumer.schema, consumer.inputs, consumer.targets, consumer.sample_weight
 
         first = self.consumers[0]
         differ = [c.endpoint for c in self.consumers if announced(c) != announced(first)]
         if differ:
             raise FeedError(f"daemons announce different schemas for feed {self.feed!r}: "
                             f"{', '.join(differ)} differ from {first.endpoint} (batch size, "
-                            f"arrays or inputs/targets); serve them with the same config")
+                            f"arrays or inputs/targets/sample_weight); serve them with the same "
+                            f"config")
 
     def _daemon_shards(self, consumer_world: int) -> list[tuple[str, tuple[int, int]]]:
         """Each daemon's ``--shard``: a consumer's ``shard`` is taken within the daemon's,

@@ -67,7 +67,8 @@ class MongoFeedSequence(keras.utils.PyDataset):
             if self._served == len(self):
                 self._served = 0
             consumer = self.consumer
-            item = model_io(consumer.get().arrays, consumer.inputs, consumer.targets)
+            item = model_io(consumer.get().arrays, consumer.inputs, consumer.targets,
+                            consumer.sample_weight)
             self._served += 1
             if _called_by_keras_peek():
                 self._peeked[index] = item

@@ -27,10 +27,10 @@ def dataset(endpoint: str | list[str], feed: str = "train", **consumer_kwargs) -
     """
     consumer = connect(endpoint, feed=feed, **consumer_kwargs)
     specs = {spec.name: tf.TensorSpec((None, *spec.shape), tf.as_dtype(spec.dtype), spec.name)
-             for spec in consumer.schema.arrays}
+             for spec in consumer.schema.delivered}
 
     def structure(arrays: dict) -> tuple:
-        return model_io(arrays, consumer.inputs, consumer.targets)
+        return model_io(arrays, consumer.inputs, consumer.targets, consumer.sample_weight)
 
     def one_epoch():
         for batch in consumer.epoch():

@@ -63,29 +63,86 @@ ALLOWED_DTYPES = frozenset((
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """Name, dtype and per-sample shape of one array of every batch of a feed."""
+    """Name, dtype and per-sample shape of one array of every batch of a feed.
+
+    In a hello reply a dimension may be None: its length varies from batch to batch (padded
+    per batch), up to ``max_shape``, which is then announced too. A batch header always
+    names the lengths of that batch.
+    """
 
     name: str
     dtype: str
-    shape: tuple[int, ...]
+    shape: tuple
+    max_shape: tuple[int, ...] | None = None
 
     @property
     def sample_nbytes(self) -> int:
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+        """Bytes of one sample (at most, for a variable shape)."""
+        return math.prod(self.max_shape or self.shape) * np.dtype(self.dtype).itemsize
+
+    def accepts(self, header: ArraySpec) -> bool:
+        """Whether a batch header's concrete ``header`` fits this announced spec."""
+        if (header.name, header.dtype) != (self.name, self.dtype) or header.max_shape:
+            return False
+        bounds = self.max_shape or self.shape
+        return len(header.shape) == len(self.shape) and all(
+            d == want or (want is None and d <= bound)
+            for d, want, bound in zip(header.shape, self.shape, bounds, strict=True))
 
     def to_json(self) -> list:
-        return [self.name, self.dtype, list(self.shape)]
+        value = [self.name, self.dtype, list(self.shape)]
+        return value + [list(self.max_shape)] if self.max_shape else value
 
     @classmethod
     def from_json(cls, value) -> ArraySpec:
-        if not (isinstance(value, list) and len(value) == 3):
+        if not (isinstance(value, list) and len(value) in (3, 4)):
             raise ProtocolError(f"array spec must be [name, dtype, shape], got {value!r:.100}")
-        name, dtype, shape = value
+        name, dtype, shape, *max_shape = value
         if not isinstance(name, str) or dtype not in ALLOWED_DTYPES:
             raise ProtocolError(f"bad array name or dtype: {value!r:.100}")
-        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
-            raise ProtocolError(f"bad array shape: {shape!r:.100}")
-        return cls(name, dtype, tuple(shape))
+        if not max_shape:
+            if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+                raise ProtocolError(f"bad array shape: {shape!r:.100}")
+            return cls(name, dtype, tuple(shape))
+        bounds = max_shape[0]
+        if not (isinstance(shape, list) and isinstance(bounds, list)
+                and len(bounds) == len(shape) and None in shape
+                and all(_is_count(b) and (d is None or (_is_count(d) and d == b))
+                        for d, b in zip(shape, bounds, strict=True))):
+            raise ProtocolError(f"bad variable array shape: {shape!r:.100}, {bounds!r:.100}")
+        return cls(name, dtype, tuple(shape), tuple(bounds))
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """A cast (and scale) that the consumer applies to one array on receipt, announced in the
+    hello reply, so that the wire carries the smaller stored dtype (uint8 images)."""
+
+    name: str
+    dtype: str
+    scale: float | None = None
+
+    def to_json(self) -> list:
+        return [self.name, self.dtype, self.scale]
+
+    @classmethod
+    def from_json(cls, value) -> Conversion:
+        if not (isinstance(value, list) and len(value) == 3 and isinstance(value[0], str)
+                and value[1] in ALLOWED_DTYPES
+                and (value[2] is None or (isinstance(value[2], (int, float))
+                                          and not isinstance(value[2], bool)
+                                          and math.isfinite(value[2])))):
+            raise ProtocolError(f"conversion must be [name, dtype, scale], got {value!r:.100}")
+        return cls(*value)
+
+
+def convert(array: np.ndarray, dtype: str, scale: float | None = None) -> np.ndarray:
+    """``array`` cast to ``dtype``, then multiplied by ``scale``: in one pass (uint8 images to
+    float32 without a float32 temporary); the daemon and the consumer share this rule, so a
+    batch is the same bytes wherever it is converted."""
+    if scale is not None:
+        return np.multiply(array, scale, dtype=dtype, casting="unsafe")
+    return array if array.dtype == np.dtype(dtype) else array.astype(dtype)
 
 
 def _is_count(value) -> bool:
@@ -180,11 +237,25 @@ class Schema:
 
     feed: str
     batch_size: int
-    arrays: tuple[ArraySpec, ...]
+    arrays: tuple[ArraySpec, ...]  # as on the wire
+    conversions: tuple[Conversion, ...] = ()
+
+    @property
+    def delivered(self) -> tuple[ArraySpec, ...]:
+        """The arrays as the consumer hands them on, after its conversions."""
+        dtypes = {c.name: c.dtype for c in self.conversions}
+        return tuple(ArraySpec(s.name, dtypes.get(s.name, s.dtype), s.shape, s.max_shape)
+                     for s in self.arrays)
+
+    def convert(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for c in self.conversions:
+            arrays[c.name] = convert(arrays[c.name], c.dtype, c.scale)
+        return arrays
 
 
 def unpack_batch(frames: list, schema: Schema) -> tuple[dict, dict[str, np.ndarray]]:
-    """Check a batch message against ``schema``; return (header dict, arrays).
+    """Check a batch message against ``schema``; return (header dict, arrays), the arrays
+    after the announced conversions.
 
     Raises ProtocolError for anything malformed, FeedError-worthy messages come back as a
     header with kind "error" and no arrays.
@@ -212,7 +283,8 @@ def unpack_batch(frames: list, schema: Schema) -> tuple[dict, dict[str, np.ndarr
     if not isinstance(raw_specs, list):
         raise ProtocolError("header field 'arrays' must be a list")
     specs = tuple(ArraySpec.from_json(s) for s in raw_specs)
-    if specs != schema.arrays:
+    if len(specs) != len(schema.arrays) or not all(
+            announced.accepts(spec) for announced, spec in zip(schema.arrays, specs, strict=True)):
         raise ProtocolError(f"arrays {[s.to_json() for s in specs]!r:.200} do not match the "
                             f"announced {[s.to_json() for s in schema.arrays]!r:.200}")
     if len(frames) != 1 + len(specs):
@@ -225,7 +297,7 @@ def unpack_batch(frames: list, schema: Schema) -> tuple[dict, dict[str, np.ndarr
             raise ProtocolError(f"array {spec.name!r}: {buffer.nbytes} bytes, expected "
                                 f"{expected} ({count} x {spec.dtype} {spec.shape})")
         arrays[spec.name] = np.frombuffer(buffer, dtype=spec.dtype).reshape((count,) + spec.shape)
-    return head, arrays
+    return head, schema.convert(arrays)
 
 
 # -- consumer -> daemon ----------------------------------------------------------------------
@@ -264,7 +336,14 @@ def hello_schema(reply: dict) -> Schema:
     specs = reply.get("arrays")
     if not isinstance(specs, list) or not specs:
         raise ProtocolError("hello reply lacks arrays")
-    return Schema(reply["feed"], size, tuple(ArraySpec.from_json(s) for s in specs))
+    arrays = tuple(ArraySpec.from_json(s) for s in specs)
+    conversions = reply.get("convert", [])
+    if not isinstance(conversions, list):
+        raise ProtocolError("hello reply's convert must be a list")
+    conversions = tuple(Conversion.from_json(c) for c in conversions)
+    if not {c.name for c in conversions} <= {a.name for a in arrays}:
+        raise ProtocolError("hello reply converts an array it does not announce")
+    return Schema(reply["feed"], size, arrays, conversions)
 
 
 # -- internal: supervisor <-> workers -> sink ------------------------------------------------

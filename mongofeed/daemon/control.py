@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import ProtocolError
-from ..wire import PROTOCOL_VERSION, ArraySpec
+from ..wire import PROTOCOL_VERSION
 from .config import redact_uri
 from .planner import Shard
 
@@ -73,13 +73,16 @@ class Control:
         schema, and the plan and shard a consumer of several daemons compares."""
         plan = self.supervisor.plans[feed]
         shard = shard or self.config.serve.shard
-        fields = self.config.fields.values()
-        arrays = [ArraySpec(f.name, f.out_dtype, f.out_shape).to_json() for f in fields]
+        arrays = self.config.arrays.values()
+        conversions = [a.conversion() for a in arrays]
         return {"protocol": PROTOCOL_VERSION, "feed": feed, "batch_size": plan.batch_size,
                 "batches_per_epoch": plan.batches_per_epoch(shard),
-                "samples_per_epoch": plan.samples_per_epoch(shard), "arrays": arrays,
+                "samples_per_epoch": plan.samples_per_epoch(shard),
+                "arrays": [a.spec().to_json() for a in arrays],
+                "convert": [c.to_json() for c in conversions if c is not None],
                 "inputs": list(self.config.output.inputs),
                 "targets": list(self.config.output.targets),
+                "sample_weight": self.config.output.sample_weight,
                 "ordered": self.config.serve.ordered, "plan": plan.identity(),
                 "shard": [shard.rank, shard.world]}
 

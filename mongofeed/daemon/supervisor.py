@@ -43,6 +43,7 @@ from .pool import WorkerPool
 from .sessions import Session, SessionTable
 from .sink import Sink
 from .source import MongoSource, plan_feed
+from .transform import load_functions
 from .worker import run_worker
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class Supervisor:
 
     def start(self):
         """Plan, bind every socket and start the workers; raises before leaving anything."""
+        load_functions(self.config.transform, self.config.path)  # a ConfigError stops us here
         self.plan_feeds()
         self.context = zmq.Context()
         serve = self.config.serve
