@@ -171,12 +171,12 @@ def test_document_function_errors_name_the_document_and_skip_or_fail():
             with pytest.raises(FunctionError, match=r"_id 101: transform.document "
                                r"'user_functions:fails_on_marked': raised ValueError: cannot "
                                r"use document 2 \(at .*user_functions.py:\d+ in fails_on_"):
-                maker.make(0, 0, batch)
+                maker.make("train", 0, 0, batch)
             continue
-        out, problems = maker.make(0, 0, batch)
+        out, problems = maker.make("train", 0, 0, batch)
         assert out["i"].tolist() == [1, 3]
         assert len(problems) == 1 and problems[0].doc_id == 101
-        out, problems = maker.make(0, 0, [batch[1]])  # all skipped: an empty batch
+        out, problems = maker.make("train", 0, 0, [batch[1]])  # all skipped: an empty batch
         assert out["i"].shape == (0,) and len(problems) == 1
 
 
@@ -186,11 +186,11 @@ def test_a_value_that_does_not_fit_is_named():
     with pytest.raises(FunctionError, match=r"_id 100: transform.document 'user_functions:"
                        r"wrong_shape': returned array 'i': expected int64 of shape \(\), "
                        r"found shape \(3,\)"):
-        maker.make(0, 0, docs(1))
+        maker.make("train", 0, 0, docs(1))
     maker = BatchMaker(config({"document": "user_functions:reads_unlisted"},
                               {"i": {"dtype": "int64"}}))
     with pytest.raises(FunctionError, match="'unlisted' is not read: add it to transform.reads"):
-        maker.make(0, 0, docs(1))
+        maker.make("train", 0, 0, docs(1))
 
 
 def test_batch_function_errors_fail_the_batch():
@@ -199,18 +199,18 @@ def test_batch_function_errors_fail_the_batch():
                fields={"i": {"decode": "scalar", "dtype": "int64"},
                        "poison": {"decode": "scalar", "dtype": "bool"}})
     maker = BatchMaker(c)
-    out, _ = maker.make(0, 0, docs(1, 2, poison=False))
+    out, _ = maker.make("train", 0, 0, docs(1, 2, poison=False))
     assert out["i"].tolist() == [1, 2] and out["poison"].dtype == bool
     with pytest.raises(BatchFunctionError, match="transform.batch 'user_functions:"
                        "fails_on_batch' raised RuntimeError: poisoned batch"):
-        maker.make(0, 0, docs(1, 2, poison=True))
+        maker.make("train", 0, 0, docs(1, 2, poison=True))
     missing = BatchMaker(config({"batch": "user_functions:fails_on_batch"},
                                 {"i": {"dtype": "int64"}, "weight": {"dtype": "float32"}},
                                 fields={"i": {"decode": "scalar", "dtype": "int64"},
                                         "poison": {"decode": "scalar", "dtype": "bool"}}))
     with pytest.raises(BatchFunctionError, match="array 'weight' .* is neither a field nor "
                        "returned by transform.batch"):
-        missing.make(0, 0, docs(1, poison=False))
+        missing.make("train", 0, 0, docs(1, poison=False))
 
 
 def test_text_is_tokenised_padded_and_measured():
@@ -220,7 +220,7 @@ def test_text_is_tokenised_padded_and_measured():
                                "lengths": "length", **token_options}},
                    fields={"text": {"decode": "string"}})
         texts = ["the cat", "a big red dog ran", "", "fast"]
-        return BatchMaker(c).make(0, 0, [(p, {"_id": p, "text": t})
+        return BatchMaker(c).make("train", 0, 0, [(p, {"_id": p, "text": t})
                                          for p, t in enumerate(texts)])[0]
 
     out = make()
@@ -234,7 +234,7 @@ def test_text_is_tokenised_padded_and_measured():
                fields={"text": {"decode": "string"}})
     with pytest.raises(BatchFunctionError, match=r"array 'tokens' from transform.batch .*"
                        r"expected int32 of shape \('any',\), lengths up to 3, found shape \(5,\)"):
-        BatchMaker(c).make(0, 0, [(0, {"_id": 0, "text": "a b c d e"})])
+        BatchMaker(c).make("train", 0, 0, [(0, {"_id": 0, "text": "a b c d e"})])
 
 
 def test_augmentation_is_seeded_by_its_place_in_the_plan():
@@ -244,12 +244,21 @@ def test_augmentation_is_seeded_by_its_place_in_the_plan():
                batch={"seed": 3})
     image = np.arange(36, dtype=np.uint8).reshape(6, 6).tolist()
     batch = [(p, {"_id": p, "image": image}) for p in range(4)]
-    first = BatchMaker(c).make(1, 2, batch)[0]["image"]
-    assert np.array_equal(first, BatchMaker(c).make(1, 2, batch)[0]["image"])
+    first = BatchMaker(c).make("train", 1, 2, batch)[0]["image"]
+    assert np.array_equal(first, BatchMaker(c).make("train", 1, 2, batch)[0]["image"])
     assert len({row.tobytes() for row in first}) > 1  # each position draws its own
-    assert not np.array_equal(first, BatchMaker(c).make(2, 2, batch)[0]["image"])
+    assert not np.array_equal(first, BatchMaker(c).make("train", 2, 2, batch)[0]["image"])
     # position, not order of arrival: the same document at the same position, alone
-    assert np.array_equal(BatchMaker(c).make(1, 2, batch[2:3])[0]["image"][0], first[2])
+    assert np.array_equal(BatchMaker(c).make("train", 1, 2, batch[2:3])[0]["image"][0], first[2])
+
+
+def test_a_function_may_ask_for_the_feed():
+    c = config({"document": "user_functions:flip_in_training"},
+               {"image": {"dtype": "uint8", "shape": [2, 2]}},
+               fields={"image": {"decode": "list", "dtype": "uint8", "shape": [2, 2]}})
+    batch = [(0, {"_id": 0, "image": [[1, 2], [3, 4]]})]
+    assert BatchMaker(c).make("train", 0, 0, batch)[0]["image"].tolist() == [[[2, 1], [4, 3]]]
+    assert BatchMaker(c).make("val", 0, 0, batch)[0]["image"].tolist() == [[[1, 2], [3, 4]]]
 
 
 # -- wire and consumer ---------------------------------------------------------------------------

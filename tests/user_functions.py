@@ -65,3 +65,8 @@ def not_a_function():
 
 
 NOT_CALLABLE = 3
+
+
+def flip_in_training(fields, doc, rng, feed):
+    """Flips the image of the train feed only; other feeds pass the field on as it is."""
+    return {"image": fields["image"][:, ::-1]} if feed == "train" else {}

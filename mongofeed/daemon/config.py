@@ -103,10 +103,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
                         "f(fields, doc, rng) -> dict of arrays; fields are the decoded [fields], "
                         "doc the document as read (the fields' paths and transform.reads), rng "
                         "a numpy Generator seeded from (batch.seed, epoch, batch index, "
-                        "position). Runs in the daemon's workers: the config is code."),
+                        "position); a parameter named feed gets the feed's name. Runs in the "
+                        "daemon's workers: the config is code."),
         "batch": Key(str, None, "Your function run on every batch, after the document "
                      "function, as \"module:name\": f(arrays, rng) -> dict of arrays (one "
-                     "row per document; a list of rows for a variable-length array)."),
+                     "row per document; a list of rows for a variable-length array); a "
+                     "parameter named feed gets the feed's name."),
         "reads": Key(list, [], "Further document paths the functions read: the workers fetch "
                      "only these and the fields' paths (a projection)."),
         "paths": Key(list, [], "Folders (relative to the config file) put first on sys.path "

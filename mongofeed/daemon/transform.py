@@ -4,13 +4,14 @@ A worker's batch goes through ``BatchMaker.make``::
 
     documents as read: a projection of the fields' paths and transform.reads
       -> decode the [fields]                                        (codec.BatchDecoder)
-      -> document function, per document: f(fields, doc, rng) -> {array: value}
+      -> document function, per document: f(fields, doc, rng[, feed]) -> {array: value}
       -> assemble: a fixed-shape array gets one row per document, a variable one a list
-      -> batch function: f(arrays, rng) -> {array: rows}
+      -> batch function: f(arrays, rng[, feed]) -> {array: rows}
       -> check against [arrays], pad variable dimensions, lengths, cast and scale
       -> the arrays the hello reply announced
 
-Without functions the decoded fields are the batch, as before.
+Without functions the decoded fields are the batch, as before. A function with a parameter
+named ``feed`` also gets the feed's name (to augment ``train`` only, say).
 
 **Randomness.** ``rng`` is a ``numpy.random.Generator`` (PCG64) seeded with
 ``SeedSequence`` of the 64-bit words ``(batch.seed, epoch, batch index, kind, position)``
@@ -103,13 +104,21 @@ def _load(key: str, ref: str, transform: TransformConfig, where: str) -> Callabl
     if not callable(target):
         raise ConfigError(f"{what}: {attribute} is a {type(target).__name__}, not a function")
     try:
-        inspect.signature(target).bind(*SIGNATURES[key])
+        inspect.signature(target).bind(*SIGNATURES[key], **_feed_argument(target, "train"))
     except TypeError:
-        raise ConfigError(f"{what}: {attribute} must take ({', '.join(SIGNATURES[key])})"
-                          ) from None
+        raise ConfigError(f"{what}: {attribute} must take ({', '.join(SIGNATURES[key])}) and "
+                          f"optionally feed") from None
     except ValueError:
         pass  # no signature to check (a builtin)
     return target
+
+
+def _feed_argument(function: Callable, feed: str) -> dict:
+    """``{"feed": feed}`` for a function with a parameter named feed, else nothing."""
+    try:
+        return {"feed": feed} if "feed" in inspect.signature(function).parameters else {}
+    except ValueError:
+        return {}
 
 
 def _file(module) -> str:
@@ -197,10 +206,11 @@ class BatchMaker:
     def sample_nbytes(self) -> int:
         return self.decoder.sample_nbytes()
 
-    def make(self, epoch: int, index: int, docs: list[tuple[int, dict]]
+    def make(self, feed: str, epoch: int, index: int, docs: list[tuple[int, dict]]
              ) -> tuple[dict[str, np.ndarray], list[DecodeError]]:
-        """The arrays of batch ``index`` of ``epoch`` from its readable documents (each with
-        its position in the batch), and the documents left out under on_error = "skip"."""
+        """The arrays of batch ``index`` of ``epoch`` of ``feed`` from its readable documents
+        (each with its position in the batch), and the documents left out under
+        on_error = "skip"."""
         fields, problems, kept = self.decoder.decode_kept([doc for _, doc in docs])
         if not (self.document_function or self.batch_function):
             return fields, problems
@@ -208,16 +218,17 @@ class BatchMaker:
         batch = dict(fields)
         origin = {name: f"field {name!r}" for name in fields}
         if self.document_function:
-            batch, rows = self._documents(epoch, index, rows, batch, origin, problems)
+            batch, rows = self._documents(feed, epoch, index, rows, batch, origin, problems)
         if self.batch_function and rows:  # not on a batch whose documents were all skipped
-            self._batch(epoch, index, batch, origin)
+            self._batch(feed, epoch, index, batch, origin)
         return self._finish(batch, len(rows), origin), problems
 
-    def _documents(self, epoch, index, rows, fields, origin, problems):
+    def _documents(self, feed, epoch, index, rows, fields, origin, problems):
         """Run the document function on each row: the batch with its outputs (they replace
         fields of the same name), and the rows kept."""
         name = self.names["transform.document"]
         seed, n = self.config.batch.seed, len(rows)
+        extra = _feed_argument(self.document_function, feed)
         fixed = {}  # array name -> preallocated rows, written compactly as for the decoder
         listed: dict[str, list] = {}  # variable arrays, and values kept for the batch function
         kept, keys = [], None
@@ -226,7 +237,7 @@ class BatchMaker:
             try:
                 result = self.document_function(
                     sample, ProjectedDocument(doc, self.fetched),
-                    generator(seed, epoch, index, DOCUMENT, position))
+                    generator(seed, epoch, index, DOCUMENT, position), **extra)
                 values = self._document_values(result, keys)
             except (Exception, SystemExit) as exc:  # user code: never the worker's end
                 problem = exc.args[0] if isinstance(exc, _Misfit) else f"raised {describe(exc)}"
@@ -280,11 +291,12 @@ class BatchMaker:
                               f"{bad.expected or _expected(array)}, found {bad.found}") from None
         return values
 
-    def _batch(self, epoch, index, batch, origin):
+    def _batch(self, feed, epoch, index, batch, origin):
         name = self.names["transform.batch"]
+        rng = generator(self.config.batch.seed, epoch, index, BATCH)
         try:
-            result = self.batch_function(batch, generator(self.config.batch.seed, epoch, index,
-                                                          BATCH))
+            result = self.batch_function(batch, rng,
+                                         **_feed_argument(self.batch_function, feed))
         except (Exception, SystemExit) as exc:  # user code: never the worker's end
             raise BatchFunctionError(f"{name} raised {describe(exc)}") from exc
         if not isinstance(result, Mapping):

@@ -188,7 +188,7 @@ class Worker:
                 readable.append((position, doc))
         if problems and self.config.batch.on_error == "fail":
             raise problems[0]
-        arrays, skipped = self.batches.make(task.epoch, task.index, readable)
+        arrays, skipped = self.batches.make(task.feed, task.epoch, task.index, readable)
         return arrays, problems + skipped
 
     def retrying(self, operation, *args):

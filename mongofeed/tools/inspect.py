@@ -134,7 +134,7 @@ def _dry_run(config: Config, reader, feed: str, plan: Plan) -> dict:
     read = reader.read(ids)
     docs = [(position, doc) for position, doc in enumerate(read) if isinstance(doc, dict)]
     unreadable = [doc for doc in read if isinstance(doc, DecodeError)]
-    arrays, skipped = maker.make(0, 0, docs)
+    arrays, skipped = maker.make(feed, 0, 0, docs)
     return {
         "feed": feed, "documents": len(docs), "missing": read.count(None),
         "functions": dict(config.transform.functions),
