@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mongofeed.consumer import model_io
-from mongofeed.daemon.config import parse_config
+from mongofeed.daemon.config import load_config, parse_config
 from mongofeed.daemon.transform import (
     BATCH,
     DOCUMENT,
@@ -259,6 +259,19 @@ def test_a_function_may_ask_for_the_feed():
     batch = [(0, {"_id": 0, "image": [[1, 2], [3, 4]]})]
     assert BatchMaker(c).make("train", 0, 0, batch)[0]["image"].tolist() == [[[2, 1], [4, 3]]]
     assert BatchMaker(c).make("val", 0, 0, batch)[0]["image"].tolist() == [[[1, 2], [3, 4]]]
+
+
+def test_the_example_config_augments_train_only():
+    c = load_config(REPO / "configs" / "digits-augment.toml")
+    maker = BatchMaker(c)
+    digit = {"_id": 0, "pixels": np.arange(64, dtype=np.uint8).tobytes(), "target": 3}
+    batches = {feed: maker.make(feed, 0, 0, [(p, digit) for p in range(8)])[0]
+               for feed in ("train", "val")}
+    assert all(b["image"].dtype == np.uint8 and b["image"].shape == (8, 8, 8, 1)
+               for b in batches.values())
+    assert (batches["val"]["image"][:, :, :, 0] == np.arange(64).reshape(8, 8)).all()
+    assert len({image.tobytes() for image in batches["train"]["image"]}) > 1
+    assert c.arrays["image"].conversion() == Conversion("image", "float32", 0.0625)
 
 
 # -- wire and consumer ---------------------------------------------------------------------------
