@@ -259,6 +259,12 @@ def test_a_function_may_ask_for_the_feed():
     batch = [(0, {"_id": 0, "image": [[1, 2], [3, 4]]})]
     assert BatchMaker(c).make("train", 0, 0, batch)[0]["image"].tolist() == [[[2, 1], [4, 3]]]
     assert BatchMaker(c).make("val", 0, 0, batch)[0]["image"].tolist() == [[[1, 2], [3, 4]]]
+    c = config({"document": "user_functions:flip_some"},
+               {"image": {"dtype": "uint8", "shape": [2, 2]}},
+               fields={"image": {"decode": "list", "dtype": "uint8", "shape": [2, 2]}})
+    with pytest.raises(FunctionError, match=r"_id 1: .* returned the keys \['image'\], the "
+                       r"batch's other documents \[\]"):
+        BatchMaker(c).make("train", 0, 0, [(p, {**batch[0][1], "_id": p}) for p in range(2)])
 
 
 def test_the_example_config_augments_train_only():

@@ -104,7 +104,8 @@ def _load(key: str, ref: str, transform: TransformConfig, where: str) -> Callabl
     if not callable(target):
         raise ConfigError(f"{what}: {attribute} is a {type(target).__name__}, not a function")
     try:
-        inspect.signature(target).bind(*SIGNATURES[key], **_feed_argument(target, "train"))
+        feed = {"feed": "train"} if _takes_feed(target) else {}
+        inspect.signature(target).bind(*SIGNATURES[key], **feed)
     except TypeError:
         raise ConfigError(f"{what}: {attribute} must take ({', '.join(SIGNATURES[key])}) and "
                           f"optionally feed") from None
@@ -113,12 +114,12 @@ def _load(key: str, ref: str, transform: TransformConfig, where: str) -> Callabl
     return target
 
 
-def _feed_argument(function: Callable, feed: str) -> dict:
-    """``{"feed": feed}`` for a function with a parameter named feed, else nothing."""
+def _takes_feed(function: Callable) -> bool:
+    """Whether ``function`` has a parameter named feed (it then gets the feed's name)."""
     try:
-        return {"feed": feed} if "feed" in inspect.signature(function).parameters else {}
+        return "feed" in inspect.signature(function).parameters
     except ValueError:
-        return {}
+        return False
 
 
 def _file(module) -> str:
@@ -199,6 +200,7 @@ class BatchMaker:
         self.document_function = functions.get("transform.document")
         self.batch_function = functions.get("transform.batch")
         self.names = {key: f"{key} {ref!r}" for key, ref in config.transform.functions.items()}
+        self.takes_feed = {key: _takes_feed(function) for key, function in functions.items()}
         self.fetched = frozenset(["_id"] + [p.split(".")[0] for p in read_paths(config)])
         self.declared = {name: a for name, a in config.arrays.items() if a.lengths_of is None}
         self.traceback_logged = False
@@ -228,7 +230,7 @@ class BatchMaker:
         fields of the same name), and the rows kept."""
         name = self.names["transform.document"]
         seed, n = self.config.batch.seed, len(rows)
-        extra = _feed_argument(self.document_function, feed)
+        extra = {"feed": feed} if self.takes_feed["transform.document"] else {}
         fixed = {}  # array name -> preallocated rows, written compactly as for the decoder
         listed: dict[str, list] = {}  # variable arrays, and values kept for the batch function
         kept, keys = [], None
@@ -249,7 +251,8 @@ class BatchMaker:
                     raise error from exc
                 problems.append(error)
                 continue
-            keys = keys or set(values)
+            if keys is None:  # the first document that succeeds sets the batch's keys
+                keys = set(values)
             for key, value in values.items():
                 array = self.declared.get(key)
                 if array is None and not self.batch_function:
@@ -294,9 +297,9 @@ class BatchMaker:
     def _batch(self, feed, epoch, index, batch, origin):
         name = self.names["transform.batch"]
         rng = generator(self.config.batch.seed, epoch, index, BATCH)
+        extra = {"feed": feed} if self.takes_feed["transform.batch"] else {}
         try:
-            result = self.batch_function(batch, rng,
-                                         **_feed_argument(self.batch_function, feed))
+            result = self.batch_function(batch, rng, **extra)
         except (Exception, SystemExit) as exc:  # user code: never the worker's end
             raise BatchFunctionError(f"{name} raised {describe(exc)}") from exc
         if not isinstance(result, Mapping):
