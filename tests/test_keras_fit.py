@@ -17,7 +17,9 @@ import uuid
 from collections import Counter
 
 import pytest
-from daemon import REPO, Daemon, insert_samples, sample_config, write_toml
+
+from mongofeed.testing import Daemon
+from tests.support import REPO, insert_samples, sample_config, write_toml
 
 pytest.importorskip("keras")
 
