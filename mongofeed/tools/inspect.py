@@ -142,6 +142,8 @@ def _dry_run(config: Config, reader, feed: str, plan: Plan) -> dict:
         "arrays": {name: _describe_array(array) for name, array in arrays.items()},
         "inputs": list(config.output.inputs), "targets": list(config.output.targets),
         "sample_weight": config.output.sample_weight,
+        "consumer_casts": {a.name: [a.conversion().dtype, a.conversion().scale]
+                           for a in config.arrays.values() if a.conversion()},
     }
 
 
@@ -184,5 +186,8 @@ def format_report(report: dict) -> str:
         low, high = (f"{info[k]:>10.4g}" if k in info else f"{'-':>10}" for k in ("min", "max"))
         lines.append(f"  {name:<16} {role:<7} {info['dtype']:<8} {str(tuple(info['shape'])):<18}"
                      f" {low} {high}")
+    for name, (dtype, scale) in dry.get("consumer_casts", {}).items():
+        scaled = f", scaled by {scale:g}" if scale is not None else ""
+        lines.append(f"  {name}: cast to {dtype}{scaled} by the consumer")
     lines += [f"skipped: {message}" for message in dry["skipped"]]
     return "\n".join(lines)
