@@ -149,7 +149,9 @@ def test_projection_reads_only_what_is_used():
                {"i": {"dtype": "int64"}},
                fields={"i": {"decode": "scalar", "dtype": "int64"},
                        "deep": {"path": "a.b.c", "decode": "scalar", "dtype": "int64"}})
-    assert projection(c) == {"a.b.c": 1, "i": 1, "meta": 1, "tags": 1, "z": 1}
+    assert projection(c) == {"_id": 1, "a.b.c": 1, "i": 1, "meta": 1, "tags": 1, "z": 1}
+    nothing = config({"document": "m:f"}, {"i": {"dtype": "int64"}}, fields={})
+    assert projection(nothing) == {"_id": 1}  # not {}, which would read whole documents
     doc = ProjectedDocument({"_id": 1, "i": 2, "other": 3}, frozenset(["_id", "i", "z"]))
     assert dict(doc) == {"_id": 1, "i": 2}
     with pytest.raises(KeyError, match="'other' is not read: add it to transform.reads"):

@@ -145,7 +145,7 @@ class BatchReader:
 
     def __init__(self, client: pymongo.MongoClient, source: SourceConfig, sample_bytes: int,
                  projection: dict | None = None):
-        self.projection = projection or None
+        self.projection = projection
         self.db = client[source.database]
         self.collection = self.db[source.collection]
         self.raw_collection = self.collection.with_options(codec_options=RAW_CODEC_OPTIONS)

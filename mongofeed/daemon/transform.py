@@ -155,8 +155,9 @@ def read_paths(config: Config) -> list[str]:
 
 
 def projection(config: Config) -> dict:
-    """The projection of every batch query (``_id`` is always included)."""
-    return {path: 1 for path in read_paths(config)}
+    """The projection of every batch query: the ``_id`` and the paths read (never empty,
+    which would mean whole documents)."""
+    return {"_id": 1, **{path: 1 for path in read_paths(config)}}
 
 
 class ProjectedDocument(dict):
