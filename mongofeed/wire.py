@@ -22,7 +22,9 @@ Public messages (what a consumer, or a stranger, can send or receive):
    ``n = 0`` is a heartbeat.
 3. batch: frame 0 is the header, a JSON object ``{"v", "kind": "batch", "feed", "epoch",
    "index", "count", "arrays": [[name, dtype, shape], ...]}``; then one frame per array with
-   its raw C-order bytes. ``kind = "error"`` carries ``"message"`` and no array frames.
+   its raw C-order bytes. ``kind = "error"`` carries ``"message"`` and no array frames. A
+   hello reply may announce a dimension as null (padded per batch, up to a fourth element,
+   the bound) and ``convert``: the casts the consumer applies on receipt.
 
 Internal messages (supervisor, workers and sink; the peers are our own processes, but every
 frame is still checked, so a bug shows as a counted rejection, not a crash):
