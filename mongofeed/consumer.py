@@ -5,6 +5,12 @@ of one feed, starting at a full epoch. A background thread owns the sockets (Zer
 must not be shared between threads): it grants the daemon credit for a few batches, checks
 every message, keeps a small bounded queue full and sends heartbeats, also while training is
 busy elsewhere. The caller's thread only takes from that queue.
+
+On the daemon's host the batches do not cross the socket: the daemon's workers write them
+into the session's shared memory, which the consumer maps (``region``), and only a small
+header naming the slab arrives; the arrays handed out view the slab, which goes back to the
+daemon once they are gone (``leases``). Elsewhere, or with ``shared_memory=False``, the
+arrays come in the messages.
 """
 
 from __future__ import annotations
@@ -23,26 +29,33 @@ import numpy as np
 import zmq
 
 from .errors import FeedError, FeedTimeout, ProtocolError
+from .leases import JoinBuffers, Slabs
+from .region import Region, RegionError, SlabLayout
 from .security import client_options
 from .wire import (
     MAX_HEADER_BYTES,
     PROTOCOL_VERSION,
+    BatchHeader,
+    Credit,
     Schema,
+    SharedMemoryOffer,
     check_endpoint,
     decode_json,
     encode_json,
     hello_schema,
     next_port,
-    pack_credit,
-    unpack_batch,
+    unpack_frames,
+    unpack_header,
 )
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_PREFETCH = 4
+DEFAULT_HELD_BATCHES = 2
 HEARTBEAT_INTERVAL_S = 1.0
 BYE_LINGER_MS = 500
+SHARED_MEMORY_ENV = "MONGOFEED_SHARED_MEMORY"  # "0": never map the daemon's shared memory
 
 
 class Batch(NamedTuple):
@@ -108,18 +121,28 @@ class Consumer:
     ``shard=(r, R)`` takes part r of R disjoint, equal parts of every epoch.
     ``server_key`` (the daemon's public .key file) and ``client_key`` (this client's
     .key_secret file, listed by the daemon) speak CurveZMQ to a daemon off loopback.
+
+    On the daemon's host (``shared_memory``, on unless False or ``MONGOFEED_SHARED_MEMORY=0``)
+    the arrays of a batch view the daemon's shared memory, read-only, and the daemon reuses
+    that memory once they are gone. Drop them (or copy what you keep) within the next
+    ``held_batches`` batches: while you hold more, ``get`` hands copies instead of views, so
+    nothing waits, but each costs a copy.
     """
 
     def __init__(self, endpoint: str, feed: str = "train", control: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT_S, start_epoch: int = 0,
                  shard: tuple[int, int] | None = None, prefetch: int = DEFAULT_PREFETCH,
-                 server_key: str | None = None, client_key: str | None = None):
+                 server_key: str | None = None, client_key: str | None = None,
+                 shared_memory: bool = True, held_batches: int = DEFAULT_HELD_BATCHES):
         self.endpoint = check_endpoint(endpoint, "endpoint")
         self.control = check_endpoint(control or next_port(endpoint), "control")
         self.feed = feed
         self.timeout = timeout
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
+        if held_batches < 0:
+            raise ValueError("held_batches must be at least 0")
+        shared_memory = shared_memory and os.environ.get(SHARED_MEMORY_ENV) != "0"
         self._pid = os.getpid()
         self._epoch, self.taken_in_epoch = None, 0  # batches of the current epoch taken
         curve = client_options(server_key, client_key)
@@ -127,21 +150,46 @@ class Consumer:
         try:
             control_socket = control_connect(self._context, self.control, curve)
             request = {"op": "hello", "protocol": PROTOCOL_VERSION, "feed": feed,
-                       "start_epoch": start_epoch, "shard": list(shard or (0, 1))}
+                       "start_epoch": start_epoch, "shard": list(shard or (0, 1)),
+                       "shared_memory": shared_memory,
+                       "window": 2 * prefetch + held_batches}
             try:
                 self.info = ask(control_socket, self.control, request, timeout)
             except FeedTimeout as exc:
                 raise FeedTimeout(f"{exc} (the control endpoint of {self.endpoint})") from None
             self.schema = hello_schema(self.info)
+            offer = SharedMemoryOffer.from_reply(self.info)
         except BaseException:
             self._context.destroy(linger=0)
             raise
         self.session = self.info["session"]
+        region = self._attach(offer) if offer else None
         self._receiver = _Receiver(self._context, control_socket, self.endpoint, self.session,
                                    self.schema, start_epoch, self.info.get("ordered", True),
-                                   self.info["batches_per_epoch"], prefetch, curve)
+                                   self.info["batches_per_epoch"], prefetch, curve,
+                                   region, offer is not None, held_batches)
         self._finalizer = weakref.finalize(self, self._receiver.stop)
         self._receiver.start()
+
+    def _attach(self, offer: SharedMemoryOffer) -> Region | None:
+        """Map the session's shared memory; None (the batches then come over the socket) if
+        it is not the daemon's region on this host (see ``region``)."""
+        try:
+            region = Region.attach(offer.path, offer.nonce, offer.slabs, offer.slab_bytes)
+            if SlabLayout.of(self.schema.arrays, self.schema.batch_size).slab_bytes \
+                    != offer.slab_bytes:
+                region.close()
+                raise RegionError("its slabs are not laid out like this mongofeed's")
+        except RegionError as exc:
+            log.info("session %s: not mapping the daemon's shared memory (%s); batches come "
+                     "over the socket", self.info["session"], exc)
+            return None
+        return region
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether the batches come through the daemon's shared memory (same host)."""
+        return self._receiver.region is not None
 
     @property
     def batches_per_epoch(self) -> int:
@@ -383,7 +431,9 @@ class _Receiver:
     so an abandoned Consumer is collected and its session closed."""
 
     def __init__(self, context, control_socket, endpoint, session, schema: Schema,
-                 start_epoch, ordered, batches_per_epoch, prefetch, curve):
+                 start_epoch, ordered, batches_per_epoch, prefetch, curve,
+                 region: Region | None = None, offered: bool = False,
+                 held_batches: int = DEFAULT_HELD_BATCHES):
         self.control_socket = control_socket
         self.session = session
         self.schema = schema
@@ -395,6 +445,12 @@ class _Receiver:
         self.endpoint = endpoint
         self.failure: FeedError | None = None  # why the thread stopped, raised on every take
         self.epoch, self.seen = start_epoch, set()
+        self.region = region
+        self.offsets = SlabLayout.of(schema.arrays, schema.batch_size).offsets
+        self.slabs = Slabs()
+        self.held_batches = held_batches
+        self.join_buffers = JoinBuffers()
+        self.attached = (region is not None) if offered else None  # said in the first credit
         self.data = context.socket(zmq.DEALER)
         self.data.linger = 0
         for option, value in curve.items():
@@ -403,6 +459,9 @@ class _Receiver:
         self.data.maxmsgsize = max(MAX_HEADER_BYTES, schema.batch_size * max(
             spec.sample_nbytes for spec in schema.arrays))
         self.data.connect(endpoint)
+        self.poller = zmq.Poller()
+        self.poller.register(self.data, zmq.POLLIN)
+        self.poller.register(self.slabs.wake_reader, zmq.POLLIN)
         self.owed_credit = prefetch
         self.last_sent = 0.0
         self.thread = threading.Thread(target=self.run, name=f"mongofeed-{session}",
@@ -418,7 +477,8 @@ class _Receiver:
 
     def take(self, timeout: float) -> Batch | None:
         """The next batch, None after ``timeout``; once the thread has failed, its failure
-        (it wakes a waiting take at once)."""
+        (it wakes a waiting take at once). The arrays of a batch in shared memory are views
+        while the caller holds fewer than ``held_batches`` such batches, copies beyond."""
         self.raise_failure()
         try:
             item = self.queue.get(timeout=timeout)
@@ -427,7 +487,12 @@ class _Receiver:
         if item is None or item is FAILED:
             self.raise_failure()
             return None
-        return item
+        batch, lease = item
+        if lease is not None and not self.slabs.hand(lease, self.held_batches):
+            # The caller holds too many: a copy, and the slab goes back at once.
+            batch = Batch(batch.epoch, batch.index,
+                          {name: np.array(a) for name, a in batch.arrays.items()})
+        return batch
 
     def raise_failure(self):
         if self.failure is not None:
@@ -437,7 +502,8 @@ class _Receiver:
         try:
             while not self.stopping.is_set():
                 self.send_credit()
-                if self.data.poll(int(HEARTBEAT_INTERVAL_S * 1000)):
+                events = dict(self.poller.poll(int(HEARTBEAT_INTERVAL_S * 1000)))
+                if self.data in events:
                     self.deliver(self.receive())
         except BaseException as exc:  # whatever it is, the caller hears of it on its next get
             if not self.stopping.is_set():
@@ -462,23 +528,43 @@ class _Receiver:
         except queue.Full:
             pass  # the caller takes a batch without waiting, and the failure on the next take
 
-    def receive(self) -> Batch:
-        head, arrays = unpack_batch(self.data.recv_multipart(copy=False), self.schema)
-        if head["kind"] == "error":
-            raise FeedError(f"the daemon ended this session: {head['message']}")
-        position = (head["epoch"], head["index"])
-        if head["index"] >= self.batches_per_epoch or position in self.seen or (
+    def receive(self) -> tuple:
+        """The next batch, checked, and the lease of its slab (None if not in a slab)."""
+        frames = self.data.recv_multipart(copy=False)
+        header = unpack_header(frames[0])
+        if isinstance(header, str):
+            raise FeedError(f"the daemon ended this session: {header}")
+        position = (header.epoch, header.index)
+        if header.index >= self.batches_per_epoch or position in self.seen or (
                 self.ordered and position != (self.epoch, len(self.seen))) or (
-                head["epoch"] != self.epoch):
+                header.epoch != self.epoch):
             raise ProtocolError(f"batch {position} out of sequence: expected epoch {self.epoch},"
                                 f" batch {len(self.seen)} of {self.batches_per_epoch}")
+        lease = None
+        if header.slab is None:
+            arrays = unpack_frames(header, frames[1:], self.schema, self.join_buffers.take)
+        else:
+            if len(frames) != 1:
+                raise ProtocolError("a batch in shared memory with frames")
+            arrays, lease = self.view_slab(header)
         self.seen.add(position)
         if len(self.seen) == self.batches_per_epoch:
             self.epoch, self.seen = self.epoch + 1, set()
-        return Batch(head["epoch"], head["index"], arrays)
+        return Batch(header.epoch, header.index, arrays), lease
 
-    def deliver(self, batch: Batch):
-        self.put(batch)
+    def view_slab(self, header: BatchHeader) -> tuple[dict, object]:
+        """The arrays of a batch in slab ``header.slab``: views of the mapped region."""
+        if self.region is None:
+            raise ProtocolError("a batch in shared memory on a session without it")
+        base = self.region.slab_bytes_view(header.slab)  # checks the slab number
+        arrays = {place.name: np.ndarray(place.shape, place.dtype, base, offset)
+                  for place, offset in zip(self.schema.placements(header), self.offsets,
+                                           strict=True)}
+        lease = self.slabs.lease(base, header.slab)
+        return self.schema.convert(arrays), lease
+
+    def deliver(self, item):
+        self.put(item)
         self.owed_credit += 1
 
     def put(self, item):
@@ -491,14 +577,19 @@ class _Receiver:
                 self.send_credit()
 
     def send_credit(self):
+        """Credit owed, slabs released, and a heartbeat at least every second."""
+        released = self.slabs.take_released()
         now = time.monotonic()
-        if self.owed_credit == 0 and now - self.last_sent < HEARTBEAT_INTERVAL_S:
+        if not (self.owed_credit or released or self.attached is not None) \
+                and now - self.last_sent < HEARTBEAT_INTERVAL_S:
             return
+        message = Credit(self.owed_credit, released, self.attached).pack()
         try:
-            self.data.send(pack_credit(self.owed_credit), flags=zmq.NOBLOCK)
+            self.data.send(message, flags=zmq.NOBLOCK)
         except zmq.Again:
-            return  # not connected yet; the credit is still owed
-        self.owed_credit = 0
+            self.slabs.retry(released)  # not connected yet; owed still
+            return
+        self.owed_credit, self.attached = 0, None
         self.last_sent = now
 
     def say_bye(self):
@@ -510,3 +601,4 @@ class _Receiver:
             pass
         self.control_socket.close()
         self.data.close()
+        self.slabs.close()

@@ -7,6 +7,11 @@ For the daemon:
   (Windows). Chosen by capability (``zmq.has("ipc")``), not by platform name.
 - The private folder is ``mongofeed-<pid>-*`` in the temp folder; a daemon killed with
   SIGKILL cannot remove its own, so the next daemon removes those whose pid is gone.
+- Shared memory (batches that workers write and same-host consumers map): files
+  ``mongofeed-<pid>-*`` in a folder that lives in memory, ``/dev/shm`` where there is one
+  (Linux) and it can reserve a file's memory up front (``posix_fallocate``, so a full folder
+  is an error at creation, never a SIGBUS on a write). Elsewhere (macOS, Windows) there is
+  none and batches travel in messages. Stale files are removed like stale folders.
 
 For the development commands: the executable suffix, the venv layout, how a server is
 started detached, asked to stop, killed and found alive, how a port is checked and a file
@@ -200,6 +205,50 @@ def remove_stale_runtime_dirs(parent: str | None = None):
                 and not pid_alive(int(match[1]))):
             log.info("removing %s, left behind by a daemon that was killed", entry.path)
             shutil.rmtree(entry.path, ignore_errors=True)
+
+
+# -- shared memory -------------------------------------------------------------------------
+
+SHARED_MEMORY_DIR = "/dev/shm"
+SHARED_MEMORY_DIR_ENV = "MONGOFEED_SHM_DIR"  # another folder, or "" for none (tests)
+SHARED_MEMORY_PREFIX = RUNTIME_DIR_PREFIX   # + owner pid + "-": stale once that pid is gone
+
+
+def shared_memory_dir() -> str | None:
+    """The folder for the daemon's shared-memory files, or None where there is none: a
+    memory-backed folder (``/dev/shm``) on a system that can reserve a file's pages
+    (``os.posix_fallocate``). ``MONGOFEED_SHM_DIR`` names another folder, or none if empty."""
+    folder = os.environ.get(SHARED_MEMORY_DIR_ENV)
+    if folder is None:
+        folder = SHARED_MEMORY_DIR
+    if not folder or not hasattr(os, "posix_fallocate"):
+        return None
+    return folder if os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK) else None
+
+
+def shared_memory_path(folder: str, name: str) -> str:
+    """The path of the shared-memory file ``name`` of this process (its pid in the name)."""
+    return os.path.join(folder, f"{SHARED_MEMORY_PREFIX}{os.getpid()}-{name}")
+
+
+def remove_stale_shared_memory(folder: str | None, owner: int | None = None):
+    """Remove this user's shared-memory files whose daemon is gone (or, with ``owner``, those
+    of that daemon pid: what its workers do when they find it gone). Files of our own pid
+    are stale too: a daemon calls this before it creates any."""
+    if folder is None:
+        return
+    for entry in os.scandir(folder):
+        match = _RUNTIME_DIR_NAME.fullmatch(entry.name)
+        if not (match and entry.is_file(follow_symlinks=False)
+                and entry.stat(follow_symlinks=False).st_uid == os.getuid()):
+            continue
+        pid = int(match[1])
+        if pid == owner or (owner is None and (pid == os.getpid() or not pid_alive(pid))):
+            log.info("removing %s, left behind by a daemon that was killed", entry.path)
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass  # a sibling removed it first
 
 
 def bind_internal(socket, runtime_dir: str | None, name: str) -> str:

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 import bson
@@ -54,7 +54,7 @@ from bson.codec_options import CodecOptions, DatetimeConversion
 
 from .errors import ConfigError, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 ALLOWED_DTYPES = frozenset((
@@ -205,32 +205,95 @@ def endpoint_host(endpoint: str) -> str | None:
 
 # -- batches -------------------------------------------------------------------------------
 
+FRAME_MAX_BYTES = 16 * 2**20  # an array larger than this travels in several frames
+
+
+def frame_sizes(nbytes: int) -> list[int]:
+    """The frames an array of ``nbytes`` travels in: none larger than ``FRAME_MAX_BYTES``,
+    so that no receive buffer crosses glibc's 32 MiB mmap threshold (a fresh mapping, and a
+    page fault per 4 KiB, for every message)."""
+    full, rest = divmod(nbytes, FRAME_MAX_BYTES)
+    return [FRAME_MAX_BYTES] * full + ([rest] if rest or not full else [])
+
+
+def array_frames(array: np.ndarray) -> list:
+    """``array``'s bytes as frames (views, no copy), as ``frame_sizes`` cuts them."""
+    data = memoryview(np.ascontiguousarray(array)).cast("B")
+    frames, start = [], 0
+    for size in frame_sizes(len(data)):
+        frames.append(data[start:start + size])
+        start += size
+    return frames
+
+
 @dataclass(frozen=True)
 class BatchHeader:
-    feed: str
+    """Frame 0 of a batch. The arrays' names, dtypes and shapes are the announced schema's,
+    so per batch only the sample count and the lengths of the variable dimensions (``dims``,
+    in schema order) travel. ``slab`` is set when the arrays lie in the session's shared
+    memory instead of the frames that would follow."""
+
     epoch: int
     index: int
     count: int
-    arrays: tuple[ArraySpec, ...]  # shape here is per sample; the frame holds count samples
+    dims: tuple[int, ...] = ()
+    slab: int | None = None
 
     def pack(self) -> bytes:
-        return encode_json({
-            "v": PROTOCOL_VERSION, "kind": "batch", "feed": self.feed, "epoch": self.epoch,
-            "index": self.index, "count": self.count,
-            "arrays": [spec.to_json() for spec in self.arrays],
-        })
+        body = {"v": PROTOCOL_VERSION, "kind": "batch", "epoch": self.epoch,
+                "index": self.index, "count": self.count, "dims": list(self.dims)}
+        if self.slab is not None:
+            body["slab"] = self.slab
+        return encode_json(body)
+
+    @classmethod
+    def of(cls, epoch: int, index: int, arrays: list[np.ndarray], specs) -> BatchHeader:
+        """The header of a batch of ``arrays`` (in the order of ``specs``, the announced
+        ``ArraySpec``s)."""
+        dims = tuple(array.shape[1 + d] for array, spec in zip(arrays, specs, strict=True)
+                     for d, want in enumerate(spec.shape) if want is None)
+        return cls(epoch, index, len(arrays[0]) if arrays else 0, dims)
+
+    @classmethod
+    def from_json(cls, head: dict) -> BatchHeader:
+        """A checked header from a decoded batch frame of kind "batch"."""
+        epoch, index, count, dims = (head.get(k) for k in ("epoch", "index", "count", "dims"))
+        slab = head.get("slab")
+        if not (_is_count(epoch) and _is_count(index) and _is_count(count)
+                and isinstance(dims, list) and all(_is_count(d) for d in dims)
+                and (slab is None or _is_count(slab))):
+            raise ProtocolError(f"malformed batch header {head!r:.200}")
+        return cls(epoch, index, count, tuple(dims), slab)
 
 
-def pack_batch(feed: str, epoch: int, index: int, arrays: dict[str, np.ndarray]) -> list:
-    """Header and array frames for one batch; large arrays travel without a copy."""
-    count = len(next(iter(arrays.values())))
-    specs = tuple(ArraySpec(name, a.dtype.name, a.shape[1:]) for name, a in arrays.items())
-    header = BatchHeader(feed, epoch, index, count, specs).pack()
-    return [header] + [np.ascontiguousarray(a) for a in arrays.values()]
+def pack_batch(epoch: int, index: int, arrays: dict[str, np.ndarray], specs) -> list:
+    """Header and array frames for one batch (arrays in the order of ``specs``); the arrays
+    travel without a copy, large ones in several frames."""
+    values = list(arrays.values())
+    frames = [BatchHeader.of(epoch, index, values, specs).pack()]
+    for array in values:
+        frames += array_frames(array)
+    return frames
+
+
+def with_slab(header: bytes, slab: int) -> bytes:
+    """A worker's batch header, naming the shared-memory slab that holds its arrays."""
+    parsed = BatchHeader.from_json(decode_json(header, MAX_HEADER_BYTES, "batch header"))
+    return replace(parsed, slab=slab).pack()
 
 
 def pack_error(message: str) -> list:
     return [encode_json({"v": PROTOCOL_VERSION, "kind": "error", "message": message})]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One array of one batch: its name, dtype, shape (samples first) and bytes."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -241,6 +304,7 @@ class Schema:
     batch_size: int
     arrays: tuple[ArraySpec, ...]  # as on the wire
     conversions: tuple[Conversion, ...] = ()
+    _placements: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def delivered(self) -> tuple[ArraySpec, ...]:
@@ -249,72 +313,148 @@ class Schema:
         return tuple(ArraySpec(s.name, dtypes.get(s.name, s.dtype), s.shape, s.max_shape)
                      for s in self.arrays)
 
+    def placements(self, header: BatchHeader) -> list[Placement]:
+        """The arrays of a batch with ``header``, after checking its count and variable
+        lengths against the schema; computed once per distinct (count, lengths)."""
+        key = (header.count, header.dims)
+        placements = self._placements.get(key)
+        if placements is None:
+            placements = self._place(*key)
+            if len(self._placements) < PLACEMENTS_KEPT:
+                self._placements[key] = placements
+        return placements
+
+    def _place(self, count: int, dims: tuple[int, ...]) -> list[Placement]:
+        if count > self.batch_size:  # 0 when on_error = "skip" dropped a whole batch
+            raise ProtocolError(f"batch of {count} samples, expected at most {self.batch_size}")
+        variable = sum(spec.shape.count(None) for spec in self.arrays)
+        if len(dims) != variable:
+            raise ProtocolError(f"batch header gives {len(dims)} variable lengths, "
+                                f"{'fewer' if len(dims) < variable else 'more'} than the "
+                                f"{variable} of the schema")
+        lengths = list(reversed(dims))
+        placements = []
+        for spec in self.arrays:
+            bounds = spec.max_shape or spec.shape
+            shape = tuple(lengths.pop() if want is None else want for want in spec.shape)
+            if any(d > bound for d, bound in zip(shape, bounds, strict=True)):
+                raise ProtocolError(f"array {spec.name!r}: shape {shape} exceeds the "
+                                    f"announced {bounds}")
+            dtype = np.dtype(spec.dtype)
+            placements.append(Placement(spec.name, dtype, (count, *shape),
+                                        count * math.prod(shape) * dtype.itemsize))
+        return placements
+
     def convert(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for c in self.conversions:
             arrays[c.name] = convert(arrays[c.name], c.dtype, c.scale)
         return arrays
 
 
-def unpack_batch(frames: list, schema: Schema) -> tuple[dict, dict[str, np.ndarray]]:
-    """Check a batch message against ``schema``; return (header dict, arrays), the arrays
-    after the announced conversions.
+PLACEMENTS_KEPT = 1024  # distinct (count, lengths) per session whose placements are kept
 
-    Raises ProtocolError for anything malformed, FeedError-worthy messages come back as a
-    header with kind "error" and no arrays.
-    """
-    if not frames:
-        raise ProtocolError("empty message")
-    head = decode_json(frames[0], MAX_HEADER_BYTES, "batch header")
+
+def unpack_header(frame) -> BatchHeader | str:
+    """Frame 0 of a batch message: its checked header, or the message of an error."""
+    head = decode_json(frame, MAX_HEADER_BYTES, "batch header")
     if head.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {head.get('v')!r}, expected {PROTOCOL_VERSION}")
     if head.get("kind") == "error":
-        if len(frames) != 1 or not isinstance(head.get("message"), str):
+        if not isinstance(head.get("message"), str):
             raise ProtocolError("malformed error message")
-        return head, {}
+        return head["message"]
     if head.get("kind") != "batch":
         raise ProtocolError(f"unknown message kind {head.get('kind')!r:.50}")
-    for key in ("epoch", "index", "count"):
-        if not _is_count(head.get(key)):
-            raise ProtocolError(f"header field {key!r} must be a non-negative integer")
-    if head.get("feed") != schema.feed:
-        raise ProtocolError(f"batch of feed {head.get('feed')!r:.50}, expected {schema.feed!r}")
-    count = head["count"]
-    if count > schema.batch_size:  # 0 when on_error = "skip" dropped a whole batch
-        raise ProtocolError(f"batch of {count} samples, expected at most {schema.batch_size}")
-    raw_specs = head.get("arrays")
-    if not isinstance(raw_specs, list):
-        raise ProtocolError("header field 'arrays' must be a list")
-    specs = tuple(ArraySpec.from_json(s) for s in raw_specs)
-    if len(specs) != len(schema.arrays) or not all(
-            announced.accepts(spec) for announced, spec in zip(schema.arrays, specs, strict=True)):
-        raise ProtocolError(f"arrays {[s.to_json() for s in specs]!r:.200} do not match the "
-                            f"announced {[s.to_json() for s in schema.arrays]!r:.200}")
-    if len(frames) != 1 + len(specs):
-        raise ProtocolError(f"{len(frames) - 1} array frames, expected {len(specs)}")
-    arrays = {}
-    for spec, frame in zip(specs, frames[1:], strict=True):
-        buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
-        expected = count * spec.sample_nbytes
-        if buffer.nbytes != expected:
-            raise ProtocolError(f"array {spec.name!r}: {buffer.nbytes} bytes, expected "
-                                f"{expected} ({count} x {spec.dtype} {spec.shape})")
-        arrays[spec.name] = np.frombuffer(buffer, dtype=spec.dtype).reshape((count,) + spec.shape)
-    return head, schema.convert(arrays)
+    return BatchHeader.from_json(head)
+
+
+def unpack_frames(header: BatchHeader, frames: list, schema: Schema,
+                  buffer_for=None) -> dict[str, np.ndarray]:
+    """The arrays of a batch whose bytes came as ``frames`` (all but the header), each length
+    checked before ``np.frombuffer``: views of the frames, or, for an array cut into several
+    frames, joined into ``buffer_for(nbytes)`` (a writable buffer; a new one by default)."""
+    if header.slab is not None:
+        raise ProtocolError("a batch in shared memory on a session without it")
+    placements = schema.placements(header)
+    counts = [len(frame_sizes(p.nbytes)) for p in placements]
+    if len(frames) != sum(counts):
+        raise ProtocolError(f"{len(frames)} array frames, expected {sum(counts)}")
+    arrays, start = {}, 0
+    for place, count in zip(placements, counts, strict=True):
+        parts = [f.buffer if hasattr(f, "buffer") else memoryview(f)
+                 for f in frames[start:start + count]]
+        start += count
+        for part, size in zip(parts, frame_sizes(place.nbytes), strict=True):
+            if part.nbytes != size:
+                raise ProtocolError(f"array {place.name!r}: a frame of {part.nbytes} bytes, "
+                                    f"expected {size} ({place.dtype} {place.shape})")
+        if count == 1:
+            data = parts[0]
+        else:
+            data = (buffer_for or bytearray)(place.nbytes)
+            target, offset = memoryview(data).cast("B"), 0
+            for part in parts:
+                target[offset:offset + part.nbytes] = part.cast("B")
+                offset += part.nbytes
+        arrays[place.name] = np.frombuffer(data, place.dtype, math.prod(place.shape)
+                                           ).reshape(place.shape)
+    return schema.convert(arrays)
+
+
+def unpack_batch(frames: list, schema: Schema) -> tuple[BatchHeader | str, dict]:
+    """A whole batch message checked against ``schema``: (header, arrays), the arrays after
+    the announced conversions; for an error message (its text, {})."""
+    if not frames:
+        raise ProtocolError("empty message")
+    header = unpack_header(frames[0])
+    if isinstance(header, str):
+        if len(frames) != 1:
+            raise ProtocolError("malformed error message")
+        return header, {}
+    return header, unpack_frames(header, frames[1:], schema)
 
 
 # -- consumer -> daemon ----------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Credit:
+    """A consumer's message on the data socket: ``credit`` more batches it may be sent (0: a
+    heartbeat); the shared-memory slabs it no longer reads (``release``); and, in its first
+    message of a session offered shared memory, whether it could map it (``attached``)."""
+
+    credit: int
+    release: tuple[int, ...] = ()
+    attached: bool | None = None
+
+    def pack(self) -> bytes:
+        body = {"credit": self.credit}
+        if self.release:
+            body["release"] = list(self.release)
+        if self.attached is not None:
+            body["attached"] = self.attached
+        return encode_json(body)
+
+
+MAX_RELEASES = 4096  # slabs one credit message may release
+
+
 def pack_credit(credit: int) -> bytes:
-    return encode_json({"credit": credit})
+    return Credit(credit).pack()
 
 
-def unpack_credit(frames: list) -> int:
+def unpack_credit(frames: list) -> Credit:
     if len(frames) != 1:
         raise ProtocolError(f"credit message of {len(frames)} frames, expected 1")
-    credit = decode_json(frames[0], MAX_CONTROL_BYTES, "credit").get("credit")
+    body = decode_json(frames[0], MAX_CONTROL_BYTES, "credit")
+    credit, release, attached = body.get("credit"), body.get("release", []), body.get("attached")
     if not _is_count(credit) or credit > 1_000_000:
         raise ProtocolError(f"credit must be a small non-negative integer, got {credit!r:.50}")
-    return credit
+    if not (isinstance(release, list) and len(release) <= MAX_RELEASES
+            and all(_is_count(slab) for slab in release)):
+        raise ProtocolError(f"release must be a list of slab numbers, got {release!r:.50}")
+    if attached is not None and not isinstance(attached, bool):
+        raise ProtocolError(f"attached must be true or false, got {attached!r:.50}")
+    return Credit(credit, tuple(release), attached)
 
 
 def unpack_request(frames: list) -> dict:
@@ -348,6 +488,37 @@ def hello_schema(reply: dict) -> Schema:
     return Schema(reply["feed"], size, arrays, conversions)
 
 
+@dataclass(frozen=True)
+class SharedMemoryOffer:
+    """A hello reply's ``shared_memory``: the session's region file on the daemon's host
+    (``region``), which a consumer on that host maps instead of receiving the arrays."""
+
+    path: str
+    nonce: bytes
+    slabs: int
+    slab_bytes: int
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "nonce": self.nonce.hex(), "slabs": self.slabs,
+                "slab_bytes": self.slab_bytes}
+
+    @classmethod
+    def from_reply(cls, reply: dict) -> SharedMemoryOffer | None:
+        offer = reply.get("shared_memory")
+        if offer is None:
+            return None
+        try:
+            made = cls(offer["path"], bytes.fromhex(offer["nonce"]), offer["slabs"],
+                       offer["slab_bytes"])
+        except (TypeError, KeyError, ValueError):
+            raise ProtocolError(f"malformed shared_memory in the hello reply: "
+                                f"{offer!r:.200}") from None
+        if not (isinstance(made.path, str) and _is_count(made.slabs) and made.slabs > 0
+                and _is_count(made.slab_bytes) and made.slab_bytes > 0):
+            raise ProtocolError(f"malformed shared_memory in the hello reply: {offer!r:.200}")
+        return made
+
+
 # -- internal: supervisor <-> workers -> sink ------------------------------------------------
 
 TASK, STOP, READY, EVENT = b"task", b"stop", b"ready", b"event"
@@ -357,17 +528,25 @@ TASK_CODEC_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIM
 
 @dataclass(frozen=True)
 class TaskMessage:
-    """One batch to make: the ``_id``s of batch ``index`` of ``epoch`` of ``feed``."""
+    """One batch to make: the ``_id``s of batch ``index`` of ``epoch`` of ``feed``; its
+    ``attempt`` (1 + the times it was re-issued) and, when the session has shared memory,
+    the region file and the slab to write it into."""
 
     task: int
     feed: str
     epoch: int
     index: int
     ids: list
+    attempt: int = 1
+    region: str | None = None
+    slab: int | None = None
 
     def pack(self) -> list:
-        return [TASK, bson.encode({"task": self.task, "feed": self.feed, "epoch": self.epoch,
-                                   "index": self.index, "ids": self.ids})]
+        body = {"task": self.task, "feed": self.feed, "epoch": self.epoch, "index": self.index,
+                "ids": self.ids, "attempt": self.attempt}
+        if self.region is not None:
+            body.update(region=self.region, slab=self.slab)
+        return [TASK, bson.encode(body)]
 
 
 def unpack_worker_command(frames: list) -> TaskMessage | None:
@@ -380,10 +559,13 @@ def unpack_worker_command(frames: list) -> TaskMessage | None:
         body = bson.decode(frames[1], TASK_CODEC_OPTIONS)
     except bson.errors.BSONError as exc:
         raise ProtocolError(f"task is not BSON: {exc}") from None
-    task = TaskMessage(body.get("task"), body.get("feed"), body.get("epoch"), body.get("index"),
-                       body.get("ids"))
+    task = TaskMessage(*(body.get(key) for key in ("task", "feed", "epoch", "index", "ids",
+                                                   "attempt", "region", "slab")))
     if not (isinstance(task.task, int) and isinstance(task.feed, str) and _is_count(task.epoch)
-            and _is_count(task.index) and isinstance(task.ids, list)):
+            and _is_count(task.index) and isinstance(task.ids, list)
+            and _is_count(task.attempt)
+            and ((task.region, task.slab) == (None, None)
+                 or (isinstance(task.region, str) and _is_count(task.slab)))):
         raise ProtocolError("malformed task")
     return task
 
@@ -424,10 +606,13 @@ class WorkerEvent:
 
 @dataclass(frozen=True)
 class BatchMeta:
-    """Frame 0 of a worker's batch message: which task, and what it cost, or why it failed."""
+    """Frame 0 of a worker's batch message: which task (and attempt), and what it cost, or
+    why it failed; ``slab`` when its arrays are in that shared-memory slab, not frames."""
 
     task: int
     slot: int
+    attempt: int = 1
+    slab: int | None = None
     docs: int = 0
     bytes: int = 0
     skips: int = 0
@@ -436,7 +621,9 @@ class BatchMeta:
     error: str | None = None
 
     def pack(self) -> bytes:
-        body = {"task": self.task, "slot": self.slot}
+        body = {"task": self.task, "slot": self.slot, "attempt": self.attempt}
+        if self.slab is not None:
+            body["slab"] = self.slab
         if self.error is not None:
             body["error"] = self.error
         else:
@@ -447,20 +634,22 @@ class BatchMeta:
     @classmethod
     def unpack(cls, frame) -> BatchMeta:
         body = decode_json(frame, MAX_CONTROL_BYTES, "batch meta")
-        task, slot = body.get("task"), body.get("slot")
-        if not (isinstance(task, int) and _is_count(slot)):
-            raise ProtocolError("batch meta lacks task or slot")
+        task, slot, attempt = body.get("task"), body.get("slot"), body.get("attempt")
+        slab = body.get("slab")
+        if not (isinstance(task, int) and _is_count(slot) and _is_count(attempt)
+                and (slab is None or _is_count(slab))):
+            raise ProtocolError("batch meta lacks task, slot or attempt")
         if "error" in body:
             if not isinstance(body["error"], str):
                 raise ProtocolError("batch meta error must be a string")
-            return cls(task, slot, error=body["error"])
+            return cls(task, slot, attempt, error=body["error"])
         counts = [body.get(key) for key in ("docs", "bytes", "skips")]
         skipped, seconds = body.get("skipped"), body.get("seconds")
         if not (all(_is_count(c) for c in counts) and isinstance(skipped, list)
                 and all(isinstance(s, str) for s in skipped)
                 and isinstance(seconds, (int, float))):
             raise ProtocolError("malformed batch meta")
-        return cls(task, slot, *counts, tuple(skipped), float(seconds))
+        return cls(task, slot, attempt, slab, *counts, tuple(skipped), float(seconds))
 
 
 def _bytes_of(frame) -> bytes:

@@ -21,10 +21,10 @@ def test_an_unexpected_failure_in_the_receiver_reaches_the_caller(tmp_path, mong
     path = write_toml(tmp_path / "c.toml", sample_config(mongo_uri, db.name,
                                                          feeds={"train": {}}))
 
-    def out_of_memory(frames, schema):
+    def out_of_memory(frame):
         raise MemoryError("injected while unpacking a batch")
 
-    monkeypatch.setattr(mongofeed.consumer, "unpack_batch", out_of_memory)
+    monkeypatch.setattr(mongofeed.consumer, "unpack_header", out_of_memory)
     with Daemon(path, workers=1) as daemon, Consumer(daemon.bind, timeout=30) as consumer:
         expected = f"receiver thread failed on session .* from {daemon.bind}: MemoryError: injected"
         with pytest.raises(FeedError, match=expected) as failure:

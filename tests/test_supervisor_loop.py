@@ -43,11 +43,12 @@ def stub_worker(slot, config, source, task_endpoint, sink_endpoint, log_level):
     sink = context.socket(zmq.PUSH)
     sink.connect(sink_endpoint)
     tasks.send_multipart(WorkerEvent(READY, slot, pid=os.getpid()).pack())
+    specs = [a.spec() for a in config.arrays.values()]
     while (task := unpack_worker_command(tasks.recv_multipart())) is not None:
         arrays = {"idx": np.array(task.ids, np.int64)}
-        meta = BatchMeta(task.task, slot, docs=len(task.ids), bytes=arrays["idx"].nbytes)
-        sink.send_multipart([meta.pack(), *pack_batch(task.feed, task.epoch, task.index,
-                                                       arrays)])
+        meta = BatchMeta(task.task, slot, task.attempt, docs=len(task.ids),
+                         bytes=arrays["idx"].nbytes)
+        sink.send_multipart([meta.pack(), *pack_batch(task.epoch, task.index, arrays, specs)])
     context.destroy(linger=1000)
 
 
@@ -101,7 +102,7 @@ class RawConsumer:
         def received():
             while self.data.poll(0):
                 head, arrays = unpack_batch(self.data.recv_multipart(), self.schema)
-                batches.append((head["epoch"], head["index"], arrays["idx"].tolist()))
+                batches.append((head.epoch, head.index, arrays["idx"].tolist()))
             return len(batches) >= count
 
         step_until(self.supervisor, received)

@@ -20,7 +20,14 @@ from mongofeed.daemon.transform import (
     projection,
 )
 from mongofeed.errors import ConfigError, ProtocolError
-from mongofeed.wire import ArraySpec, Conversion, hello_schema, pack_batch, unpack_batch
+from mongofeed.wire import (
+    PROTOCOL_VERSION,
+    ArraySpec,
+    Conversion,
+    hello_schema,
+    pack_batch,
+    unpack_batch,
+)
 from tests.support import REPO
 
 TESTS = str(REPO / "tests")
@@ -285,20 +292,20 @@ def test_the_example_config_augments_train_only():
 # -- wire and consumer ---------------------------------------------------------------------------
 
 def test_variable_arrays_and_conversions_on_the_wire():
-    reply = {"protocol": 1, "feed": "f", "batch_size": 4,
+    reply = {"protocol": PROTOCOL_VERSION, "feed": "f", "batch_size": 4,
              "arrays": [["t", "int32", [None], [6]], ["image", "uint8", [2]]],
              "convert": [["image", "float32", 0.5]]}
     schema = hello_schema(reply)
     assert schema.delivered == (ArraySpec("t", "int32", (None,), (6,)),
                                 ArraySpec("image", "float32", (2,)))
-    frames = pack_batch("f", 0, 0, {"t": np.ones((2, 5), np.int32),
-                                    "image": np.array([[2, 4], [6, 8]], np.uint8)})
+    frames = pack_batch(0, 0, {"t": np.ones((2, 5), np.int32),
+                               "image": np.array([[2, 4], [6, 8]], np.uint8)}, schema.arrays)
     _, arrays = unpack_batch([bytes(memoryview(f)) for f in frames], schema)
     assert arrays["t"].shape == (2, 5)
     assert arrays["image"].dtype == np.float32 and arrays["image"].tolist() == [[1, 2], [3, 4]]
-    too_long = pack_batch("f", 0, 0, {"t": np.ones((2, 7), np.int32),
-                                      "image": np.zeros((2, 2), np.uint8)})
-    with pytest.raises(ProtocolError, match="do not match the announced"):
+    too_long = pack_batch(0, 0, {"t": np.ones((2, 7), np.int32),
+                                 "image": np.zeros((2, 2), np.uint8)}, schema.arrays)
+    with pytest.raises(ProtocolError, match="exceeds the announced"):
         unpack_batch([bytes(memoryview(f)) for f in too_long], schema)
     for bad in ([["t", "int32", [None]]], [["t", "int32", [None], [6, 1]]],
                 [["t", "int32", [5], [6]]]):

@@ -10,19 +10,28 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import mongofeed.wire
 from mongofeed.errors import ProtocolError
 from mongofeed.wire import (
     MAX_CONTROL_BYTES,
     PROTOCOL_VERSION,
     ArraySpec,
+    BatchHeader,
+    BatchMeta,
+    Credit,
     Schema,
+    SharedMemoryOffer,
+    TaskMessage,
     hello_schema,
     pack_batch,
     pack_credit,
     pack_error,
     unpack_batch,
     unpack_credit,
+    unpack_header,
     unpack_request,
+    unpack_worker_command,
+    with_slab,
 )
 
 SCHEMA = Schema("train", 4, (ArraySpec("x", "float32", (2,)), ArraySpec("y", "int64", ())))
@@ -33,24 +42,53 @@ json_values = st.recursive(
     max_leaves=12)
 headers = st.fixed_dictionaries({}, optional={
     "v": st.just(PROTOCOL_VERSION) | json_values, "kind": st.sampled_from(["batch", "error"])
-    | json_values, "feed": st.just("train") | json_values, "epoch": json_values,
-    "index": json_values, "count": st.integers(-2, 6) | json_values, "message": json_values,
-    "arrays": st.just([["x", "float32", [2]], ["y", "int64", []]]) | json_values})
+    | json_values, "epoch": json_values, "index": json_values,
+    "count": st.integers(-2, 6) | json_values, "message": json_values,
+    "dims": st.just([]) | json_values, "slab": st.integers(-1, 3) | json_values})
 
 
-def good_batch(count=4):
+def good_batch(count=4, schema=SCHEMA):
     arrays = {"x": np.zeros((count, 2), np.float32), "y": np.arange(count, dtype=np.int64)}
-    return pack_batch("train", 3, 1, arrays)
+    return pack_batch(3, 1, arrays, schema.arrays)
 
 
 def as_bytes(frames):
-    return [f if isinstance(f, bytes) else np.asarray(f).tobytes() for f in frames]
+    return [f if isinstance(f, bytes) else bytes(f) for f in frames]
 
 
 def test_a_good_batch_round_trips():
     head, arrays = unpack_batch(as_bytes(good_batch()), SCHEMA)
-    assert (head["epoch"], head["index"], head["count"]) == (3, 1, 4)
+    assert head == BatchHeader(3, 1, 4)
     assert arrays["y"].tolist() == [0, 1, 2, 3] and arrays["x"].shape == (4, 2)
+
+
+def test_large_arrays_travel_in_frames_of_a_bounded_size_and_are_joined(monkeypatch):
+    monkeypatch.setattr(mongofeed.wire, "FRAME_MAX_BYTES", 12)
+    frames = as_bytes(good_batch())  # x: 32 bytes in 12 + 12 + 8, y: 32 in 12 + 12 + 8
+    assert [len(f) for f in frames[1:]] == [12, 12, 8, 12, 12, 8]
+    head, arrays = unpack_batch(frames, SCHEMA)
+    assert arrays["y"].tolist() == [0, 1, 2, 3] and arrays["x"].shape == (4, 2)
+    with pytest.raises(ProtocolError, match="a frame of 8 bytes, expected 12"):
+        unpack_batch(frames[:2] + frames[3:4] + frames[2:3] + frames[4:], SCHEMA)
+
+
+def test_variable_lengths_travel_in_the_header_and_are_checked():
+    schema = Schema("f", 4, (ArraySpec("t", "int32", (None, 2), (6, 2)),
+                             ArraySpec("n", "int32", ())))
+    frames = as_bytes(pack_batch(0, 0, {"t": np.ones((3, 5, 2), np.int32),
+                                        "n": np.arange(3, dtype=np.int32)}, schema.arrays))
+    head, arrays = unpack_batch(frames, schema)
+    assert head.dims == (5,) and arrays["t"].shape == (3, 5, 2)
+    for dims, message in (([7], "exceeds the announced"), ([], "fewer"), ([5, 1], "more")):
+        with pytest.raises(ProtocolError, match=message):
+            schema.placements(BatchHeader(0, 0, 3, tuple(dims)))
+
+
+def test_a_batch_in_shared_memory_is_a_header_naming_its_slab():
+    header = with_slab(as_bytes(good_batch())[0], 7)
+    assert unpack_header(header) == BatchHeader(3, 1, 4, (), 7)
+    with pytest.raises(ProtocolError, match="shared memory on a session without it"):
+        unpack_batch([header], SCHEMA)
 
 
 @pytest.mark.parametrize("frames, message", [
@@ -72,7 +110,7 @@ def test_broken_batches_are_refused(frames, message):
 
 def test_error_message_round_trips():
     head, arrays = unpack_batch(pack_error("bad document"), SCHEMA)
-    assert head["message"] == "bad document" and arrays == {}
+    assert head == "bad document" and arrays == {}
 
 
 @settings(max_examples=300, deadline=None)
@@ -83,9 +121,9 @@ def test_fuzz_batch_header(header, arrays):
         head, decoded = unpack_batch(frames, SCHEMA)
     except ProtocolError:
         return
-    if head["kind"] == "batch":  # accepted: then it is exactly what the schema allows
-        assert head["count"] <= SCHEMA.batch_size
-        assert all(decoded[s.name].shape == (head["count"],) + s.shape for s in SCHEMA.arrays)
+    if isinstance(head, BatchHeader):  # accepted: then it is exactly what the schema allows
+        assert head.count <= SCHEMA.batch_size and head.slab is None
+        assert all(decoded[s.name].shape == (head.count,) + s.shape for s in SCHEMA.arrays)
 
 
 @settings(max_examples=300, deadline=None)
@@ -100,7 +138,8 @@ def test_fuzz_raw_frames(frames):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(["op", "credit", "feed", "start_epoch"]), json_values))
+@given(st.dictionaries(st.sampled_from(["op", "credit", "feed", "start_epoch", "release",
+                                        "attached"]), json_values))
 def test_fuzz_control_and_credit(message):
     frames = [json.dumps(message).encode()]
     try:
@@ -108,9 +147,11 @@ def test_fuzz_control_and_credit(message):
     except ProtocolError:
         pass
     try:
-        assert 0 <= unpack_credit(frames) <= 1_000_000
+        credit = unpack_credit(frames)
     except ProtocolError:
-        pass
+        return
+    assert 0 <= credit.credit <= 1_000_000 and credit.attached in (None, True, False)
+    assert all(isinstance(slab, int) and slab >= 0 for slab in credit.release)
 
 
 @settings(max_examples=200, deadline=None)
@@ -125,9 +166,34 @@ def test_fuzz_hello_reply(reply):
 
 
 def test_credit_and_request_limits():
-    assert unpack_credit([pack_credit(3)]) == 3
+    assert unpack_credit([pack_credit(3)]) == Credit(3)
+    assert unpack_credit([Credit(0, (4, 1), True).pack()]) == Credit(0, (4, 1), True)
     for bad in (-1, 10**7, True, "3", 1.5):
         with pytest.raises(ProtocolError):
             unpack_credit([json.dumps({"credit": bad}).encode()])
+    for bad in ({"release": [-1]}, {"release": 3}, {"release": [0] * 5000}, {"attached": 1}):
+        with pytest.raises(ProtocolError):
+            unpack_credit([json.dumps({"credit": 0, **bad}).encode()])
     with pytest.raises(ProtocolError, match="2 frames"):
         unpack_request([b'{"op":"hello"}', b""])
+
+
+def test_tasks_and_batch_metas_carry_attempt_and_slab():
+    task = TaskMessage(5, "train", 1, 2, [3, 4], attempt=2, region="/dev/shm/r", slab=6)
+    assert unpack_worker_command(task.pack()) == task
+    plain = TaskMessage(5, "train", 1, 2, [3, 4])
+    assert unpack_worker_command(plain.pack()) == plain
+    meta = BatchMeta(5, 0, attempt=2, slab=6, docs=2, bytes=8)
+    assert BatchMeta.unpack(meta.pack()) == meta
+    failed = BatchMeta(5, 0, attempt=3, error="no")
+    assert BatchMeta.unpack(failed.pack()) == failed
+
+
+def test_shared_memory_offer_in_the_hello_reply():
+    offer = SharedMemoryOffer("/dev/shm/mongofeed-1-a", b"\x01" * 16, 4, 8192)
+    assert SharedMemoryOffer.from_reply({"shared_memory": offer.to_json()}) == offer
+    assert SharedMemoryOffer.from_reply({}) is None
+    for bad in ({"path": 1}, {**offer.to_json(), "nonce": "zz"}, {**offer.to_json(), "slabs": 0},
+                [1]):
+        with pytest.raises(ProtocolError, match="malformed shared_memory"):
+            SharedMemoryOffer.from_reply({"shared_memory": bad})

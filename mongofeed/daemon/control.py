@@ -1,6 +1,11 @@
 """The control socket's requests: ``hello`` opens a session, ``bye`` ends one, ``status``
 reports everything ``mongofeed status`` shows.
 
+``hello`` also makes the session's shared memory (``slabs``), where the daemon has a folder
+for it: workers write the session's batches there, whatever the consumer. A consumer that
+offers to map it (``"shared_memory": true``, with its ``window``: the batches it may hold)
+is told where it is; whether it could map it, it says in its first credit message.
+
 Each handler takes a checked request and returns the reply's body; a request it refuses
 raises ``ProtocolError`` with the reason, which the supervisor sends back as
 ``{"ok": false, "error": ...}``. The handlers read and change the supervisor's state, but
@@ -16,9 +21,11 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import ProtocolError
-from ..wire import PROTOCOL_VERSION
+from ..region import RegionError, SlabLayout
+from ..wire import PROTOCOL_VERSION, ArraySpec, Schema, SharedMemoryOffer
 from .config import redact_uri
 from .planner import Shard
+from .slabs import SessionSlabs
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -26,6 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_SESSIONS = 64
+DEFAULT_WINDOW = 10  # batches a consumer may hold if its hello does not say (2 x 4 + 2)
+MAX_WINDOW = 256
 
 
 class Control:
@@ -60,13 +69,47 @@ class Control:
             raise ProtocolError(f"too many sessions ({MAX_SESSIONS}); close unused consumers")
         if supervisor.plans[feed].batches_per_epoch(shard) == 0:
             raise ProtocolError(f"shard {shard} of feed {feed!r} has no full batch")
-        session = supervisor.sessions.open(feed, shard, start_epoch, self.config.serve.ordered)
+        window = request.get("window", DEFAULT_WINDOW)
+        if not (isinstance(window, int) and not isinstance(window, bool)
+                and 1 <= window <= MAX_WINDOW):
+            raise ProtocolError(f"window must be an integer from 1 to {MAX_WINDOW}")
+        specs = self.specs()
+        session = supervisor.sessions.open(feed, shard, start_epoch, self.config.serve.ordered,
+                                           Schema(feed, supervisor.plans[feed].batch_size, specs))
         supervisor.counters["sessions_opened"] += 1
-        log.info("session %s: feed %s from epoch %d, shard %s", session.name, feed,
-                 start_epoch, shard)
-        return {"ok": True, **self.describe_feed(feed, shard), "session": session.name,
-                "start_epoch": start_epoch, "shard": [shard.rank, shard.world],
-                "heartbeat_timeout": self.config.serve.session_timeout}
+        reply = {"ok": True, **self.describe_feed(feed, shard), "session": session.name,
+                 "start_epoch": start_epoch, "shard": [shard.rank, shard.world],
+                 "heartbeat_timeout": self.config.serve.session_timeout}
+        refusal = self.make_slabs(session, window)
+        if request.get("shared_memory") is True:
+            if session.slabs is not None:
+                region = session.slabs.region
+                reply["shared_memory"] = SharedMemoryOffer(
+                    region.path, region.nonce, region.slabs, region.slab_bytes).to_json()
+            else:
+                reply["shared_memory_refused"] = refusal
+        log.info("session %s: feed %s from epoch %d, shard %s%s", session.name, feed,
+                 start_epoch, shard, f", region {session.slabs.path}" if session.slabs else "")
+        return reply
+
+    def specs(self) -> tuple[ArraySpec, ...]:
+        return tuple(a.spec() for a in self.config.arrays.values())
+
+    def make_slabs(self, session, window: int) -> str | None:
+        """Give ``session`` a region of ``serve.max_pending + window`` slabs; the reason
+        if there is none (no folder for shared memory here, or no room in it)."""
+        folder = self.supervisor.shared_memory_dir
+        if folder is None:
+            return "the daemon's host has no folder for shared memory"
+        layout = SlabLayout.of(self.specs(), self.config.batch.size)
+        try:
+            session.slabs = SessionSlabs.create(folder, session.name,
+                                                self.config.serve.max_pending + window, layout)
+        except RegionError as exc:
+            log.warning("session %s: no shared memory, its batches travel as messages: %s",
+                        session.name, exc)
+            return str(exc)
+        return None
 
     def describe_feed(self, feed: str, shard: Shard | None = None) -> dict:
         """The feed as a stream of ``shard`` (the daemon's own by default) gets it: its
@@ -106,8 +149,7 @@ class Control:
             "workers": supervisor.pool.status(),
             "sessions": supervisor.sessions.status(time.monotonic()),
             "pending_tasks": len(supervisor.sessions.pending),
-            "memory_bound_bytes": batch_bytes * config.serve.max_pending
-            * max(1, len(supervisor.sessions)),
+            "memory_bound_bytes": supervisor.sessions.memory_bound(batch_bytes),
             "batch_bytes": batch_bytes,
             "counters": dict(supervisor.counters),
             "errors": list(supervisor.errors),

@@ -4,7 +4,9 @@ A session is one consumer's own stream of one feed, from a full epoch boundary, 
 position in the deterministic plan. For each session the table keeps up to
 ``serve.max_pending`` batches ahead of delivery (tasks in production plus batches waiting at
 the sink), and every task until its batch is delivered, so that a task whose worker died
-can be re-issued and a late duplicate recognised.
+can be re-issued and a late duplicate recognised. A session with shared memory
+(``slabs.SessionSlabs``) gives each task a slab when it is planned; the task keeps it through
+re-issues, and each issue is a new ``attempt``, so a batch of an earlier one is known.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..wire import TaskMessage
+from ..wire import Schema, TaskMessage
 from .planner import Plan, Shard
+from .slabs import SessionSlabs
 
 
 @dataclass
@@ -26,9 +29,13 @@ class Task:
     epoch: int
     index: int
     ids: list
+    attempt: int = 1
+    slab: int | None = None   # the slab its batch is written into (shared memory)
+    region: str | None = None
 
     def message(self) -> TaskMessage:
-        return TaskMessage(self.id, self.feed, self.epoch, self.index, self.ids)
+        return TaskMessage(self.id, self.feed, self.epoch, self.index, self.ids, self.attempt,
+                           self.region, self.slab)
 
 
 @dataclass
@@ -39,6 +46,8 @@ class Session:
     batches_per_epoch: int
     start_epoch: int
     ordered: bool
+    schema: Schema
+    slabs: SessionSlabs | None = None  # its shared memory, if the daemon made it
     last_seen: float = field(default_factory=time.monotonic)
     active: bool = False          # the consumer has connected its data socket
     credit: int = 0
@@ -47,7 +56,7 @@ class Session:
     deliver_epoch: int = 0        # epoch being delivered; delivered_in_epoch of it so far
     delivered_in_epoch: int = 0
     in_production: int = 0        # tasks issued whose batch has not arrived
-    ready: dict = field(default_factory=dict)  # (epoch, index) -> frames
+    ready: dict = field(default_factory=dict)  # (epoch, index) -> frames or SlabBatch
     delivered: int = 0
     skips: int = 0
 
@@ -57,6 +66,14 @@ class Session:
     @property
     def name(self) -> str:
         return self.id.decode()
+
+    @property
+    def transport(self) -> str:
+        """How its batches travel: "shared memory" (the consumer maps the region), "tcp"
+        (sent from the region without a copy) or "frames" (no region: through the sink)."""
+        if self.slabs is None:
+            return "frames"
+        return "shared memory" if self.slabs.shared else "tcp"
 
     def ahead(self) -> int:
         return self.in_production + len(self.ready)
@@ -83,7 +100,8 @@ class Session:
             "batches_per_epoch": self.batches_per_epoch, "delivered": self.delivered,
             "waiting": len(self.ready), "in_production": self.in_production,
             "credit": self.credit, "skips": self.skips,
-            "idle_s": round(now - self.last_seen, 1),
+            "idle_s": round(now - self.last_seen, 1), "transport": self.transport,
+            "slabs": self.slabs.status() if self.slabs else None,
         }
 
 
@@ -103,48 +121,80 @@ class SessionTable:
     def get(self, session_id: bytes) -> Session | None:
         return self.sessions.get(session_id)
 
-    def open(self, feed: str, shard: Shard, start_epoch: int, ordered: bool) -> Session:
+    def open(self, feed: str, shard: Shard, start_epoch: int, ordered: bool,
+             schema: Schema) -> Session:
         session = Session(secrets.token_hex(8).encode(), feed, shard,
-                          self.plans[feed].batches_per_epoch(shard), start_epoch, ordered)
+                          self.plans[feed].batches_per_epoch(shard), start_epoch, ordered,
+                          schema)
         self.sessions[session.id] = session
         return session
 
     def end(self, session: Session):
-        """Forget a session and its tasks; those in flight are dropped when they come back."""
+        """Forget a session and its tasks; those in flight are dropped when they come back.
+        Its region file is removed (the mappings of workers and consumer outlive it)."""
         self.sessions.pop(session.id, None)
         for task_id in [t.id for t in self.tasks.values() if t.session == session.id]:
             del self.tasks[task_id]
         session.ready.clear()
+        if session.slabs is not None:
+            session.slabs.close()
+
+    def memory_bound(self, batch_bytes: int) -> int:
+        """Bytes of batches the daemon may hold for its sessions: each session's region, or
+        ``max_pending`` batches for one without; one session's worth when there is none."""
+        bounds = [s.slabs.nbytes if s.slabs else batch_bytes * self.max_pending
+                  for s in list(self.sessions.values())]
+        return sum(bounds) if bounds else batch_bytes * self.max_pending
+
+    def poll_sent(self):
+        """Free the slabs that ZeroMQ has finished sending."""
+        for session in self.sessions.values():
+            if session.slabs is not None and session.slabs.sending:
+                session.slabs.poll_sent()
 
     def silent(self, now: float, timeout: float) -> list[Session]:
         """Sessions whose consumer sent nothing for ``timeout`` seconds."""
         return [s for s in self.sessions.values() if now - s.last_seen > timeout]
 
     def plan_tasks(self):
-        """Give every active session tasks until it has ``max_pending`` batches ahead."""
+        """Give every active session tasks until it has ``max_pending`` batches ahead (and,
+        with shared memory, while it has a free slab)."""
         hungry = [s for s in self.sessions.values() if s.active and s.ahead() < self.max_pending]
         while hungry:
             for session in list(hungry):
+                slab = region = None
+                if session.slabs is not None:
+                    slab, region = session.slabs.acquire(), session.slabs.path
+                    if slab is None:
+                        hungry.remove(session)
+                        continue
                 epoch, index = session.next_task()
                 plan = self.plans[session.feed]
                 task = Task(secrets.randbits(62), session.id, session.feed, epoch, index,
-                            plan.batch_ids(epoch, index, session.shard))
+                            plan.batch_ids(epoch, index, session.shard), slab=slab,
+                            region=region)
                 self.tasks[task.id] = task
                 self.pending.append(task.id)
                 session.in_production += 1
                 if session.ahead() >= self.max_pending:
                     hungry.remove(session)
 
-    def finish(self, task_id: int) -> tuple[Task | None, Session | None]:
-        """A batch came back: its task (None for a late duplicate or an ended session's)
-        and the session that still waits for it."""
-        task = self.tasks.pop(task_id, None)
-        return task, self.sessions.get(task.session) if task else None
+    def finish(self, task_id: int, attempt: int) -> tuple[Task | None, Session | None]:
+        """A batch came back: its task (None for a late duplicate, a batch of an earlier
+        attempt, or an ended session's) and the session that still waits for it."""
+        task = self.tasks.get(task_id)
+        if task is None or task.attempt != attempt:
+            return None, None
+        del self.tasks[task_id]
+        return task, self.sessions.get(task.session)
 
     def requeue(self, task_ids: list[int]):
-        """Tasks of a worker that died: first in line again, in their order."""
+        """Tasks whose worker died (or could not be reached): first in line again, in their
+        order, each as a new attempt (a batch of the old one is dropped when it comes)."""
         for task_id in reversed(task_ids):
-            if task_id in self.tasks:
+            task = self.tasks.get(task_id)
+            if task is not None:
+                task.attempt += 1
                 self.pending.appendleft(task_id)
 
     def next_pending(self) -> Task | None:

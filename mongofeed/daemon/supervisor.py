@@ -25,7 +25,12 @@ from collections.abc import Callable
 import zmq
 
 from ..errors import ProtocolError, SourceError
-from ..portable import bind_internal, make_runtime_dir
+from ..portable import (
+    bind_internal,
+    make_runtime_dir,
+    remove_stale_shared_memory,
+    shared_memory_dir,
+)
 from ..security import CurveServer
 from ..wire import (
     MAX_CONTROL_BYTES,
@@ -34,6 +39,7 @@ from ..wire import (
     encode_json,
     pack_error,
     unpack_credit,
+    unpack_header,
     unpack_request,
 )
 from .config import Config
@@ -41,7 +47,7 @@ from .control import Control
 from .planner import Plan
 from .pool import WorkerPool
 from .sessions import Session, SessionTable
-from .sink import Sink
+from .sink import Sink, SlabBatch
 from .source import MongoSource, plan_feed
 from .transform import load_functions
 from .worker import run_worker
@@ -75,6 +81,7 @@ class Supervisor:
         self.context = None
         self.curve = None  # CurveServer when serve.server_key is set
         self.runtime_dir = None
+        self.shared_memory_dir = None  # where session regions are made; None: no regions
         self.pool = None
         self.metrics_server = None
 
@@ -103,6 +110,8 @@ class Supervisor:
             self.data.router_mandatory = 1
             self.data.sndhwm = DATA_SNDHWM
             self.runtime_dir = make_runtime_dir()
+            self.shared_memory_dir = shared_memory_dir()
+            remove_stale_shared_memory(self.shared_memory_dir)
             self.task_socket = self._socket(zmq.ROUTER)
             task_endpoint = bind_internal(self.task_socket, self.runtime_dir, "tasks")
             self.task_socket.router_mandatory = 1
@@ -176,7 +185,7 @@ class Supervisor:
         """Stop the workers, tell every session why it ends, release everything."""
         self.pool.stop()
         for session in list(self.sessions.sessions.values()):
-            self.sink.fail(session, "the daemon stopped")
+            self.end_session(session, "the daemon stopped")
         self.close()
 
     def close(self):
@@ -187,6 +196,8 @@ class Supervisor:
         if self.curve is not None:
             self.curve.stop()
             self.curve = None
+        for session in list(self.sessions.sessions.values()):
+            self.sessions.end(session)  # removes its region
         if self.context is not None:
             self.context.destroy(linger=SOCKET_LINGER_MS)
             self.context = None
@@ -212,6 +223,7 @@ class Supervisor:
         if self.control in events:
             self.drain(self.control, self.on_control)
         self.sessions.requeue(self.pool.check())
+        self.sessions.poll_sent()
         self.expire_sessions()
         self.sessions.plan_tasks()
         self.dispatch()
@@ -241,11 +253,28 @@ class Supervisor:
             self.counters["rejected_messages"] += 1
             return
         self.pool.delivered(record, meta.task)
-        task, session = self.sessions.finish(meta.task)
+        task, session = self.sessions.finish(meta.task, meta.attempt)
         if session is None:
             # A session that ended, or a late duplicate of a re-issued task: never delivered.
             self.counters["dropped_batches"] += 1
             return
+        batch = frames[1:]
+        if meta.error is None and meta.slab is not None:
+            try:
+                if meta.slab != task.slab or len(batch) != 1:
+                    raise ProtocolError(f"slab {meta.slab} for a task of slab {task.slab}")
+                header = unpack_header(batch[0])
+                if isinstance(header, str):
+                    raise ProtocolError("an error in place of a batch header")
+                session.schema.placements(header)  # its counts fit the schema
+            except ProtocolError as exc:
+                meta = BatchMeta(meta.task, meta.slot, error=f"feed {task.feed!r}, epoch "
+                                 f"{task.epoch}, batch {task.index}: a bad batch from worker "
+                                 f"{meta.slot}: {exc}")
+            else:
+                batch = SlabBatch(meta.slab, header)
+        elif task.slab is not None:
+            session.slabs.give_back(task.slab)  # the batch came as frames, or not at all
         if meta.error is not None:
             record.errors += 1
             record.last_error = meta.error
@@ -259,7 +288,7 @@ class Supervisor:
         session.skips += meta.skips
         for message in meta.skipped:
             log.warning("skipped: %s", message)
-        if not self.sink.accept(session, task.epoch, task.index, frames[1:]):
+        if not self.sink.accept(session, task.epoch, task.index, batch):
             self.end_session(session)
 
     def dispatch(self):
@@ -279,7 +308,7 @@ class Supervisor:
         identity = frames[0].bytes
         session = self.sessions.get(identity)
         try:
-            credit = unpack_credit(frames[1:])
+            message = unpack_credit(frames[1:])
         except ProtocolError as exc:
             self.counters["rejected_messages"] += 1
             log.info("data socket: rejected a message: %s", exc)
@@ -293,7 +322,14 @@ class Supervisor:
             except zmq.ZMQError:
                 pass
             return
-        if not self.sink.grant(session, credit):
+        if session.slabs is not None:
+            if message.attached is not None and not session.active:
+                session.slabs.shared = message.attached  # its first message says
+                log.info("session %s: %s", session.name, session.transport)
+            if message.release and not session.slabs.release(message.release):
+                self.counters["rejected_messages"] += 1
+                log.info("session %s: released a slab it did not hold", session.name)
+        if not self.sink.grant(session, message.credit):
             self.end_session(session)
 
     def expire_sessions(self):

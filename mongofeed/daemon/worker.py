@@ -7,8 +7,10 @@ sockets are created here, in the child, never inherited. The loop:
 2. take a task (feed, epoch, index, the batch's ``_id``s), read the documents with ONE
    ``$in`` query (of the paths the config uses only), decode them into preallocated arrays
    and run the user's functions on them (``transform.BatchMaker``);
-3. push ``[meta, header, array...]`` to the sink (the header and arrays go on to the
-   consumer unchanged; ``meta`` tells the supervisor which task it was).
+3. with shared memory (the task names a region and a slab), write the arrays into the slab
+   and push ``[meta, header]`` to the sink; otherwise push ``[meta, header, array...]`` (the
+   header and arrays go on to the consumer unchanged). ``meta`` tells the supervisor which
+   task and attempt it was.
 
 A worker never dies from data. Every failure while producing a batch is one of three kinds:
 
@@ -21,7 +23,8 @@ A worker never dies from data. Every failure while producing a batch is one of t
   ``FeedError`` naming feed, epoch, batch and the exception) and the worker goes on.
 
 The worker exits when told to, or by itself when its parent is gone (checked by polling the
-parent's sentinel, which works on every platform).
+parent's sentinel, which works on every platform); it then removes the regions its parent
+left. It unmaps a region once the supervisor has removed its file (the session ended).
 """
 
 from __future__ import annotations
@@ -36,9 +39,12 @@ import zmq
 from pymongo.errors import PyMongoError
 
 from ..errors import DecodeError, ProtocolError
+from ..portable import remove_stale_shared_memory, shared_memory_dir
+from ..region import Region, SlabLayout
 from ..wire import (
     EVENT,
     READY,
+    BatchHeader,
     BatchMeta,
     TaskMessage,
     WorkerEvent,
@@ -78,6 +84,9 @@ class Worker:
         self.reader = source.reader(self.client, self.batches.sample_nbytes(),
                                     projection(config))
         self.parent = multiprocessing.parent_process()
+        self.specs = [a.spec() for a in config.arrays.values()]
+        self.layout = SlabLayout.of(self.specs, config.batch.size)
+        self.regions: dict[str, Region] = {}  # mapped session regions, by path
 
     def _read_gridfs(self, bucket, file_id):
         return self.reader.read_gridfs(bucket, file_id)
@@ -88,6 +97,7 @@ class Worker:
     def run(self):
         self.tasks.send_multipart(WorkerEvent(READY, self.slot, pid=os.getpid()).pack())
         while self.parent_alive():
+            self.unmap_removed_regions()
             if not self.tasks.poll(POLL_INTERVAL_MS):
                 continue
             tasks, stop = self.take_tasks()
@@ -98,6 +108,18 @@ class Worker:
             if stop:
                 return
         log.warning("worker %d: supervisor is gone, exiting", self.slot)
+
+    def unmap_removed_regions(self):
+        """Unmap the regions of sessions that ended (their files are gone), so that their
+        memory is freed."""
+        for path in [p for p in self.regions if not os.path.exists(p)]:
+            self.regions.pop(path).close()
+
+    def region(self, path: str) -> Region:
+        region = self.regions.get(path)
+        if region is None:
+            region = self.regions[path] = Region.open(path)
+        return region
 
     def take_tasks(self) -> tuple[list[TaskMessage], bool]:
         """The next task and every task already queued behind it (read with one query), and
@@ -149,11 +171,17 @@ class Worker:
         started = time.perf_counter()
         try:
             arrays, problems = self.retrying(self.decode, task, docs)
-            header_and_arrays = pack_batch(task.feed, task.epoch, task.index, arrays)
+            if task.region is None:
+                header_and_arrays = pack_batch(task.epoch, task.index, arrays, self.specs)
+            else:
+                values = list(arrays.values())
+                self.region(task.region).write(task.slab, self.layout, values)
+                header_and_arrays = [BatchHeader.of(task.epoch, task.index, values,
+                                                    self.specs).pack()]
         except Exception as exc:
             return self.failed(task, exc)
         meta = BatchMeta(
-            task.task, self.slot,
+            task.task, self.slot, task.attempt, task.slab,
             docs=len(next(iter(arrays.values()))),
             bytes=sum(a.nbytes for a in arrays.values()),
             skips=len(problems),
@@ -173,7 +201,7 @@ class Worker:
         error = clip(f"feed {task.feed!r}, epoch {task.epoch}, batch {task.index}: {cause}")
         if not isinstance(exc, DecodeError):
             log.error("worker %d: %s", self.slot, error, exc_info=exc)
-        return [BatchMeta(task.task, self.slot, error=error).pack()]
+        return [BatchMeta(task.task, self.slot, task.attempt, error=error).pack()]
 
     def decode(self, task: TaskMessage, docs: list) -> tuple[dict, list]:
         """One batch's arrays from its documents as read (GridFS fields are read here), and
@@ -221,6 +249,10 @@ class Worker:
     def close(self):
         self.client.close()
         self.context.destroy(linger=SOCKET_LINGER_MS)
+        for region in self.regions.values():
+            region.close()
+        if not self.parent_alive():  # killed: nobody else removes its regions now
+            remove_stale_shared_memory(shared_memory_dir(), owner=self.parent.pid)
 
 
 def clip(message: str) -> str:

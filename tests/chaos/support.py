@@ -1,4 +1,5 @@
-"""Shared pieces of the chaos suite: a config on disk, reading whole epochs, process checks."""
+"""Shared pieces of the chaos suite: a config on disk, reading whole epochs, process checks,
+and both ways a batch reaches a consumer (the daemon's shared memory, or tcp)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import socket
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from mongofeed import Consumer
 from mongofeed.security import keygen
 from mongofeed.testing import Daemon
@@ -16,6 +19,16 @@ from tests.support import insert_samples, sample_config, write_toml
 DOCS = 240          # train documents; with batch size 8 that is 30 batches per epoch
 BATCH = 8
 BATCHES = DOCS // BATCH
+
+
+# Run a test over both paths: the consumer maps the daemon's shared memory, or refuses it
+# (shared_memory=False) and gets the batches over tcp, sent from the same slabs.
+BOTH_PATHS = pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "tcp"])
+
+
+def transport(shared_memory: bool) -> str:
+    """The session transport ``mongofeed status`` shows for a consumer of this choice."""
+    return "shared memory" if shared_memory else "tcp"
 
 
 def feed_config(tmp_path: Path, uri: str, db, docs: int = DOCS, **parts) -> Path:
@@ -78,10 +91,17 @@ def curve_daemon(tmp_path: Path, uri: str, db) -> tuple[Daemon, dict]:
 
 
 def private_tmp(tmp_path):
-    """A TMPDIR of the daemon's own, so its ipc folder is told apart from other daemons'."""
+    """A TMPDIR of the daemon's own, so its ipc folder is told apart from other daemons',
+    and a shared-memory folder of its own (``shm`` in it), for its region files."""
     folder = tmp_path / "tmp"
     folder.mkdir()
-    return folder, {"TMPDIR": str(folder)}
+    (folder / "shm").mkdir()
+    return folder, {"TMPDIR": str(folder), "MONGOFEED_SHM_DIR": str(folder / "shm")}
+
+
+def regions(tmp: Path) -> list[Path]:
+    """The region files in the shared-memory folder of ``private_tmp``."""
+    return sorted((tmp / "shm").glob("mongofeed-*"))
 
 
 def port_free(port: int) -> bool:

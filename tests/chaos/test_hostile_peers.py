@@ -9,7 +9,7 @@ import zmq
 
 from mongofeed import Consumer
 from mongofeed.testing import Daemon
-from mongofeed.wire import MAX_CONTROL_BYTES
+from mongofeed.wire import MAX_CONTROL_BYTES, PROTOCOL_VERSION
 from tests.chaos.support import BATCHES, assert_exactly_once, feed_config, read_batches
 
 HELLO_FLOOD = 200
@@ -36,7 +36,8 @@ def test_hostile_peers_are_rejected_and_others_keep_being_served(tmp_path, mongo
             huge.connect(endpoint)
             huge.send(b"{" * (MAX_CONTROL_BYTES * 4))
         for _ in range(HELLO_FLOOD):  # floods of hello requests nobody follows up
-            control.send(json.dumps({"op": "hello", "protocol": 1, "feed": "train"}).encode())
+            control.send(json.dumps({"op": "hello", "protocol": PROTOCOL_VERSION,
+                                     "feed": "train"}).encode())
         batches += read_batches(consumer, 2 * BATCHES - len(batches))
         replies = []
         while control.poll(1000):

@@ -1,4 +1,5 @@
-"""Training jobs crash and restart from a checkpoint; consumers are slow for a long time."""
+"""Training jobs crash and restart from a checkpoint; consumers are slow for a long time; over
+the daemon's shared memory and over tcp."""
 
 from __future__ import annotations
 
@@ -10,17 +11,25 @@ from pathlib import Path
 
 from mongofeed import Consumer
 from mongofeed.testing import Daemon, wait_until
-from tests.chaos.support import BATCHES, assert_exactly_once, feed_config, read_batches
+from tests.chaos.support import (
+    BATCHES,
+    BOTH_PATHS,
+    assert_exactly_once,
+    feed_config,
+    private_tmp,
+    read_batches,
+    regions,
+)
 
 SESSION_TIMEOUT_S = 3
 
 CRASHING_TRAINER = """
 import sys, time
 from mongofeed import Consumer
-consumer = Consumer(sys.argv[1], "train", timeout=30, start_epoch=1)
-for _ in range(5):
-    consumer.get()
-print("read", flush=True)
+consumer = Consumer(sys.argv[1], "train", timeout=30, start_epoch=1,
+                    shared_memory=sys.argv[2] == "True")
+held = [consumer.get() for _ in range(5)]  # over shared memory: views of its slabs
+print("read", consumer.shared_memory, flush=True)
 time.sleep(600)
 """
 
@@ -32,31 +41,37 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
+@BOTH_PATHS
 def test_restart_from_checkpoint_gets_the_same_epoch_and_nothing_of_the_dead_run(
-        tmp_path, mongo_uri, db):
+        tmp_path, mongo_uri, db, shared_memory):
     config = feed_config(tmp_path, mongo_uri, db,
                          serve={"session_timeout": SESSION_TIMEOUT_S, "max_pending": 4})
-    with Daemon(config, workers=2) as daemon:
-        with Consumer(daemon.bind, "train", timeout=30) as first_run:
-            reference = read_batches(first_run, 2 * BATCHES)
+    tmp, env = private_tmp(tmp_path)
+    with Daemon(config, workers=2, env=env) as daemon:
+        with Consumer(daemon.bind, "train", timeout=30, shared_memory=shared_memory) as first:
+            reference = read_batches(first, 2 * BATCHES)
         assert_exactly_once(reference, epochs=(0, 1))
 
-        # A trainer resumes at epoch 1, reads a little and hangs (no heartbeats, its
-        # connection stays open), as a job that the cluster has frozen or lost.
-        crashed = subprocess.Popen([sys.executable, "-c", CRASHING_TRAINER, daemon.bind],
-                                   stdout=subprocess.PIPE, text=True)
+        # A trainer resumes at epoch 1, reads a little, holding what it read, and hangs (no
+        # heartbeats, its connection stays open), as a job that the cluster has frozen or
+        # lost; then it is killed, still holding its slabs.
+        crashed = subprocess.Popen([sys.executable, "-c", CRASHING_TRAINER, daemon.bind,
+                                    str(shared_memory)], stdout=subprocess.PIPE, text=True)
         try:
-            assert crashed.stdout.readline() == "read\n"
+            assert crashed.stdout.readline() == f"read {shared_memory}\n"
             crashed.send_signal(signal.SIGSTOP)
-            assert len(daemon.status()["sessions"]) == 1
+            assert len(daemon.status()["sessions"]) == 1 and len(regions(tmp)) == 1
             frozen = time.monotonic()
             assert wait_until(lambda: not daemon.status()["sessions"], SESSION_TIMEOUT_S + 10)
             print(f"silent session ended {time.monotonic() - frozen:.1f} s after its last "
                   f"heartbeat (timeout {SESSION_TIMEOUT_S} s)")
             assert daemon.status()["pending_tasks"] == 0  # no work for the departed
+            assert regions(tmp) == []  # nor memory: its region is gone with it
+            crashed.send_signal(signal.SIGKILL)
 
             # Its replacement resumes at the same checkpoint: the same epoch, from batch 0.
-            with Consumer(daemon.bind, "train", timeout=30, start_epoch=1) as resumed:
+            with Consumer(daemon.bind, "train", timeout=30, start_epoch=1,
+                          shared_memory=shared_memory) as resumed:
                 again = read_batches(resumed, BATCHES)
                 assert again == [b for b in reference if b[0] == 1]
         finally:
@@ -65,14 +80,21 @@ def test_restart_from_checkpoint_gets_the_same_epoch_and_nothing_of_the_dead_run
             crashed.stdout.close()
 
 
-def test_slow_consumer_keeps_daemon_memory_bounded(tmp_path, mongo_uri, db):
-    max_pending = 4
+@BOTH_PATHS
+def test_slow_consumer_keeps_daemon_memory_bounded(tmp_path, mongo_uri, db, shared_memory):
+    max_pending, prefetch, held_batches = 4, 2, 2
     config = feed_config(tmp_path, mongo_uri, db, serve={"max_pending": max_pending})
     with Daemon(config, workers=2) as daemon, \
-            Consumer(daemon.bind, "train", timeout=30, prefetch=2) as consumer:
+            Consumer(daemon.bind, "train", timeout=30, prefetch=prefetch,
+                     shared_memory=shared_memory, held_batches=held_batches) as consumer:
         status = daemon.status()
         bound = status["memory_bound_bytes"]
-        assert bound == status["batch_bytes"] * max_pending  # batch size x in-flight batches
+        slabs = status["sessions"][0]["slabs"]
+        # The region: max_pending slabs for production, and the consumer's window (twice its
+        # prefetch, and the batches it may hold).
+        assert slabs["slabs"] == max_pending + 2 * prefetch + held_batches
+        assert bound == 4096 + slabs["slabs"] * slabs["slab_bytes"]
+        assert slabs["slab_bytes"] < status["batch_bytes"] + 64 * 3  # each array aligned
         batches, rss = [], []
         pids = [status["pid"]] + [w["pid"] for w in status["workers"]]
         for _epoch in range(3):
@@ -83,7 +105,8 @@ def test_slow_consumer_keeps_daemon_memory_bounded(tmp_path, mongo_uri, db):
                     session = daemon.status()["sessions"][0]
                     held = session["waiting"] + session["in_production"]
                     assert held <= max_pending, session
-                    assert held * status["batch_bytes"] <= bound
+                    lent = session["slabs"]["lent"] + session["slabs"]["sending"]
+                    assert lent <= 2 * prefetch + held_batches, session
             rss.append(sum(rss_bytes(p) for p in pids))
     assert_exactly_once(batches, epochs=(0, 1, 2))
     print(f"memory bound {bound} bytes; daemon RSS per epoch {rss}")

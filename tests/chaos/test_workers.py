@@ -1,4 +1,5 @@
-"""Workers die for real (SIGKILL, crash loops); the epoch still delivers each document once."""
+"""Workers die for real (SIGKILL, crash loops); the epoch still delivers each document once,
+whether the consumer maps the daemon's shared memory or reads tcp."""
 
 from __future__ import annotations
 
@@ -10,18 +11,23 @@ from mongofeed import Consumer
 from mongofeed.testing import Daemon, pid_alive, wait_until
 from tests.chaos.support import (
     BATCHES,
+    BOTH_PATHS,
     assert_exactly_once,
     feed_config,
     kill_quietly,
     read_batches,
+    transport,
 )
 
 
-def test_sigkilled_worker_is_replaced_and_its_tasks_reissued(tmp_path, mongo_uri, db):
+@BOTH_PATHS
+def test_sigkilled_worker_is_replaced_and_its_tasks_reissued(tmp_path, mongo_uri, db,
+                                                             shared_memory):
     config = feed_config(tmp_path, mongo_uri, db)
     with Daemon(config, workers=2) as daemon, \
-            Consumer(daemon.bind, "train", timeout=30) as consumer:
+            Consumer(daemon.bind, "train", timeout=30, shared_memory=shared_memory) as consumer:
         batches = read_batches(consumer, BATCHES // 3)
+        assert daemon.status()["sessions"][0]["transport"] == transport(shared_memory)
         victim = daemon.status()["workers"][0]
         # Freeze the victim so tasks pile up on it undelivered, then kill it.
         os.kill(victim["pid"], signal.SIGSTOP)
@@ -61,10 +67,11 @@ def test_crash_loop_is_backed_off_and_reported(tmp_path, mongo_uri, db):
         assert any("keeps dying" in e for e in daemon.status()["errors"])
 
 
-def test_hung_worker_is_killed_and_its_tasks_reissued(tmp_path, mongo_uri, db):
+@BOTH_PATHS
+def test_hung_worker_is_killed_and_its_tasks_reissued(tmp_path, mongo_uri, db, shared_memory):
     config = feed_config(tmp_path, mongo_uri, db, serve={"stall_timeout": 3})
     with Daemon(config, workers=2) as daemon, \
-            Consumer(daemon.bind, "train", timeout=30) as consumer:
+            Consumer(daemon.bind, "train", timeout=30, shared_memory=shared_memory) as consumer:
         batches = read_batches(consumer, BATCHES // 3)
         victim = daemon.status()["workers"][0]
         os.kill(victim["pid"], signal.SIGSTOP)  # alive but silent: hung

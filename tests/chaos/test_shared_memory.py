@@ -1,0 +1,96 @@
+"""The daemon's shared memory under faults: arrays a trainer holds never change while workers
+write and die; a trainer that cannot map the region (another host) is served over tcp; a
+daemon without a shared-memory folder serves everyone with messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mongofeed import Consumer
+from mongofeed.testing import Daemon
+from tests.chaos.support import (
+    BATCHES,
+    assert_exactly_once,
+    feed_config,
+    kill_quietly,
+    private_tmp,
+    read_batches,
+    regions,
+)
+from tests.support import REPO
+
+READ_EPOCH = """
+import json, sys
+from mongofeed import Consumer
+with Consumer(sys.argv[1], "train", timeout=30) as consumer:
+    batches = [[b.epoch, b.index, b.arrays["idx"].tolist()] for b in consumer.epoch()]
+    print(json.dumps({"shared_memory": consumer.shared_memory, "batches": batches}))
+"""
+
+
+def test_held_arrays_never_change_while_workers_write_and_die(tmp_path, mongo_uri, db):
+    config = feed_config(tmp_path, mongo_uri, db)
+    with Daemon(config, workers=2) as daemon, \
+            Consumer(daemon.bind, "train", timeout=30, held_batches=BATCHES - 2) as consumer:
+        held = [consumer.get() for _ in range(BATCHES)]  # epoch 0, every batch kept
+        assert consumer.shared_memory
+        views = held[:BATCHES - 2]
+        assert all(not b.arrays["x"].flags.writeable for b in views)  # the region, read-only
+        assert all(b.arrays["x"].flags.writeable for b in held[BATCHES - 2:])  # held too many
+        snapshot = [{name: a.copy() for name, a in b.arrays.items()} for b in held]
+        batches = [(b.epoch, b.index, b.arrays["idx"].tolist()) for b in held]
+        for slot in range(2):  # workers die while writing the next epochs' slabs
+            batches += read_batches(consumer, BATCHES // 2)
+            kill_quietly(daemon.status()["workers"][slot]["pid"])
+        batches += read_batches(consumer, 3 * BATCHES - len(batches))
+        for batch, before in zip(held, snapshot, strict=True):
+            for name, array in batch.arrays.items():
+                assert np.array_equal(array, before[name]), (batch.epoch, batch.index, name)
+            # each row's x is its idx four times: no slab was written twice or torn
+            assert (batch.arrays["x"] == batch.arrays["idx"][:, None]).all()
+        session = daemon.status()["sessions"][0]
+    assert_exactly_once(batches, epochs=(0, 1, 2))
+    assert session["transport"] == "shared memory"
+    assert session["slabs"]["lent"] >= BATCHES - 2  # still lent: still held
+
+
+def test_a_trainer_that_cannot_map_the_region_is_served_over_tcp(tmp_path, mongo_uri, db):
+    """The trainer runs in a mount namespace of its own, where the daemon's shared-memory
+    folder is an empty tmpfs: as on another host, the region is not there to map."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -m (root, or user namespaces)")
+    config = feed_config(tmp_path, mongo_uri, db)
+    tmp, env = private_tmp(tmp_path)
+    with Daemon(config, workers=2, env=env) as daemon:
+        elsewhere = subprocess.run(
+            ["unshare", "-m", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"',
+             str(tmp / "shm"), sys.executable, "-c", READ_EPOCH, daemon.bind],
+            capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert elsewhere.returncode == 0, elsewhere.stderr
+        result = json.loads(elsewhere.stdout)
+        assert result["shared_memory"] is False
+        assert_exactly_once([tuple(b) for b in result["batches"]], epochs=(0,))
+        assert daemon.status()["counters"]["sessions_opened"] == 1
+        assert regions(tmp) == []  # its session ended with its region
+
+
+def test_a_daemon_without_a_shared_memory_folder_sends_batches_as_messages(
+        tmp_path, mongo_uri, db, monkeypatch):
+    config = feed_config(tmp_path, mongo_uri, db)
+    with Daemon(config, workers=2, env={"MONGOFEED_SHM_DIR": ""}) as daemon:
+        with Consumer(daemon.bind, "train", timeout=30) as consumer:
+            assert "no folder for shared memory" in consumer.info["shared_memory_refused"]
+            batches = read_batches(consumer, BATCHES)
+            assert daemon.status()["sessions"][0]["transport"] == "frames"
+        assert_exactly_once(batches, epochs=(0,))
+        assert not consumer.shared_memory
+    monkeypatch.setenv("MONGOFEED_SHARED_MEMORY", "0")  # a trainer that refuses it
+    with Daemon(config, workers=1) as daemon, Consumer(daemon.bind, "train") as consumer:
+        assert "shared_memory" not in consumer.info and not consumer.shared_memory
+        assert_exactly_once(read_batches(consumer, BATCHES), epochs=(0,))
+        assert daemon.status()["sessions"][0]["transport"] == "tcp"
