@@ -1,10 +1,12 @@
 """The training side: receive batches from a running ``mongofeed serve``. No database code.
 
 ``Consumer`` says hello on the daemon's control endpoint and gets a session: its own stream
-of one feed, starting at a full epoch. A background thread owns the sockets (ZeroMQ sockets
-must not be shared between threads): it grants the daemon credit for a few batches, checks
-every message, keeps a small bounded queue full and sends heartbeats, also while training is
-busy elsewhere. The caller's thread only takes from that queue.
+of one feed, starting at a full epoch. The daemon sends batches ahead, within the credit
+the consumer grants (``prefetch``); ZeroMQ's own thread receives them meanwhile, so the
+caller's ``get`` finds the next one waiting, checks it and hands it on, with no thread of
+ours in between (a hand-over between threads costs more than the rest of a batch). One
+small thread sends heartbeats on the control socket, also while training is busy
+elsewhere. Each socket is used by one thread at a time (``get`` holds a lock).
 
 On the daemon's host the batches do not cross the socket: the daemon's workers write them
 into the session's shared memory, which the consumer maps (``region``), and only a small
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 import warnings
@@ -55,6 +56,7 @@ DEFAULT_PREFETCH = 4
 DEFAULT_HELD_BATCHES = 2
 HEARTBEAT_INTERVAL_S = 1.0
 BYE_LINGER_MS = 500
+WAIT_SLICE_S = 0.25  # a waiting get looks this often whether the consumer was closed
 SHARED_MEMORY_ENV = "MONGOFEED_SHARED_MEMORY"  # "0": never map the daemon's shared memory
 
 
@@ -126,7 +128,8 @@ class Consumer:
     the arrays of a batch view the daemon's shared memory, read-only, and the daemon reuses
     that memory once they are gone. Drop them (or copy what you keep) within the next
     ``held_batches`` batches: while you hold more, ``get`` hands copies instead of views, so
-    nothing waits, but each costs a copy.
+    nothing waits, but each costs a copy. ``get`` may be called from any thread, one at a
+    time.
     """
 
     def __init__(self, endpoint: str, feed: str = "train", control: str | None = None,
@@ -152,7 +155,7 @@ class Consumer:
             request = {"op": "hello", "protocol": PROTOCOL_VERSION, "feed": feed,
                        "start_epoch": start_epoch, "shard": list(shard or (0, 1)),
                        "shared_memory": shared_memory,
-                       "window": 2 * prefetch + held_batches}
+                       "window": 2 * prefetch + held_batches + credit_every(prefetch)}
             try:
                 self.info = ask(control_socket, self.control, request, timeout)
             except FeedTimeout as exc:
@@ -164,12 +167,12 @@ class Consumer:
             raise
         self.session = self.info["session"]
         region = self._attach(offer) if offer else None
-        self._receiver = _Receiver(self._context, control_socket, self.endpoint, self.session,
-                                   self.schema, start_epoch, self.info.get("ordered", True),
-                                   self.info["batches_per_epoch"], prefetch, curve,
-                                   region, offer is not None, held_batches)
-        self._finalizer = weakref.finalize(self, self._receiver.stop)
-        self._receiver.start()
+        self._stream = _Stream(self._context, self.endpoint, self.session, self.schema,
+                               start_epoch, self.info.get("ordered", True),
+                               self.info["batches_per_epoch"], prefetch, curve, region,
+                               offer is not None, held_batches)
+        self._heartbeat = _Heartbeat(control_socket, self.session)
+        self._finalizer = weakref.finalize(self, _close, self._stream, self._heartbeat)
 
     def _attach(self, offer: SharedMemoryOffer) -> Region | None:
         """Map the session's shared memory; None (the batches then come over the socket) if
@@ -189,7 +192,7 @@ class Consumer:
     @property
     def shared_memory(self) -> bool:
         """Whether the batches come through the daemon's shared memory (same host)."""
-        return self._receiver.region is not None
+        return self._stream.region is not None
 
     @property
     def batches_per_epoch(self) -> int:
@@ -211,12 +214,13 @@ class Consumer:
     def get(self, timeout: float | None = None) -> Batch:
         """The next batch of the stream; raises FeedTimeout rather than waiting forever, and
         FeedError, naming the cause, once the session has failed (the daemon's error, a
-        broken message, a socket error or any other failure of the receiving thread)."""
+        broken message, a socket error, or any other failure while receiving), then again on
+        every later call."""
         if os.getpid() != self._pid:
             raise RuntimeError("a mongofeed Consumer cannot be used in a forked child process; "
                                "create it in the process that reads from it")
         timeout = self.timeout if timeout is None else timeout
-        item = self._receiver.take(timeout)
+        item = self._stream.take(timeout)
         if item is None:
             raise FeedTimeout(f"no batch of feed {self.feed!r} from {self.endpoint} within "
                               f"{timeout:g} s: is the daemon running and its database "
@@ -423,34 +427,74 @@ def connect(endpoint: str | list[str], feed: str = "train", **consumer_kwargs):
     return MultiConsumer(list(endpoint), feed=feed, **consumer_kwargs)
 
 
-FAILED = object()  # queued when the receiver stops on a failure, so a waiting take wakes
+def _close(stream: _Stream, heartbeat: _Heartbeat):
+    """End a session: no more heartbeats, a bye, the data socket closed."""
+    heartbeat.stop()
+    stream.close()
 
 
-class _Receiver:
-    """The background thread that owns the sockets. It holds no reference to the Consumer,
-    so an abandoned Consumer is collected and its session closed."""
+class _Heartbeat:
+    """The thread that keeps the session alive while the caller is busy elsewhere: a
+    heartbeat on the control socket every second, and a bye at the end. It holds no
+    reference to the Consumer, so an abandoned Consumer is collected and its session ends."""
 
-    def __init__(self, context, control_socket, endpoint, session, schema: Schema,
-                 start_epoch, ordered, batches_per_epoch, prefetch, curve,
-                 region: Region | None = None, offered: bool = False,
-                 held_batches: int = DEFAULT_HELD_BATCHES):
+    def __init__(self, control_socket: zmq.Socket, session: str):
         self.control_socket = control_socket
+        self.session = session
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name=f"mongofeed-{session}",
+                                       daemon=True)
+        self.thread.start()
+
+    def run(self):
+        request = encode_json({"op": "heartbeat", "session": self.session})
+        try:
+            while not self.stopping.wait(HEARTBEAT_INTERVAL_S):
+                while self.control_socket.poll(0):
+                    self.control_socket.recv()  # the replies: nothing to do with them
+                self.control_socket.send(request, flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # not connected (yet or any more): the data socket reports what matters
+        finally:
+            try:
+                self.control_socket.linger = BYE_LINGER_MS
+                self.control_socket.send(encode_json({"op": "bye", "session": self.session}),
+                                         flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            self.control_socket.close()
+
+    def stop(self):
+        self.stopping.set()
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join()
+
+
+class _Stream:
+    """The data socket and the checks of what arrives on it, used by ``get``'s thread.
+
+    Per batch it does as little as it can, since the training process pays for it: the
+    header is a fixed binary layout, the arrays' shapes are computed once per distinct
+    sample count, and credit and slab releases go out every few batches (``every``)."""
+
+    def __init__(self, context, endpoint, session, schema: Schema, start_epoch, ordered,
+                 batches_per_epoch, prefetch, curve, region: Region | None = None,
+                 offered: bool = False, held_batches: int = DEFAULT_HELD_BATCHES):
         self.session = session
         self.schema = schema
         self.batches_per_epoch = batches_per_epoch
         self.ordered = ordered
-        self.prefetch = prefetch
-        self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
-        self.stopping = threading.Event()
+        self.every = credit_every(prefetch)
         self.endpoint = endpoint
-        self.failure: FeedError | None = None  # why the thread stopped, raised on every take
+        self.lock = threading.Lock()
+        self.closed = False
+        self.failure: FeedError | None = None  # why the stream broke, raised on every take
         self.epoch, self.seen = start_epoch, set()
         self.region = region
         self.offsets = SlabLayout.of(schema.arrays, schema.batch_size).offsets
         self.slabs = Slabs()
         self.held_batches = held_batches
         self.join_buffers = JoinBuffers()
-        self.attached = (region is not None) if offered else None  # said in the first credit
         self.data = context.socket(zmq.DEALER)
         self.data.linger = 0
         for option, value in curve.items():
@@ -459,82 +503,77 @@ class _Receiver:
         self.data.maxmsgsize = max(MAX_HEADER_BYTES, schema.batch_size * max(
             spec.sample_nbytes for spec in schema.arrays))
         self.data.connect(endpoint)
-        self.poller = zmq.Poller()
-        self.poller.register(self.data, zmq.POLLIN)
-        self.poller.register(self.slabs.wake_reader, zmq.POLLIN)
-        self.owed_credit = prefetch
-        self.last_sent = 0.0
-        self.thread = threading.Thread(target=self.run, name=f"mongofeed-{session}",
-                                       daemon=True)
-
-    def start(self):
-        self.thread.start()
-
-    def stop(self):
-        self.stopping.set()
-        if self.thread.is_alive() and threading.current_thread() is not self.thread:
-            self.thread.join()
+        # The first message starts the session: credit for twice `prefetch` batches (so that
+        # the daemon keeps credit while the next is on its way) and whether the consumer maps
+        # the region (queued by ZeroMQ until the connection is up).
+        attached = (region is not None) if offered else None
+        self.data.send(Credit(2 * prefetch, (), attached).pack())
+        self.owed_credit = 0
 
     def take(self, timeout: float) -> Batch | None:
-        """The next batch, None after ``timeout``; once the thread has failed, its failure
-        (it wakes a waiting take at once). The arrays of a batch in shared memory are views
-        while the caller holds fewer than ``held_batches`` such batches, copies beyond."""
-        self.raise_failure()
-        try:
-            item = self.queue.get(timeout=timeout)
-        except queue.Empty:
-            item = None
-        if item is None or item is FAILED:
+        """The next batch, None after ``timeout``; after a failure, that failure. The arrays
+        of a batch in shared memory are views while the caller holds fewer than
+        ``held_batches`` such batches, copies beyond."""
+        with self.lock:
             self.raise_failure()
-            return None
-        batch, lease = item
+            try:
+                self.send_credit()
+                try:
+                    head = self.data.recv(zmq.NOBLOCK)  # usually waiting already
+                except zmq.Again:
+                    if not self.wait(timeout):
+                        return None
+                    head = self.data.recv()
+                batch, lease = self.receive(head)
+            except BaseException as exc:  # whatever it is, it is this and every later take's
+                if self.closed:
+                    raise FeedError(f"session {self.session} was closed") from None
+                self.fail(exc)
+            self.owed_credit += 1
         if lease is not None and not self.slabs.hand(lease, self.held_batches):
             # The caller holds too many: a copy, and the slab goes back at once.
             batch = Batch(batch.epoch, batch.index,
                           {name: np.array(a) for name, a in batch.arrays.items()})
         return batch
 
+    def wait(self, timeout: float) -> bool:
+        """Whether a message arrived within ``timeout``, looking for a close meanwhile."""
+        deadline = time.monotonic() + timeout
+        while not self.data.poll(int(1000 * min(WAIT_SLICE_S, max(0.0, deadline
+                                                                    - time.monotonic())))):
+            if self.closed:
+                raise FeedError(f"session {self.session} was closed")
+            if time.monotonic() >= deadline:
+                return False
+        return True
+
     def raise_failure(self):
         if self.failure is not None:
             raise self.failure.with_traceback(None)
 
-    def run(self):
-        try:
-            while not self.stopping.is_set():
-                self.send_credit()
-                events = dict(self.poller.poll(int(HEARTBEAT_INTERVAL_S * 1000)))
-                if self.data in events:
-                    self.deliver(self.receive())
-        except BaseException as exc:  # whatever it is, the caller hears of it on its next get
-            if not self.stopping.is_set():
-                self.fail(exc)
-        finally:
-            self.say_bye()
-
     def fail(self, exc: BaseException):
-        """Keep why the thread stops as a FeedError that names the cause, for the caller."""
+        """Keep why the stream broke as a FeedError that names the cause, and raise it."""
         if isinstance(exc, FeedError):
             failure = exc
         else:
             what = ("socket error" if isinstance(exc, zmq.ZMQError) else
                     "the daemon broke the protocol" if isinstance(exc, ProtocolError) else
-                    "the receiver thread failed")
+                    "receiving failed")
             failure = FeedError(f"{what} on session {self.session} from {self.endpoint}: "
                                 f"{type(exc).__name__}: {exc}")
             failure.__cause__ = exc
         self.failure = failure
-        try:
-            self.queue.put_nowait(FAILED)
-        except queue.Full:
-            pass  # the caller takes a batch without waiting, and the failure on the next take
+        self.raise_failure()
 
-    def receive(self) -> tuple:
-        """The next batch, checked, and the lease of its slab (None if not in a slab)."""
-        frames = self.data.recv_multipart(copy=False)
-        header = unpack_header(frames[0])
+    def receive(self, head: bytes) -> tuple:
+        """The batch whose first frame is ``head``, checked, and the lease of its slab (None
+        if not in a slab)."""
+        header = unpack_header(head)
         if isinstance(header, str):
             raise FeedError(f"the daemon ended this session: {header}")
         position = (header.epoch, header.index)
+        more = self.data.getsockopt(zmq.RCVMORE)
+        frames = self.data.recv_multipart(copy=False) if more else []
         if header.index >= self.batches_per_epoch or position in self.seen or (
                 self.ordered and position != (self.epoch, len(self.seen))) or (
                 header.epoch != self.epoch):
@@ -542,10 +581,10 @@ class _Receiver:
                                 f" batch {len(self.seen)} of {self.batches_per_epoch}")
         lease = None
         if header.slab is None:
-            arrays = unpack_frames(header, frames[1:], self.schema, self.join_buffers.take)
+            arrays = unpack_frames(header, frames, self.schema, self.join_buffers.take)
+        elif frames:
+            raise ProtocolError("a batch in shared memory with frames")
         else:
-            if len(frames) != 1:
-                raise ProtocolError("a batch in shared memory with frames")
             arrays, lease = self.view_slab(header)
         self.seen.add(position)
         if len(self.seen) == self.batches_per_epoch:
@@ -563,42 +602,21 @@ class _Receiver:
         lease = self.slabs.lease(base, header.slab)
         return self.schema.convert(arrays), lease
 
-    def deliver(self, item):
-        self.put(item)
-        self.owed_credit += 1
-
-    def put(self, item):
-        """Queue an item, sending heartbeats while the training side is busy."""
-        while not self.stopping.is_set():
-            try:
-                self.queue.put(item, timeout=HEARTBEAT_INTERVAL_S)
-                return
-            except queue.Full:
-                self.send_credit()
-
     def send_credit(self):
-        """Credit owed, slabs released, and a heartbeat at least every second."""
+        """Credit for the batches taken, and the slabs released, every ``every`` of them."""
+        if self.owed_credit < self.every and self.slabs.pending < self.every:
+            return
         released = self.slabs.take_released()
-        now = time.monotonic()
-        if not (self.owed_credit or released or self.attached is not None) \
-                and now - self.last_sent < HEARTBEAT_INTERVAL_S:
-            return
-        message = Credit(self.owed_credit, released, self.attached).pack()
-        try:
-            self.data.send(message, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            self.slabs.retry(released)  # not connected yet; owed still
-            return
-        self.owed_credit, self.attached = 0, None
-        self.last_sent = now
+        self.data.send(Credit(self.owed_credit, released).pack(), flags=zmq.NOBLOCK)
+        self.owed_credit = 0
 
-    def say_bye(self):
-        try:
-            self.control_socket.linger = BYE_LINGER_MS
-            self.control_socket.send(encode_json({"op": "bye", "session": self.session}),
-                                     flags=zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
-        self.control_socket.close()
-        self.data.close()
-        self.slabs.close()
+    def close(self):
+        self.closed = True
+        with self.lock:
+            self.data.close()
+
+
+def credit_every(prefetch: int) -> int:
+    """How many batches of credit (and slab releases) the consumer sends at once: fewer
+    messages, while the daemon keeps credit for at least half the prefetch."""
+    return max(1, prefetch // 2)

@@ -25,7 +25,13 @@ import sys
 
 import keras
 
-from .consumer import DEFAULT_PREFETCH, DEFAULT_TIMEOUT_S, connect, model_io
+from .consumer import (
+    DEFAULT_HELD_BATCHES,
+    DEFAULT_PREFETCH,
+    DEFAULT_TIMEOUT_S,
+    connect,
+    model_io,
+)
 from .errors import FeedError
 from .replay import DEFAULT_REPLAY_BATCHES, Replay
 
@@ -42,6 +48,8 @@ class MongoFeedSequence(keras.utils.PyDataset):
     A list of endpoints (one daemon per host, each ``serve --shard r/R``) reads their union
     through a ``MultiConsumer``. ``replay_batches`` bounds how many batches of a pass Keras
     abandons can be handed again (about 8 are needed; more raises, never loses).
+    ``shared_memory`` as for ``Consumer``; the batches kept to hand again count as held, so
+    the sequence may hold ``replay_batches`` more than a ``Consumer``'s default.
 
     ``workers`` and ``max_queue_size`` are accepted for ``PyDataset`` compatibility, but
     Keras's worker threads are not used: the daemon already reads and decodes in parallel
@@ -56,7 +64,7 @@ class MongoFeedSequence(keras.utils.PyDataset):
                  shard: tuple[int, int] | None = None, prefetch: int = DEFAULT_PREFETCH,
                  server_key: str | None = None, client_key: str | None = None,
                  workers: int = 1, use_multiprocessing: bool = False, max_queue_size: int = 10,
-                 replay_batches: int = DEFAULT_REPLAY_BATCHES):
+                 replay_batches: int = DEFAULT_REPLAY_BATCHES, shared_memory: bool = True):
         if use_multiprocessing:
             raise ValueError(
                 "MongoFeedSequence does not support use_multiprocessing=True: each process "
@@ -67,7 +75,9 @@ class MongoFeedSequence(keras.utils.PyDataset):
         super().__init__(workers=1, use_multiprocessing=False, max_queue_size=max_queue_size)
         self.consumer = connect(endpoint, feed=feed, control=control, timeout=timeout,
                                 start_epoch=start_epoch, shard=shard, prefetch=prefetch,
-                                server_key=server_key, client_key=client_key)
+                                server_key=server_key, client_key=client_key,
+                                shared_memory=shared_memory,
+                                held_batches=replay_batches + DEFAULT_HELD_BATCHES)
         self.replay = Replay(self.consumer, replay_batches)
         self._in_pass = False
 

@@ -4,8 +4,8 @@ The arrays a ``Consumer`` hands out are views, never copies, of one of:
 
 - a slab of the daemon's shared memory (a consumer on the daemon's host). The slab is the
   daemon's to reuse once the arrays are gone: ``Slabs`` leases it to them and, when the last
-  array that views it is dropped, queues its release for the receiver thread to send (and
-  wakes that thread, whichever thread dropped the arrays);
+  array that views it is dropped (in whatever thread), queues its release, which goes to
+  the daemon with the consumer's next credit;
 - a buffer that an array cut into several frames was joined into (over tcp).
   ``JoinBuffers`` reuses those buffers once their arrays are gone, so that a large batch
   costs no fresh mapping (and no page fault per 4 KiB) per message.
@@ -18,7 +18,6 @@ TensorFlow tensor that shares the memory), is.
 from __future__ import annotations
 
 import mmap
-import socket
 import threading
 import weakref
 from collections import deque
@@ -41,17 +40,14 @@ class Lease:
 
 class Slabs:
     """The slabs the daemon lent to this consumer: which are still viewed, how many the
-    caller holds, and the releases the receiver thread has yet to send. Thread-safe: arrays
-    die in whatever thread drops them."""
+    caller holds, and the releases yet to be sent (with the next credit). Thread-safe:
+    arrays die in whatever thread drops them."""
 
     def __init__(self):
         self._lock = threading.RLock()  # a release may run inside a locked section (gc)
         self._live: dict[int, Lease] = {}  # what keeps each lease's weakref alive
         self.held = 0  # handed to the caller and still viewed
         self._released: deque[int] = deque()
-        self.wake_reader, self._wake_writer = socket.socketpair()
-        self.wake_reader.setblocking(False)
-        self._wake_writer.setblocking(False)
 
     def lease(self, base: np.ndarray, slab: int) -> Lease:
         """Lend ``slab`` to the arrays built on ``base`` (released when ``base`` dies)."""
@@ -80,30 +76,18 @@ class Slabs:
                 self.held -= 1
             self._live.pop(id(lease), None)
         self._released.append(lease.slab)
-        try:
-            self._wake_writer.send(b"\0")
-        except OSError:
-            pass  # the receiver is awake already (full buffer) or gone (closed)
+
+    @property
+    def pending(self) -> int:
+        """Releases waiting to be sent."""
+        return len(self._released)
 
     def take_released(self) -> tuple[int, ...]:
-        """The slabs released since the last call (the receiver sends them)."""
-        try:
-            while self.wake_reader.recv(4096):
-                pass
-        except OSError:
-            pass  # drained
+        """The slabs released since the last call (to send with the next credit)."""
         released = []
         while self._released:
             released.append(self._released.popleft())
         return tuple(released)
-
-    def retry(self, slabs: tuple[int, ...]):
-        """Releases that could not be sent: they go with the next message."""
-        self._released.extendleft(reversed(slabs))
-
-    def close(self):
-        self.wake_reader.close()
-        self._wake_writer.close()
 
 
 class JoinBuffers:

@@ -25,6 +25,7 @@ fails the attach, and the session's batches then come over the socket.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import stat
@@ -158,7 +159,8 @@ class Region:
         return cls(path, memory, slabs, slab_bytes, nonce)
 
     def write(self, slab: int, layout: SlabLayout, arrays: list[np.ndarray]):
-        """Copy a batch's ``arrays`` (in schema order) into ``slab`` (a worker)."""
+        """Copy a batch's ``arrays`` (in schema order) into ``slab`` (a worker); those that
+        are there already (``placer``) stay."""
         start = self.slab_offset(slab)
         for array, offset, room in zip(arrays, layout.offsets, layout.room, strict=True):
             if array.nbytes > room:
@@ -166,7 +168,24 @@ class Region:
                                   f"slab")
             target = np.ndarray(array.shape, array.dtype, buffer=self.memory,
                                 offset=start + offset)
-            np.copyto(target, array, casting="no")
+            if array.__array_interface__["data"] != target.__array_interface__["data"]:
+                np.copyto(target, array, casting="no")
+
+    def placer(self, slab: int, layout: SlabLayout, names: list[str]):
+        """``place(name, shape, dtype)``: where the array ``name`` of a batch of that shape
+        lies in ``slab``, for the code that makes it to write it there (None if it does not
+        fit, or has no place)."""
+        start = self.slab_offset(slab)
+        places = dict(zip(names, zip(layout.offsets, layout.room, strict=True), strict=True))
+
+        def place(name: str, shape: tuple, dtype) -> np.ndarray | None:
+            offset, room = places.get(name, (0, -1))
+            dtype = np.dtype(dtype)
+            if math.prod(shape) * dtype.itemsize > room:
+                return None
+            return np.ndarray(shape, dtype, buffer=self.memory, offset=start + offset)
+
+        return place
 
     def slab_bytes_view(self, slab: int) -> np.ndarray:
         """The bytes of ``slab`` as a uint8 array viewing the mapping: the base of the

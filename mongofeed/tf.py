@@ -15,23 +15,25 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from .consumer import connect, model_io
+from .consumer import DEFAULT_HELD_BATCHES, connect, model_io
 from .replay import DEFAULT_REPLAY_BATCHES, Replay
 
 
 def dataset(endpoint: str | list[str], feed: str = "train",
             replay_batches: int = DEFAULT_REPLAY_BATCHES, **consumer_kwargs) -> tf.data.Dataset:
     """Batches of ``feed`` from the daemon at ``endpoint``; ``consumer_kwargs`` go to
-    ``Consumer`` (control, timeout, start_epoch, shard, prefetch). The session lasts as long
-    as the dataset. A list of endpoints reads their union (``MultiConsumer``). An iteration
-    that stops early is replayed up to ``replay_batches`` batches; beyond that, the next
-    iteration raises rather than lose the rest.
+    ``Consumer`` (control, timeout, start_epoch, shard, prefetch, shared_memory; the batches
+    kept to hand again count as held). The session lasts as long as the dataset. A list of
+    endpoints reads their union (``MultiConsumer``). An iteration that stops early is
+    replayed up to ``replay_batches`` batches; beyond that, the next iteration raises rather
+    than lose the rest.
 
     Example::
 
         train = mongofeed.tf.dataset("tcp://127.0.0.1:5555", feed="train")
         model.fit(train.prefetch(2), epochs=10)
     """
+    consumer_kwargs.setdefault("held_batches", replay_batches + DEFAULT_HELD_BATCHES)
     consumer = connect(endpoint, feed=feed, **consumer_kwargs)
     replay = Replay(consumer, replay_batches)
     specs = {spec.name: tf.TensorSpec((None, *spec.shape), tf.as_dtype(spec.dtype), spec.name)

@@ -13,8 +13,9 @@ EXPECTED_ROWS = {
     ("digits", "mongofeed-w1"), ("digits", "mongofeed-w2"), ("digits", "keras-forum-posted"),
     ("digits", "keras-forum-intended"), ("digits", "keras-best-practice"),
     ("digits", "tensorpack"), ("digits", "raw-drain"), ("digits", "ceiling-w2"),
-    ("digits", "memcpy"), ("synthetic64-mem", "ceiling-w2"),
-    ("synthetic64-mem", "zmq-loopback"), ("synthetic64-mem", "memcpy"),
+    ("digits", "ceiling-tcp-w2"), ("digits", "memcpy"), ("synthetic64-mem", "ceiling-w2"),
+    ("synthetic64-mem", "ceiling-tcp-w2"), ("synthetic64-mem", "zmq-loopback"),
+    ("synthetic64-mem", "memcpy"),
 }
 
 

@@ -1,6 +1,6 @@
-"""The consumer's receiver thread never stops silently: whatever ends it reaches the
-training thread on its next ``get`` as a ``FeedError`` naming the cause, not as a
-``FeedTimeout`` after a long wait."""
+"""The consumer's receiving never fails silently: whatever breaks it reaches the training
+thread on its ``get`` as a ``FeedError`` naming the cause, not as a ``FeedTimeout`` after a
+long wait, and again on every later ``get``."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_an_unexpected_failure_in_the_receiver_reaches_the_caller(tmp_path, mong
 
     monkeypatch.setattr(mongofeed.consumer, "unpack_header", out_of_memory)
     with Daemon(path, workers=1) as daemon, Consumer(daemon.bind, timeout=30) as consumer:
-        expected = f"receiver thread failed on session .* from {daemon.bind}: MemoryError: injected"
+        expected = f"receiving failed on session .* from {daemon.bind}: MemoryError: injected"
         with pytest.raises(FeedError, match=expected) as failure:
             consumer.get()  # well within 30 s, or this is a FeedTimeout
         assert isinstance(failure.value.__cause__, MemoryError)

@@ -128,8 +128,8 @@ def bench(uri, database, metrics_url, output, quick, only, workers, batch_size,
     if fit_epochs and not only:
         digits = next(d for d in datasets if d["name"] == "digits")
         click.echo(f"[fit] demo model on digits, {fit_epochs} epochs each from numpy, a "
-                   f"PyDataset, mongofeed from memory and from the database ({n} workers) ... ",
-                   nl=False)
+                   f"PyDataset, mongofeed from memory (shared memory, tcp) and from the "
+                   f"database ({n} workers) ... ", nl=False)
         fit = run_process({**base, "data": digits, "workers": n, "epochs": fit_epochs},
                           "fit_main", 600.0)
         click.echo(f"slowdown {fit['slowdown']:+.0%}" if "slowdown" in fit else
@@ -179,11 +179,11 @@ def plan_rows(datasets: list, worker_counts: list, n: int, only) -> list:
     rows = []
     for data in datasets:
         if data["database"] is None:
-            loaders = [("ceiling", n), ("zmq-loopback", 1), ("memcpy", 1)]
+            loaders = [("ceiling", n), ("ceiling-tcp", n), ("zmq-loopback", 1), ("memcpy", 1)]
         else:
             loaders = [("mongofeed", w) for w in worker_counts] + [
                 (name, n) for name in OTHER_LOADERS] + [
-                ("raw-drain", 1), ("ceiling", n), ("memcpy", 1)]
+                ("raw-drain", 1), ("ceiling", n), ("ceiling-tcp", n), ("memcpy", 1)]
             if data["name"].startswith("synthetic"):  # images worth cropping
                 loaders += [("mongofeed-augment", n), ("keras-augment", n)]
         for loader, w in loaders:
@@ -195,7 +195,7 @@ def plan_rows(datasets: list, worker_counts: list, n: int, only) -> list:
 
 
 def row_name(loader: str, workers: int) -> str:
-    daemon = loader in ("mongofeed", "ceiling", "mongofeed-augment")
+    daemon = loader in ("mongofeed", "ceiling", "ceiling-tcp", "mongofeed-augment")
     return f"{loader}-w{workers}" if daemon else loader
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 CONNS_CONSTANT = 4  # target: connections accepted per epoch <= workers + this
-MEMORY_LOADERS = ("ceiling", "zmq-loopback", "memcpy")
+MEMORY_LOADERS = ("ceiling", "ceiling-tcp", "zmq-loopback", "memcpy")
+SHARED_MEMORY_CPU_MS = 0.05  # issue 14: the training process's CPU per batch, any batch size
 OTHER_LOADERS = ("keras-forum-posted", "keras-forum-intended", "keras-best-practice",
                  "tensorpack")
 
@@ -78,6 +79,7 @@ def evaluate_targets(results: list, fit: dict | None) -> list:
                 ratio <= 2, f"loopback {loop['samples_per_s']:,.0f}/s, "
                 f"{ceiling['name']} {ceiling['samples_per_s']:,.0f}/s")
         augment_target(data, rows, add)
+        shared_memory_targets(data, rows, add)
         if not feed:
             continue
         others = [r for name in OTHER_LOADERS for r in rows(data, name)]
@@ -105,7 +107,39 @@ def evaluate_targets(results: list, fit: dict | None) -> list:
             f"stall fraction {fit['stall_fraction']:.0%}; a PyDataset over the same arrays "
             f"{fit['pydataset_slowdown']:+.0%}, mongofeed from memory (no database) "
             f"{fit['memory_slowdown']:+.0%}")
+    if fit and "memory_slowdown" in fit:
+        add("digits: Keras fit slowdown from mongofeed serving from memory over shared memory "
+            "vs in-memory numpy", fit["memory_slowdown"], "<= 10%", fit["memory_slowdown"] <= 0.10,
+            f"epoch {fit['memory_epoch_s']:.3f} s vs {fit['numpy_epoch_s']:.3f} s; over tcp "
+            f"{fit['memory_tcp_slowdown']:+.0%}, a PyDataset over the same arrays "
+            f"{fit['pydataset_slowdown']:+.0%}")
     return targets
+
+
+def shared_memory_targets(data: str, rows, add):
+    """Issue 14's targets: the pipeline ceiling (the daemon from memory) near a memcpy over
+    shared memory and near the ZeroMQ loopback over tcp, for the large batches; and the
+    training process's CPU per batch over shared memory, for every batch size."""
+    shm = max(rows(data, "ceiling"), key=lambda r: r["samples_per_s"], default=None)
+    tcp = max(rows(data, "ceiling-tcp"), key=lambda r: r["samples_per_s"], default=None)
+    copy = next(iter(rows(data, "memcpy")), None)
+    loop = next(iter(rows(data, "zmq-loopback")), None)
+    if shm and copy and data.endswith("-mem"):
+        ratio = shm["samples_per_s"] / copy["samples_per_s"]
+        add(f"{data}: pipeline ceiling over shared memory vs memcpy", ratio, ">= 0.8x",
+            ratio >= 0.8, f"{shm['name']} {shm['mb_per_s']:,.0f} MB/s, memcpy "
+            f"{copy['mb_per_s']:,.0f} MB/s")
+    if tcp and loop:
+        ratio = tcp["samples_per_s"] / loop["samples_per_s"]
+        add(f"{data}: pipeline ceiling over tcp vs the ZeroMQ loopback", ratio, ">= 0.9x",
+            ratio >= 0.9, f"{tcp['name']} {tcp['mb_per_s']:,.0f} MB/s, loopback "
+            f"{loop['mb_per_s']:,.0f} MB/s")
+    if shm and shm.get("train_cpu_ms_per_batch") is not None:
+        cpu = shm["train_cpu_ms_per_batch"]
+        add(f"{data}: training-process CPU per batch over shared memory", cpu * 1000,
+            f"<= {SHARED_MEMORY_CPU_MS * 1000:.0f} us", cpu <= SHARED_MEMORY_CPU_MS,
+            f"{shm['name']} {cpu * 1000:.0f} us ({shm['batch_bytes'] / 1e6:,.2f} MB batches); "
+            + (f"over tcp {tcp['train_cpu_ms_per_batch'] * 1000:,.0f} us" if tcp else ""))
 
 
 def augment_target(data: str, rows, add):
@@ -132,6 +166,7 @@ def format_targets(targets: list) -> str:
         value = t["value"]
         shown = (f"{value:+.0%}" if "slowdown" in t["target"] else
                  f"{value:.0%}" if t["goal"].endswith("%") else
+                 f"{value:,.0f} us" if t["goal"].endswith(" us") else
                  f"{value:d}" if isinstance(value, int) else f"{value:.2f}x")
         lines.append(f"| {t['target']} | {shown} | {t['goal']} | "
                      f"{'yes' if t['met'] else '**no**'} | {t['detail']} |")

@@ -7,8 +7,10 @@ Each Keras row reads its ``PyDataset`` through Keras's own ``PyDatasetAdapter`` 
 ``OrderedEnqueuer`` with ``workers=N, use_multiprocessing=True``; ``keras-augment`` with
 threads, so that its ``__getitem__`` runs in the training process), as ``fit`` does. The
 mongofeed rows run the real daemon (``mongofeed.testing.Daemon``), from the database or, for
-the pipeline ceiling, from documents in memory; ``mongofeed-augment`` runs the augment rows'
-transform in its workers (``transform.document``).
+the pipeline ceiling, from documents in memory (``ceiling``: the trainer maps the daemon's
+shared memory, as a trainer on the daemon's host does; ``ceiling-tcp``: it refuses it and
+gets the batches over tcp, as a trainer on another host does); ``mongofeed-augment`` runs
+the augment rows' transform in its workers (``transform.document``).
 """
 
 from __future__ import annotations
@@ -139,10 +141,10 @@ def start_daemon(spec: dict, tmp: str, memory_docs: str | None = None) -> Daemon
     return Daemon(config, workers=spec["workers"], documents=memory_docs).start()
 
 
-def mongofeed_batches(bind: str):
+def mongofeed_batches(bind: str, shared_memory: bool = True):
     from ..keras import MongoFeedSequence
 
-    return keras_batches(MongoFeedSequence(bind, feed="train"))
+    return keras_batches(MongoFeedSequence(bind, feed="train", shared_memory=shared_memory))
 
 
 def transform_ms_per_batch(data: dict, batch: int) -> float:
@@ -204,7 +206,7 @@ def row_main():
                 def start():
                     nonlocal daemon
                     daemon = start_daemon(spec, tmp, docs)
-                    return mongofeed_batches(daemon.bind)
+                    return mongofeed_batches(daemon.bind, loader != "ceiling-tcp")
 
                 from .. import keras as _  # noqa: F401 - imported before the baseline
 
@@ -263,7 +265,8 @@ def _epoch_times(model, epochs: int, *args, **kwargs) -> list[float]:
 def fit_main():
     """``fit`` of the demo model, epoch times, from: in-memory numpy arrays; a plain
     ``PyDataset`` slicing those arrays (the floor of any Sequence loader); mongofeed serving
-    the same documents from memory (no database); mongofeed reading the database."""
+    the same documents from memory (no database), over shared memory and over tcp; mongofeed
+    reading the database."""
     import tempfile
 
     import keras
@@ -283,12 +286,12 @@ def fit_main():
         def __getitem__(self, i):
             return x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]
 
-    def from_daemon(row_spec, tmp, memory_docs=None):
+    def from_daemon(row_spec, tmp, memory_docs=None, shared_memory=True):
         from ..keras import MongoFeedSequence
 
         daemon = start_daemon(row_spec, tmp, memory_docs)
         try:
-            seq = MongoFeedSequence(daemon.bind, feed="train")
+            seq = MongoFeedSequence(daemon.bind, feed="train", shared_memory=shared_memory)
             times = _epoch_times(demo_model(data["shape"]), epochs, seq)
             seq.close()
         finally:
@@ -300,7 +303,9 @@ def fit_main():
              "pydataset": _epoch_times(demo_model(data["shape"]), epochs, ArraySequence())}
     with tempfile.TemporaryDirectory(prefix="mongofeed-bench-") as tmp:
         path = write_documents(docs, os.path.join(tmp, "docs.bson"))
-        times["memory"] = from_daemon({**spec, "data": {**data, "database": None}}, tmp, path)
+        memory = {**spec, "data": {**data, "database": None}}
+        times["memory"] = from_daemon(memory, tmp, path)
+        times["memory_tcp"] = from_daemon(memory, tmp, path, shared_memory=False)
         times["mongofeed"] = from_daemon(spec, tmp)
     # The first epoch of each compiles the model's step function: leave it out.
     median = {k: float(np.median(v[1:])) for k, v in times.items()}
@@ -310,6 +315,7 @@ def fit_main():
         stall_fraction=max(0.0, 1 - median["numpy"] / median["mongofeed"]),
         pydataset_slowdown=median["pydataset"] / median["numpy"] - 1,
         memory_slowdown=median["memory"] / median["numpy"] - 1,
+        memory_tcp_slowdown=median["memory_tcp"] / median["numpy"] - 1,
         epochs_s=times, samples_per_epoch=len(x), workers=spec["workers"])
     print("@result " + json.dumps(result), flush=True)
     os._exit(0)

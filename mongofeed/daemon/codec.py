@@ -91,10 +91,11 @@ class BatchDecoder:
         arrays, errors, _ = self.decode_kept(docs)
         return arrays, errors
 
-    def decode_kept(self, docs: list[dict]) -> tuple[dict[str, np.ndarray], list[DecodeError],
-                                                     list[int]]:
+    def decode_kept(self, docs: list[dict], out=None) -> tuple[dict[str, np.ndarray],
+                                                               list[DecodeError], list[int]]:
         """As ``decode``, and the index in ``docs`` of each row of the arrays. Kept rows are
-        written compactly, so trimming the staging arrays needs no copy."""
+        written compactly, so trimming the staging arrays needs no copy. ``out(name, shape,
+        dtype)`` may give where a field's final array is to be written (a worker's slab)."""
         staging = {name: np.empty((len(docs), *f.shape), f.dtype or object)
                    for name, f in self.fields.items()}
         errors, kept = [], []
@@ -108,8 +109,12 @@ class BatchDecoder:
                 errors.append(err)
                 continue
             kept.append(index)
-        arrays = {name: _transform(self.fields[name], staging[name][:len(kept)])
-                  for name in self.fields}
+        arrays = {}
+        for name, field in self.fields.items():
+            target = None
+            if out is not None and not field.is_text:
+                target = out(name, (len(kept), *field.out_shape), field.out_dtype)
+            arrays[name] = _transform(field, staging[name][:len(kept)], target)
         return arrays, errors, kept
 
     def sample_nbytes(self) -> int:
@@ -349,13 +354,15 @@ def _check_labels(field: FieldConfig, labels) -> None:
                         f"a class label in [0, {field.one_hot})")
 
 
-def _transform(field: FieldConfig, array: np.ndarray) -> np.ndarray:
+def _transform(field: FieldConfig, array: np.ndarray, out: np.ndarray | None = None
+               ) -> np.ndarray:
     """one_hot, then cast, then scale (unless cast_on = "consumer"), on the whole batch; the
-    staging array if none apply."""
+    staging array if none apply. With ``out``, the result is written there."""
     if field.is_text:
         return array
     if field.one_hot:
         one_hot = np.zeros((*array.shape, field.one_hot), field.out_dtype)
         np.put_along_axis(one_hot, array[..., None].astype(np.intp), 1, axis=-1)
         array = one_hot
-    return convert(array, field.out_dtype, field.scale if field.cast_on == "daemon" else None)
+    return convert(array, field.out_dtype, field.scale if field.cast_on == "daemon" else None,
+                   out)

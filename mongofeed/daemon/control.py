@@ -1,5 +1,5 @@
-"""The control socket's requests: ``hello`` opens a session, ``bye`` ends one, ``status``
-reports everything ``mongofeed status`` shows.
+"""The control socket's requests: ``hello`` opens a session, ``heartbeat`` keeps it alive,
+``bye`` ends it, ``status`` reports everything ``mongofeed status`` shows.
 
 ``hello`` also makes the session's shared memory (``slabs``), where the daemon has a folder
 for it: workers write the session's batches there, whatever the consumer. A consumer that
@@ -128,6 +128,14 @@ class Control:
                 "sample_weight": self.config.output.sample_weight,
                 "ordered": self.config.serve.ordered, "plan": plan.identity(),
                 "shard": [shard.rank, shard.world]}
+
+    def op_heartbeat(self, request: dict) -> dict:
+        """A consumer is alive, whether or not it is taking batches."""
+        session = self.supervisor.sessions.get(str(request.get("session")).encode())
+        if session is None:
+            return {"ok": False, "error": "unknown session"}
+        session.last_seen = time.monotonic()
+        return {"ok": True}
 
     def op_bye(self, request: dict) -> dict:
         session = self.supervisor.sessions.get(str(request.get("session")).encode())

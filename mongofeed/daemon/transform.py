@@ -209,14 +209,16 @@ class BatchMaker:
     def sample_nbytes(self) -> int:
         return self.decoder.sample_nbytes()
 
-    def make(self, feed: str, epoch: int, index: int, docs: list[tuple[int, dict]]
+    def make(self, feed: str, epoch: int, index: int, docs: list[tuple[int, dict]], out=None
              ) -> tuple[dict[str, np.ndarray], list[DecodeError]]:
         """The arrays of batch ``index`` of ``epoch`` of ``feed`` from its readable documents
         (each with its position in the batch), and the documents left out under
-        on_error = "skip"."""
-        fields, problems, kept = self.decoder.decode_kept([doc for _, doc in docs])
+        on_error = "skip". ``out(name, shape, dtype)`` may give where an array's final value
+        is to be written (a worker's shared-memory slab), for those the daemon converts."""
         if not (self.document_function or self.batch_function):
+            fields, problems, _ = self.decoder.decode_kept([doc for _, doc in docs], out)
             return fields, problems
+        fields, problems, kept = self.decoder.decode_kept([doc for _, doc in docs])
         rows = [docs[k] for k in kept]
         batch = dict(fields)
         origin = {name: f"field {name!r}" for name in fields}
@@ -224,7 +226,7 @@ class BatchMaker:
             batch, rows = self._documents(feed, epoch, index, rows, batch, origin, problems)
         if self.batch_function and rows:  # not on a batch whose documents were all skipped
             self._batch(feed, epoch, index, batch, origin)
-        return self._finish(batch, len(rows), origin), problems
+        return self._finish(batch, len(rows), origin, out), problems
 
     def _documents(self, feed, epoch, index, rows, fields, origin, problems):
         """Run the document function on each row: the batch with its outputs (they replace
@@ -314,7 +316,7 @@ class BatchMaker:
         batch.update(result)
         origin.update({key: name for key in result})
 
-    def _finish(self, batch: dict, n: int, origin: dict) -> dict[str, np.ndarray]:
+    def _finish(self, batch: dict, n: int, origin: dict, out=None) -> dict[str, np.ndarray]:
         """The declared arrays from ``batch``: checked, padded, with their lengths, cast and
         scaled where the daemon does that; in the order of the config."""
         arrays = {}
@@ -341,7 +343,9 @@ class BatchMaker:
                     f"array {name!r} from {origin[name]}: expected "
                     f"{bad.expected or _expected(array, n)}, found {bad.found}") from None
             if array.cast_on == "daemon" and (array.cast or array.scale is not None):
-                arrays[name] = convert(arrays[name], array.wire_dtype, array.scale)
+                value = arrays[name]
+                arrays[name] = convert(value, array.wire_dtype, array.scale,
+                                       out and out(name, value.shape, array.wire_dtype))
         return {name: arrays[name] for name in self.config.arrays}
 
 

@@ -8,9 +8,10 @@ sockets are created here, in the child, never inherited. The loop:
    ``$in`` query (of the paths the config uses only), decode them into preallocated arrays
    and run the user's functions on them (``transform.BatchMaker``);
 3. with shared memory (the task names a region and a slab), write the arrays into the slab
-   and push ``[meta, header]`` to the sink; otherwise push ``[meta, header, array...]`` (the
-   header and arrays go on to the consumer unchanged). ``meta`` tells the supervisor which
-   task and attempt it was.
+   (the last cast or scale of an array writes its result there directly, so a large batch
+   costs no fresh allocation) and push ``[meta, header]`` to the sink; otherwise push
+   ``[meta, header, array...]`` (the header and arrays go on to the consumer unchanged).
+   ``meta`` tells the supervisor which task and attempt it was.
 
 A worker never dies from data. Every failure while producing a batch is one of three kinds:
 
@@ -85,6 +86,7 @@ class Worker:
                                     projection(config))
         self.parent = multiprocessing.parent_process()
         self.specs = [a.spec() for a in config.arrays.values()]
+        self.names = list(config.arrays)
         self.layout = SlabLayout.of(self.specs, config.batch.size)
         self.regions: dict[str, Region] = {}  # mapped session regions, by path
 
@@ -216,7 +218,10 @@ class Worker:
                 readable.append((position, doc))
         if problems and self.config.batch.on_error == "fail":
             raise problems[0]
-        arrays, skipped = self.batches.make(task.feed, task.epoch, task.index, readable)
+        out = None
+        if task.region is not None:  # final arrays straight into the slab, where they can be
+            out = self.region(task.region).placer(task.slab, self.layout, self.names)
+        arrays, skipped = self.batches.make(task.feed, task.epoch, task.index, readable, out)
         return arrays, problems + skipped
 
     def retrying(self, operation, *args):
