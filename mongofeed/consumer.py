@@ -201,8 +201,9 @@ class Consumer:
 # The plan fields a hello reply announces, and the setting a user changes for each.
 PLAN_SETTINGS = (
     ("batch_size", "batch.size"), ("seed", "batch.seed"), ("drop_last", "batch.drop_last"),
-    ("shuffle", "feeds.{feed}.shuffle"), ("ids", "documents selected"),
-    ("ids_digest", "digest of the selected _ids"),
+    ("shuffle", "feeds.{feed}.shuffle"), ("order", "order (the mongofeed version's)"),
+    ("window", "window shape (documents per range, ranges per window: batch.window_bytes)"),
+    ("ids", "documents selected"), ("ids_digest", "digest of the selected _ids"),
 )
 IDS_SETTINGS = {"ids", "ids_digest"}  # these differ when the daemons listed other documents
 
@@ -264,8 +265,9 @@ class MultiConsumer:
             if not (isinstance(shard, list) and len(shard) == 2
                     and all(isinstance(n, int) and n >= 0 for n in shard)):
                 raise ProtocolError(f"{consumer.endpoint}: hello reply lacks the session's shard")
-            rank, world = shard
-            shards.append((consumer.endpoint, (rank // consumer_world, world // consumer_world)))
+            rank, world = shard  # the daemon's rd/Rd composed with rc/Rc: rd + Rd*rc of Rd*Rc
+            daemon_world = world // consumer_world
+            shards.append((consumer.endpoint, (rank % daemon_world, daemon_world)))
         return shards
 
     def get(self, timeout: float | None = None) -> Batch:

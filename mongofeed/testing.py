@@ -207,13 +207,21 @@ class MemorySource:
     def connect(self, appname: str) -> _Documents:
         return _Documents(self.path)
 
-    def list_ids(self, documents: _Documents, query: dict) -> list:
-        from .daemon.planner import sort_key
+    def list_ids(self, documents: _Documents, query: dict):
+        from .daemon.planner import Ids
 
-        if any(key.startswith("$") or isinstance(value, dict) for key, value in query.items()):
-            raise ValueError(f"MemorySource filters test fields for equality only: {query}")
-        return sorted((i for i, doc in documents.docs.items()
-                       if all(doc.get(k) == v for k, v in query.items())), key=sort_key)
+        return Ids.from_values(documents.select(query))
+
+    def list_splits(self, documents: _Documents, query: dict, range_docs: int):
+        """As ``daemon.source.list_splits``, for ``_id``s of one type."""
+        import bson
+
+        from .daemon.planner import SplitsBuilder
+
+        builder = SplitsBuilder(range_docs)
+        builder.add_reply(b"".join(bson.encode({"_id": i}) for i in sorted(
+            documents.select(query))))
+        return builder.finish()
 
     def reader(self, documents: _Documents, sample_bytes: int) -> _Documents:
         return documents
@@ -227,6 +235,25 @@ class _Documents:
 
         with open(path, "rb") as f:
             self.docs = {doc["_id"]: doc for doc in bson.decode_file_iter(f)}
+
+    def select(self, query: dict) -> list:
+        if any(key.startswith("$") or isinstance(value, dict) for key, value in query.items()):
+            raise ValueError(f"MemorySource filters test fields for equality only: {query}")
+        return [i for i, doc in self.docs.items()
+                if all(doc.get(k) == v for k, v in query.items())]
+
+    def read_window(self, window, query: dict):
+        """As ``BatchReader.read_window``: the window's documents, sorted by ``_id``."""
+        import bson
+
+        from .daemon.source import Window, expect_count
+
+        def inside(doc_id):
+            return any(low <= doc_id and (doc_id <= high if inclusive else doc_id < high)
+                       for low, high, inclusive in window.ranges)
+
+        found = sorted(i for i in self.select(query) if inside(i))
+        return expect_count(window, Window([b"".join(bson.encode(self.docs[i]) for i in found)]))
 
     def read(self, ids: list) -> list:
         """One entry per id, in order: its document, or None if there is none (as

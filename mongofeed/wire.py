@@ -276,17 +276,23 @@ TASK_CODEC_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIM
 
 @dataclass(frozen=True)
 class TaskMessage:
-    """One batch to make: the ``_id``s of batch ``index`` of ``epoch`` of ``feed``."""
+    """One batch to make: the ``_id``s of batch ``index`` of ``epoch`` of ``feed``, or, in
+    the windowed order, its ``window`` (the read spec: the window's ``_id`` ranges and the
+    batch's slice of it, ``planner.BatchWindow.to_wire``) and no ids."""
 
     task: int
     feed: str
     epoch: int
     index: int
     ids: list
+    window: dict | None = None
 
     def pack(self) -> list:
-        return [TASK, bson.encode({"task": self.task, "feed": self.feed, "epoch": self.epoch,
-                                   "index": self.index, "ids": self.ids})]
+        body = {"task": self.task, "feed": self.feed, "epoch": self.epoch, "index": self.index,
+                "ids": self.ids}
+        if self.window is not None:
+            body["window"] = self.window
+        return [TASK, bson.encode(body)]
 
 
 def unpack_worker_command(frames: list) -> TaskMessage | None:
@@ -300,9 +306,10 @@ def unpack_worker_command(frames: list) -> TaskMessage | None:
     except bson.errors.BSONError as exc:
         raise ProtocolError(f"task is not BSON: {exc}") from None
     task = TaskMessage(body.get("task"), body.get("feed"), body.get("epoch"), body.get("index"),
-                       body.get("ids"))
+                       body.get("ids"), body.get("window"))
     if not (isinstance(task.task, int) and isinstance(task.feed, str) and _is_count(task.epoch)
-            and _is_count(task.index) and isinstance(task.ids, list)):
+            and _is_count(task.index) and isinstance(task.ids, list)
+            and isinstance(task.window, (dict, type(None)))):
         raise ProtocolError("malformed task")
     return task
 

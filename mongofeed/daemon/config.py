@@ -58,13 +58,21 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "feeds.*": {
         "filter": Key(dict, {}, "MongoDB query that selects this feed's documents."),
-        "shuffle": Key(bool, True, "Shuffle the order anew each epoch (deterministic from "
-                       "batch.seed and the epoch number)."),
+        "shuffle": Key((bool, str), True, "The order of each epoch (deterministic from "
+                       "batch.seed and the epoch number): true shuffles all documents (one "
+                       "$in query per batch, random reads), \"window\" shuffles ranges of "
+                       "_id and documents within windows of ranges (one query per window, "
+                       "sequential reads; see batch.window_bytes), false is _id order."),
     },
     "batch": {
         "size": Key(int, 32, "Samples per batch."),
         "seed": Key(int, 0, "Seed of the per-epoch order: same seed, same batches."),
         "drop_last": Key(bool, False, "Drop the last, short batch of each epoch."),
+        "window_bytes": Key(int, 64 * 2**20, "With shuffle = \"window\": the bytes of "
+                            "documents in one window (counted from the fields' dtype x shape "
+                            "plus 64 bytes each), which a worker reads with one query and "
+                            "holds while it makes the window's batches (at most two windows "
+                            "per worker)."),
         "on_error": Key(str, "fail", "What a document that does not fit the schema does: "
                         "'fail' reports it to the consumer, 'skip' leaves it out and counts "
                         "it in status.", ON_ERROR),
@@ -114,6 +122,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                           "(from 'mongofeed keygen')."),
         "client_keys": Key(str, None, "Folder of accepted client public key files "
                            "(*.key)."),
+        "plan_cache": Key(str, None, "Folder of the plan cache, which spares a restarted "
+                          "daemon the listing of the _ids when the feed's count and first and "
+                          "last _id are unchanged (default: $XDG_CACHE_HOME/mongofeed/plans or "
+                          "~/.cache/mongofeed/plans; \"off\" lists at every start)."),
         "metrics_port": Key(int, None, "Serve Prometheus metrics on 127.0.0.1:PORT "
                             "(env MONGOFEED_METRICS_PORT; needs the 'metrics' extra)."),
     },
@@ -131,7 +143,7 @@ class SourceConfig:
 class FeedConfig:
     name: str
     filter: dict
-    shuffle: bool
+    shuffle: bool | str  # True, False or "window"
 
 
 @dataclass(frozen=True)
@@ -140,6 +152,7 @@ class BatchConfig:
     seed: int
     drop_last: bool
     on_error: str
+    window_bytes: int = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -195,6 +208,7 @@ class ServeConfig:
     server_key: str | None
     client_keys: str | None
     metrics_port: int | None = None
+    plan_cache: str | None = None
 
 
 @dataclass(frozen=True)
@@ -270,11 +284,17 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
     batch = BatchConfig(**_section(table("batch"), "batch", SCHEMA["batch"], where))
     if batch.size < 1:
         raise ConfigError(f"{where}: batch.size must be at least 1, not {batch.size}")
+    if batch.window_bytes < 1:
+        raise ConfigError(f"{where}: batch.window_bytes must be positive")
 
     feeds = {
         name: FeedConfig(name=name, **_section(body, f"feeds.{name}", SCHEMA["feeds.*"], where))
         for name, body in _entries(table("feeds"), "feeds", where)
     }
+    for feed in feeds.values():
+        if isinstance(feed.shuffle, str) and feed.shuffle != "window":
+            raise ConfigError(f"{where}: feeds.{feed.name}.shuffle must be true, false or "
+                              f"\"window\", not {feed.shuffle!r}")
     if not feeds:
         feeds = {"train": FeedConfig(name="train", filter={}, shuffle=True)}
 

@@ -83,6 +83,16 @@ class Control:
                 "ordered": self.config.serve.ordered, "plan": plan.identity(),
                 "shard": [shard.rank, shard.world]}
 
+    def describe_plan(self, feed: str) -> dict:
+        """Where the feed's plan came from (listed, or the plan cache and what was checked),
+        how long that took and the bytes it keeps; the window shape of the windowed order."""
+        plan = self.supervisor.plans[feed]
+        described = dict(getattr(plan, "origin", {}))
+        if plan.windowed:
+            described.update(range_docs=plan.range_docs, window_ranges=plan.window_ranges,
+                             windows_per_epoch=plan.windows)
+        return described
+
     def op_bye(self, request: dict) -> dict:
         session = self.supervisor.sessions.get(str(request.get("session")).encode())
         if session is not None:
@@ -99,7 +109,9 @@ class Control:
                        "database": config.source.database,
                        "collection": config.source.collection},
             "endpoints": {"data": config.serve.bind, "control": config.serve.control},
-            "feeds": {name: self.describe_feed(name) for name in supervisor.plans},
+            "feeds": {name: {**self.describe_feed(name), "planned": self.describe_plan(name)}
+                      for name in supervisor.plans},
+            "loop": supervisor.loop_clock.status(),
             "workers": supervisor.pool.status(),
             "sessions": supervisor.sessions.status(time.monotonic()),
             "pending_tasks": len(supervisor.sessions.pending),

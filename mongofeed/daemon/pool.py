@@ -5,6 +5,7 @@ started with ``spawn`` (never forking a process that holds a MongoClient); one t
 reaped and restarted, after a growing delay when it keeps dying early; one that holds a task
 without a sign of life for ``serve.stall_timeout`` is killed and handled like any other
 death. The tasks a dead worker had not delivered go back to the caller to be re-issued.
+The tasks of one window of the windowed order all go to the worker that reads the window.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import zmq
 from ..wire import READY, STOP, WorkerEvent
 from .config import Config
 from .sessions import Task
-from .worker import run_worker, worker_identity
+from .worker import WINDOWS_KEPT, run_worker, worker_identity
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class WorkerRecord:
     started_at: float = 0.0
     restart_at: float = 0.0
     inflight: list = field(default_factory=list)  # task ids, in the order they were sent
+    windows: list = field(default_factory=list)   # windows it was given, most recent last
     crashes: int = 0           # consecutive early deaths, for the backoff
     restarts: int = 0
     batches: int = 0
@@ -145,6 +147,7 @@ class WorkerPool:
             record.process.join()
             orphaned += record.inflight
             record.inflight = []
+            record.windows = []
             self.back_off(record, now)
         return orphaned
 
@@ -178,6 +181,21 @@ class WorkerPool:
         limit = self.config.serve.tasks_per_worker
         free = [r for r in self.records if r.accepts_tasks and len(r.inflight) < limit]
         return min(free, key=lambda r: len(r.inflight)) if free else None
+
+    def worker_for(self, task: Task) -> WorkerRecord | None:
+        """Who makes ``task``: the least loaded worker with room, or for a task of the
+        windowed order the worker that was given its window, which holds the window's
+        documents (a window is read once, whatever the tasks in hand: the session's
+        ``max_pending`` bounds them). A new window goes to the worker given the fewest."""
+        key = task.window_key
+        if key is None:
+            return self.least_loaded()
+        able = [r for r in self.records if r.accepts_tasks]
+        holder = next((r for r in able if key in r.windows), None)
+        if holder is None and able:
+            holder = min(able, key=lambda r: (len(r.windows), len(r.inflight)))
+            holder.windows = [*holder.windows, key][-WINDOWS_KEPT:]  # as the worker keeps them
+        return holder
 
     def send(self, record: WorkerRecord, task: Task) -> bool:
         """Hand ``task`` to ``record``'s worker; False if it cannot be reached (yet)."""

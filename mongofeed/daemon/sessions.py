@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..wire import TaskMessage
-from .planner import Plan, Shard
+from .planner import BatchWindow, Plan, Shard
 
 
 @dataclass
@@ -24,11 +24,18 @@ class Task:
     session: bytes
     feed: str
     epoch: int
-    index: int
-    ids: list
+    index: int                         # the session's batch number in the epoch
+    ids: list                          # the batch's _ids (full order), or
+    window: BatchWindow | None = None  # its window and slice of it (windowed order)
+
+    @property
+    def window_key(self) -> tuple | None:
+        """The window this task reads, which every session at this epoch shares."""
+        return None if self.window is None else (self.feed, self.epoch, self.window.window)
 
     def message(self) -> TaskMessage:
-        return TaskMessage(self.id, self.feed, self.epoch, self.index, self.ids)
+        return TaskMessage(self.id, self.feed, self.epoch, self.index, self.ids,
+                           None if self.window is None else self.window.to_wire())
 
 
 @dataclass
@@ -127,8 +134,13 @@ class SessionTable:
             for session in list(hungry):
                 epoch, index = session.next_task()
                 plan = self.plans[session.feed]
+                g = plan.global_index(session.shard, 0, index)
+                if plan.windowed:
+                    read = {"ids": [], "window": plan.batch_window(epoch, g)}
+                else:
+                    read = {"ids": plan.batch_ids(epoch, g)}
                 task = Task(secrets.randbits(62), session.id, session.feed, epoch, index,
-                            plan.batch_ids(epoch, index, session.shard))
+                            **read)
                 self.tasks[task.id] = task
                 self.pending.append(task.id)
                 session.in_production += 1

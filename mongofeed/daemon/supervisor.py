@@ -48,11 +48,39 @@ from .worker import run_worker
 log = logging.getLogger(__name__)
 
 LOOP_POLL_MS = 100
+LOOP_WINDOW_S = 60.0           # status reports the longest iteration of this last window
 DRAIN_LIMIT = 100              # messages per socket per iteration, so no socket starves
 READY_TIMEOUT_S = 60.0
 ERRORS_KEPT = 20
 SOCKET_LINGER_MS = 0
 DATA_SNDHWM = 10_000           # consumer credit is the real bound
+
+
+class LoopClock:
+    """How long the loop's iterations take, poll wait excluded: the longest since start and
+    in the last ``LOOP_WINDOW_S`` (a slow iteration delays every consumer's traffic)."""
+
+    def __init__(self):
+        self.iterations = 0
+        self.longest_s = 0.0
+        self.recent = deque()  # (when, seconds) of the longest iterations of the window
+
+    def record(self, seconds: float):
+        now = time.monotonic()
+        self.iterations += 1
+        self.longest_s = max(self.longest_s, seconds)
+        while self.recent and now - self.recent[0][0] > LOOP_WINDOW_S:
+            self.recent.popleft()
+        while self.recent and self.recent[-1][1] <= seconds:  # never the longest again
+            self.recent.pop()
+        self.recent.append((now, seconds))
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        recent = [s for when, s in self.recent if now - when <= LOOP_WINDOW_S]
+        return {"iterations": self.iterations, "longest_ms": round(self.longest_s * 1e3, 2),
+                "longest_recent_ms": round(max(recent, default=0.0) * 1e3, 2),
+                "recent_window_s": LOOP_WINDOW_S}
 
 
 class Supervisor:
@@ -69,6 +97,7 @@ class Supervisor:
         self.control_handlers = Control(self)
         self.errors: deque[str] = deque(maxlen=ERRORS_KEPT)
         self.counters = {"rejected_messages": 0, "dropped_batches": 0, "sessions_opened": 0}
+        self.loop_clock = LoopClock()
         self.started_at = time.time()
         self.stopping = False
         self.context = None
@@ -201,6 +230,14 @@ class Supervisor:
             if exc.errno == zmq.EINTR:
                 return
             raise
+        started = time.perf_counter()
+        try:
+            self.step(events)
+        finally:
+            self.loop_clock.record(time.perf_counter() - started)
+
+    def step(self, events: dict):
+        """One iteration's work, after the poll: what every consumer's traffic waits for."""
         if self.sink_socket in events:
             self.drain(self.sink_socket, self.on_batch)
         if self.task_socket in events:
@@ -261,15 +298,11 @@ class Supervisor:
             self.end_session(session)
 
     def dispatch(self):
-        """Hand pending tasks to ready workers, the least loaded first."""
-        while self.sessions.pending:
-            record = self.pool.least_loaded()
-            if record is None:
-                return
-            task = self.sessions.next_pending()
-            if task is None:
-                return
-            if not self.pool.send(record, task):
+        """Hand pending tasks to ready workers, the least loaded first (a window's tasks to
+        the worker that reads the window)."""
+        while (task := self.sessions.next_pending()) is not None:
+            record = self.pool.worker_for(task)
+            if record is None or not self.pool.send(record, task):
                 self.sessions.requeue([task.id])
                 return
 

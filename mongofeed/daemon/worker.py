@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import signal
 import time
+from collections import OrderedDict
 
 import zmq
 from pymongo.errors import PyMongoError
@@ -45,6 +46,7 @@ from ..wire import (
 )
 from .codec import BatchDecoder
 from .config import Config
+from .planner import BatchWindow
 from .source import describe_failure, is_transient
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ RETRY_MAX_DELAY_S = 5.0
 SKIP_MESSAGES_SENT = 5  # per batch; the rest are counted only
 MESSAGE_MAX_CHARS = 2_000  # per error message: a long _id must not overflow the batch meta
 SOCKET_LINGER_MS = 0
+WINDOWS_KEPT = 2  # windows of the windowed order a worker holds: the current and the next
 
 
 class Worker:
@@ -75,6 +78,7 @@ class Worker:
         self.decoder = BatchDecoder(config.fields, config.source.collection,
                                     config.batch.on_error, read_gridfs=self._read_gridfs)
         self.reader = source.reader(self.client, self.decoder.sample_nbytes())
+        self.windows = OrderedDict()  # (feed, epoch, window) -> source.Window, recent last
         self.parent = multiprocessing.parent_process()
 
     def _read_gridfs(self, bucket, file_id):
@@ -127,7 +131,12 @@ class Worker:
 
     def produce(self, tasks: list[TaskMessage]):
         """The sink message of each task, in order: its batch, or its error. All the tasks'
-        documents are read with ONE query (more only if their ids do not fit in one)."""
+        documents are read with ONE query (more only if their ids do not fit in one); tasks
+        of the windowed order are made from their window (``produce_from_window``)."""
+        for task in tasks:
+            if task.window is not None:
+                yield self.produce_from_window(task)
+        tasks = [task for task in tasks if task.window is None]
         if not tasks:
             return
         try:
@@ -142,11 +151,32 @@ class Worker:
             yield self.produce_one(task, docs[start:start + count])
             start += count
 
-    def produce_one(self, task: TaskMessage, docs: list) -> list:
+    def produce_from_window(self, task: TaskMessage) -> list:
+        """A batch of the windowed order: its slice of the window's order, from the window
+        read with one query (kept for the window's other batches)."""
+        try:
+            spec = BatchWindow.from_wire(task.window)
+            window = self.windows.get((task.feed, task.epoch, spec.window))
+            if window is None:
+                window = self.retrying(self.reader.read_window, spec,
+                                       self.config.feeds[task.feed].filter)
+                self.windows[(task.feed, task.epoch, spec.window)] = window
+                while len(self.windows) > WINDOWS_KEPT:
+                    self.windows.popitem(last=False)
+            else:
+                self.windows.move_to_end((task.feed, task.epoch, spec.window))
+            ids, docs = window.batch(spec, self.config.batch.seed, task.epoch,
+                                     self.config.source.collection)
+        except Exception as exc:
+            return self.failed(task, exc)
+        return self.produce_one(task, docs, ids)
+
+    def produce_one(self, task: TaskMessage, docs: list, ids: list | None = None) -> list:
         """The batch of ``task`` from its documents as read (in plan order), or its error."""
         started = time.perf_counter()
         try:
-            arrays, problems = self.retrying(self.decode, task.ids, docs)
+            arrays, problems = self.retrying(self.decode, task.ids if ids is None else ids,
+                                             docs)
             header_and_arrays = pack_batch(task.feed, task.epoch, task.index, arrays)
         except Exception as exc:
             return self.failed(task, exc)
