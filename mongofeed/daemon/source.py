@@ -35,6 +35,8 @@ REPLY_TARGET_BYTES = 8 * 1024 * 1024  # well under the 16 MiB (MongoDB) / 48 MB 
 ID_QUERY_MAX_BYTES = 8 * 1024 * 1024  # the ids of one $in: half MongoDB's 16 MiB command cap
 LISTING_REPLY_DOCS = 100_000  # {_id} documents per reply of a listing (2.2 MB of ObjectIds)
 PLAN_WAIT_STEP_S = 0.2
+CHECKED = {"documents": "documents in the collection", "bytes": "bytes of data",
+           "ends": "first and last _id", "selected": "documents the filter selects"}
 
 # Dates outside Python's years 1-9999 decode as bson.DatetimeMS instead of failing the whole
 # reply (pymongo's own answer to them); used for documents, _id lists and tasks alike.
@@ -137,21 +139,31 @@ def list_splits(client: pymongo.MongoClient, source: SourceConfig, query: dict,
     return builder.finish()
 
 
-def bounds(client: pymongo.MongoClient, source: SourceConfig, query: dict) -> dict:
-    """What the plan cache is checked against at start: how many documents ``query``
-    selects, and its first and last ``_id``. Cheap on MongoDB (the ``_id`` index gives both
-    ends; an empty filter's count is the collection's); FerretDB scans once per query."""
-    collection = client[source.database][source.collection]
-    hint = {"hint": [("_id", 1)]} if not query else {}
+def fingerprint(client: pymongo.MongoClient, source: SourceConfig, query: dict) -> dict:
+    """What the plan cache is checked against at start, as cheap as the server allows: the
+    collection's document count and data size (``collStats``: metadata, on every server),
+    and where the server answers them from its indexes (MongoDB), the first and last
+    ``_id`` (the ``_id`` index) and the number of documents a filter selects. FerretDB 1.x
+    reads the whole collection for a sort or a filtered count, as for a listing, so there
+    the check is the count and size alone (README, Limits, says what that misses)."""
+    db = client[source.database]
+    collection = db[source.collection]
     try:
-        count = (collection.estimated_document_count() if not query
-                 else collection.count_documents(query))
-        ends = [collection.find_one(query, {"_id": 1}, sort=[("_id", direction)], **hint)
-                for direction in (1, -1)]
+        indexed = "ferretdbVersion" not in client.admin.command("buildInfo")
+        try:
+            stats = db.command("collStats", source.collection)
+            check = {"documents": stats["count"], "bytes": stats["size"]}
+        except OperationFailure:  # a server without collStats: the count alone
+            check = {"documents": collection.estimated_document_count()}
+        if indexed:
+            ends = [collection.find_one({}, {"_id": 1}, sort=[("_id", direction)],
+                                        hint=[("_id", 1)]) for direction in (1, -1)]
+            check["ends"] = [end and end["_id"] for end in ends]
+            if query:
+                check["selected"] = collection.count_documents(query)
     except PyMongoError as exc:
         raise SourceError(describe_failure(source, exc)) from None
-    return {"count": count, "first": ends[0] and ends[0]["_id"],
-            "last": ends[1] and ends[1]["_id"]}
+    return check
 
 
 def document_bytes(config: Config) -> int:
@@ -181,7 +193,7 @@ def plan_feed(source, client, config: Config, feed: FeedConfig):
     cache = plan_cache(source, config)
     check = hit = None
     if cache is not None:
-        check = wait_aside(source.bounds, client, feed.filter)
+        check = wait_aside(source.fingerprint, client, feed.filter)
         key = cache_key(redact_uri(config.source.uri), config.source.database,
                         config.source.collection, feed.filter, order)
         hit = cache.load(key, check)
@@ -197,15 +209,14 @@ def plan_feed(source, client, config: Config, feed: FeedConfig):
         count, last, digest = len(ids), None, wait_aside(ids.digest)
         origin = {"listed": True}
     if hit is None and cache is not None:
-        if count == check["count"]:
+        if wait_aside(source.fingerprint, client, feed.filter) == check:
             stored = cache.store(key, {"check": check, "digest": digest, "count": count,
                                        "last": last}, ids)
             if stored:
                 origin["stored"] = stored
         else:
-            log.warning("feed %s: %d documents listed, %d counted just before: the "
-                        "collection is changing; the plan is not cached", feed.name, count,
-                        check["count"])
+            log.warning("feed %s: the collection changed while it was listed; the plan is "
+                        "not cached", feed.name)
     if feed.shuffle == "window":
         plan = WindowPlan(ids, last, count, batch.size, batch.seed, batch.drop_last,
                           range_docs, window_ranges, digest)
@@ -216,8 +227,7 @@ def plan_feed(source, client, config: Config, feed: FeedConfig):
                           f"documents of {config.source.database}.{config.source.collection}, "
                           f"not enough for one batch of {batch.size} in shard {shard}")
     if check is not None:
-        origin["checked"] = (f"count {check['count']}, first and last _id "
-                             f"({check['first']}, {check['last']})")
+        origin["checked"] = ", ".join(f"{CHECKED[k]} {v}" for k, v in check.items())
     plan.origin = {**origin, "seconds": round(time.monotonic() - started, 3),
                    "resident_bytes": plan.resident_bytes}
     log.info("feed %s: %d documents, %s", feed.name, count, plan.origin)
@@ -227,7 +237,7 @@ def plan_feed(source, client, config: Config, feed: FeedConfig):
 def plan_cache(source, config: Config) -> PlanCache | None:
     """The plan cache, unless ``serve.plan_cache = "off"`` or ``source`` has no cheap check
     (an in-memory source lists faster than it would read a file)."""
-    if config.serve.plan_cache == "off" or not hasattr(source, "bounds"):
+    if config.serve.plan_cache == "off" or not hasattr(source, "fingerprint"):
         return None
     return PlanCache(config.serve.plan_cache)
 
@@ -473,8 +483,8 @@ class MongoSource:
     def list_splits(self, client: pymongo.MongoClient, query: dict, range_docs: int):
         return list_splits(client, self.config, query, range_docs)
 
-    def bounds(self, client: pymongo.MongoClient, query: dict) -> dict:
-        return bounds(client, self.config, query)
+    def fingerprint(self, client: pymongo.MongoClient, query: dict) -> dict:
+        return fingerprint(client, self.config, query)
 
     def reader(self, client: pymongo.MongoClient, sample_bytes: int) -> BatchReader:
         return BatchReader(client, self.config, sample_bytes)

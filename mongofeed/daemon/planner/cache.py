@@ -5,10 +5,11 @@ One file per (server, database, collection, filter, order), named by a hash of t
 ``serve.plan_cache`` (default ``$XDG_CACHE_HOME/mongofeed/plans``, else
 ``~/.cache/mongofeed/plans``). A file holds a BSON header (the check, the digest, the kind
 and the window shape) and the ids as stored in memory (12-byte rows, int64, or BSON
-elements for the fallback). It is used only if the check the daemon makes at start (the
-number of documents the filter selects, its first and last ``_id``) equals the stored one;
-otherwise the daemon lists again and replaces it. A change that keeps the count and both
-ends (one document replaced by another inside the range) goes unseen: see README.
+elements for the fallback). It is used only if the check the daemon makes at start
+(``source.fingerprint``: the collection's count and data size, and where the server answers
+from its indexes, the first and last ``_id`` and the filter's count) equals the stored one;
+otherwise the daemon lists again and replaces it. A change that keeps all of these goes
+unseen: README, Limits, says which.
 
 Files are written to a temporary name and renamed (never half-written), readable by the
 user only (the folder 0700, the files 0600).
