@@ -269,16 +269,17 @@ def hello_schema(reply: dict) -> Schema:
 
 # -- internal: supervisor <-> workers -> sink ------------------------------------------------
 
-TASK, STOP, READY, EVENT = b"task", b"stop", b"ready", b"event"
+TASK, STOP, READY, EVENT, WARM = b"task", b"stop", b"ready", b"event", b"warm"
 # Ids travel as the source read them: a date beyond Python's range stays a DatetimeMS.
 TASK_CODEC_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 
 
 @dataclass(frozen=True)
 class TaskMessage:
-    """One batch to make: the ``_id``s of batch ``index`` of ``epoch`` of ``feed``, or, in
-    the windowed order, its ``window`` (the read spec: the window's ``_id`` ranges and the
-    batch's slice of it, ``planner.BatchWindow.to_wire``) and no ids."""
+    """One batch to make: the ``_id``s of batch ``index`` of ``epoch`` of ``feed`` (a list,
+    or the planner's compact rows, a numpy array sent as bytes and received as a list), or,
+    in the windowed order, its ``window`` (the read spec: the window's ``_id`` ranges and
+    the batch's slice of it, ``planner.BatchWindow.to_wire``) and no ids."""
 
     task: int
     feed: str
@@ -290,23 +291,67 @@ class TaskMessage:
     def pack(self) -> list:
         body = {"task": self.task, "feed": self.feed, "epoch": self.epoch, "index": self.index,
                 "ids": self.ids}
+        if isinstance(self.ids, np.ndarray):  # the planner's compact rows: bytes on the wire
+            body["ids"] = []
+            body["rows"] = {"kind": ROW_KINDS[self.ids.dtype.kind], "bytes": self.ids.tobytes()}
         if self.window is not None:
             body["window"] = self.window
         return [TASK, bson.encode(body)]
 
 
-def unpack_worker_command(frames: list) -> TaskMessage | None:
-    """What the supervisor asks of a worker: a task, or None for stop."""
+ROW_KINDS = {"S": "objectid", "i": "int64"}  # numpy dtype kinds of compact id rows
+
+
+def _rows_to_ids(rows) -> list:
+    """A task's compact rows as ``_id`` values: ObjectIds of 12 bytes each, or int64s."""
+    if not (isinstance(rows, dict) and rows.get("kind") in ("objectid", "int64")
+            and isinstance(rows.get("bytes"), bytes)):
+        raise ProtocolError("malformed task ids")
+    data = rows["bytes"]
+    if rows["kind"] == "objectid":
+        if len(data) % 12:
+            raise ProtocolError("malformed task ids")
+        return [bson.ObjectId(data[i:i + 12]) for i in range(0, len(data), 12)]
+    if len(data) % 8:
+        raise ProtocolError("malformed task ids")
+    return np.frombuffer(data, "<i8").tolist()
+
+
+@dataclass(frozen=True)
+class WarmMessage:
+    """Read ``window`` (``planner.BatchWindow.to_wire``) of ``epoch`` of ``feed`` ahead of its
+    tasks, into the worker's memory: the next window of the windowed order is read while the
+    current one's batches are made. No batch comes back."""
+
+    feed: str
+    epoch: int
+    window: dict
+
+    def pack(self) -> list:
+        return [WARM, bson.encode({"feed": self.feed, "epoch": self.epoch,
+                                   "window": self.window})]
+
+
+def unpack_worker_command(frames: list) -> TaskMessage | WarmMessage | None:
+    """What the supervisor asks of a worker: a task, a window to read ahead, or None for
+    stop."""
     if frames == [STOP]:
         return None
-    if len(frames) != 2 or frames[0] != TASK:
+    if len(frames) != 2 or frames[0] not in (TASK, WARM):
         raise ProtocolError(f"unknown worker command {frames[:1]!r:.50}")
     try:
         body = bson.decode(frames[1], TASK_CODEC_OPTIONS)
     except bson.errors.BSONError as exc:
         raise ProtocolError(f"task is not BSON: {exc}") from None
+    if frames[0] == WARM:
+        warm = WarmMessage(body.get("feed"), body.get("epoch"), body.get("window"))
+        if not (isinstance(warm.feed, str) and _is_count(warm.epoch)
+                and isinstance(warm.window, dict)):
+            raise ProtocolError("malformed warm command")
+        return warm
+    ids = body.get("ids") if "rows" not in body else _rows_to_ids(body["rows"])
     task = TaskMessage(body.get("task"), body.get("feed"), body.get("epoch"), body.get("index"),
-                       body.get("ids"), body.get("window"))
+                       ids, body.get("window"))
     if not (isinstance(task.task, int) and isinstance(task.feed, str) and _is_count(task.epoch)
             and _is_count(task.index) and isinstance(task.ids, list)
             and isinstance(task.window, (dict, type(None)))):

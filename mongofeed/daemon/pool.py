@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from ..wire import READY, STOP, WorkerEvent
+from ..wire import READY, STOP, WarmMessage, WorkerEvent
 from .config import Config
 from .sessions import Task
 from .worker import WINDOWS_KEPT, run_worker, worker_identity
@@ -186,16 +186,35 @@ class WorkerPool:
         """Who makes ``task``: the least loaded worker with room, or for a task of the
         windowed order the worker that was given its window, which holds the window's
         documents (a window is read once, whatever the tasks in hand: the session's
-        ``max_pending`` bounds them). A new window goes to the worker given the fewest."""
+        ``max_pending`` bounds them)."""
         key = task.window_key
-        if key is None:
-            return self.least_loaded()
+        return self.least_loaded() if key is None else self.window_holder(key)[0]
+
+    def window_holder(self, key: tuple) -> tuple[WorkerRecord | None, bool]:
+        """The worker that holds window ``key``, or the one it is now given (the worker
+        given the fewest windows, then the least loaded); and whether it is new there."""
         able = [r for r in self.records if r.accepts_tasks]
         holder = next((r for r in able if key in r.windows), None)
-        if holder is None and able:
-            holder = min(able, key=lambda r: (len(r.windows), len(r.inflight)))
-            holder.windows = [*holder.windows, key][-WINDOWS_KEPT:]  # as the worker keeps them
-        return holder
+        if holder is not None or not able:
+            return holder, False
+        holder = min(able, key=lambda r: (len(r.windows), len(r.inflight)))
+        holder.windows = [*holder.windows, key][-WINDOWS_KEPT:]  # as the worker keeps them
+        return holder, True
+
+    def warm(self, key: tuple, spec) -> bool:
+        """Have a worker read window ``key`` (``spec``, a BatchWindow) ahead of its tasks;
+        whether one was asked to (not if one holds it already or none can take it: then its
+        tasks read it)."""
+        holder, new = self.window_holder(key)
+        if not new:
+            return False
+        feed, epoch, _ = key
+        try:
+            self.task_socket.send_multipart([worker_identity(holder.slot)] + WarmMessage(
+                feed, epoch, spec.to_wire()).pack(), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
 
     def send(self, record: WorkerRecord, task: Task) -> bool:
         """Hand ``task`` to ``record``'s worker; False if it cannot be reached (yet)."""

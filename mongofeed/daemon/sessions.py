@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from itertools import zip_longest
+from typing import TYPE_CHECKING
 
 from ..wire import TaskMessage
 from .planner import BatchWindow, Plan, Shard
+
+if TYPE_CHECKING:
+    import numpy as np
+
+WINDOWS_REMEMBERED = 256  # windows already read ahead, so sessions at one epoch ask once
 
 
 @dataclass
@@ -25,7 +32,7 @@ class Task:
     feed: str
     epoch: int
     index: int                         # the session's batch number in the epoch
-    ids: list                          # the batch's _ids (full order), or
+    ids: list | np.ndarray             # the batch's _ids (full order: compact rows), or
     window: BatchWindow | None = None  # its window and slice of it (windowed order)
 
     @property
@@ -103,6 +110,8 @@ class SessionTable:
         self.sessions: dict[bytes, Session] = {}
         self.tasks: dict[int, Task] = {}
         self.pending: deque[int] = deque()
+        self.warmed: OrderedDict[tuple, BatchWindow] = OrderedDict()  # windows read ahead
+        self.warm: list[tuple] = []  # of those, the ones not yet handed to a worker
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -128,24 +137,57 @@ class SessionTable:
         return [s for s in self.sessions.values() if now - s.last_seen > timeout]
 
     def plan_tasks(self):
-        """Give every active session tasks until it has ``max_pending`` batches ahead."""
-        hungry = [s for s in self.sessions.values() if s.active and s.ahead() < self.max_pending]
-        while hungry:
-            for session in list(hungry):
-                epoch, index = session.next_task()
-                plan = self.plans[session.feed]
-                g = plan.global_index(session.shard, 0, index)
-                if plan.windowed:
-                    read = {"ids": [], "window": plan.batch_window(epoch, g)}
-                else:
-                    read = {"ids": plan.batch_ids(epoch, g)}
-                task = Task(secrets.randbits(62), session.id, session.feed, epoch, index,
-                            **read)
-                self.tasks[task.id] = task
-                self.pending.append(task.id)
-                session.in_production += 1
-                if session.ahead() >= self.max_pending:
-                    hungry.remove(session)
+        """Give every active session tasks until it has ``max_pending`` batches ahead. Each
+        session's new batches are planned together (one vectorised call per epoch), then
+        queued taking turns between sessions."""
+        planned = []
+        for session in self.sessions.values():
+            need = self.max_pending - session.ahead() if session.active else 0
+            if need > 0:
+                planned.append(self.plan_session(session, need))
+        for turn in zip_longest(*planned):
+            for task in turn:
+                if task is not None:
+                    self.tasks[task.id] = task
+                    self.pending.append(task.id)
+
+    def plan_session(self, session: Session, count: int) -> list[Task]:
+        """The session's next ``count`` tasks."""
+        plan = self.plans[session.feed]
+        positions = [session.next_task() for _ in range(count)]
+        session.in_production += count
+        tasks = []
+        for epoch in dict.fromkeys(epoch for epoch, _ in positions):
+            indices = [index for e, index in positions if e == epoch]
+            batches = [plan.global_index(session.shard, 0, index) for index in indices]
+            if plan.windowed:
+                reads = [{"ids": [], "window": plan.batch_window(epoch, g)} for g in batches]
+                if plan.window_batches // session.shard.world > self.max_pending:
+                    self.read_ahead(session.feed, plan, epoch, reads[-1]["window"].window)
+            else:
+                reads = [{"ids": rows} for rows in plan.batch_rows(epoch, batches)]
+            tasks += [Task(secrets.randbits(62), session.id, session.feed, epoch, index, **read)
+                      for index, read in zip(indices, reads, strict=True)]
+        return tasks
+
+    def read_ahead(self, feed: str, plan, epoch: int, window: int):
+        """Once a session has tasks in a window, the next window is read ahead (by a worker
+        without the current one), so its read overlaps the current window's batches. Once
+        per window, whatever the sessions; only for windows of more batches than a session
+        plans ahead (in smaller ones its tasks already reach into the next window, and a
+        worker keeps two windows)."""
+        key = (feed, *plan.next_window(epoch, window))
+        if key not in self.warmed:
+            self.warmed[key] = plan.window_read(*key[1:])
+            self.warm.append(key)
+            while len(self.warmed) > WINDOWS_REMEMBERED:
+                self.warmed.popitem(last=False)
+
+    def take_warm(self) -> list[tuple[tuple, BatchWindow]]:
+        """The windows to read ahead, (key, spec) each, since the last call."""
+        taken = [(key, self.warmed[key]) for key in self.warm if key in self.warmed]
+        self.warm.clear()
+        return taken
 
     def finish(self, task_id: int) -> tuple[Task | None, Session | None]:
         """A batch came back: its task (None for a late duplicate or an ended session's)

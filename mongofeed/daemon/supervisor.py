@@ -96,7 +96,8 @@ class Supervisor:
         self.sessions = SessionTable(self.plans, config.serve.max_pending)
         self.control_handlers = Control(self)
         self.errors: deque[str] = deque(maxlen=ERRORS_KEPT)
-        self.counters = {"rejected_messages": 0, "dropped_batches": 0, "sessions_opened": 0}
+        self.counters = {"rejected_messages": 0, "dropped_batches": 0, "sessions_opened": 0,
+                         "windows_read_ahead": 0}
         self.loop_clock = LoopClock()
         self.started_at = time.time()
         self.stopping = False
@@ -299,7 +300,9 @@ class Supervisor:
 
     def dispatch(self):
         """Hand pending tasks to ready workers, the least loaded first (a window's tasks to
-        the worker that reads the window)."""
+        the worker that reads the window), and windows to read ahead."""
+        for key, spec in self.sessions.take_warm():
+            self.counters["windows_read_ahead"] += self.pool.warm(key, spec)
         while (task := self.sessions.next_pending()) is not None:
             record = self.pool.worker_for(task)
             if record is None or not self.pool.send(record, task):

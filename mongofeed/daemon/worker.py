@@ -40,6 +40,7 @@ from ..wire import (
     READY,
     BatchMeta,
     TaskMessage,
+    WarmMessage,
     WorkerEvent,
     pack_batch,
     unpack_worker_command,
@@ -114,7 +115,9 @@ class Worker:
             if task is None:
                 stop = True
                 break
-            if task:
+            if isinstance(task, WarmMessage):
+                self.warm(task)
+            elif task:
                 tasks.append(task)
             if not self.tasks.poll(0):
                 break
@@ -151,20 +154,33 @@ class Worker:
             yield self.produce_one(task, docs[start:start + count])
             start += count
 
+    def window(self, feed: str, epoch: int, spec: BatchWindow):
+        """The window's documents: kept from an earlier task or warm command, else read with
+        one query (the ``WINDOWS_KEPT`` most recent are kept)."""
+        key = (feed, epoch, spec.window)
+        window = self.windows.get(key)
+        if window is None:
+            window = self.retrying(self.reader.read_window, spec, self.config.feeds[feed].filter)
+            self.windows[key] = window
+            while len(self.windows) > WINDOWS_KEPT:
+                self.windows.popitem(last=False)
+        else:
+            self.windows.move_to_end(key)
+        return window
+
+    def warm(self, command: WarmMessage):
+        """Read a window ahead of its tasks; a failure is left for its tasks to report."""
+        try:
+            self.window(command.feed, command.epoch, BatchWindow.from_wire(command.window))
+        except Exception as exc:  # noqa: BLE001 - the window's tasks read it again and fail
+            log.info("worker %d: reading a window ahead failed: %s", self.slot, exc)
+
     def produce_from_window(self, task: TaskMessage) -> list:
         """A batch of the windowed order: its slice of the window's order, from the window
         read with one query (kept for the window's other batches)."""
         try:
             spec = BatchWindow.from_wire(task.window)
-            window = self.windows.get((task.feed, task.epoch, spec.window))
-            if window is None:
-                window = self.retrying(self.reader.read_window, spec,
-                                       self.config.feeds[task.feed].filter)
-                self.windows[(task.feed, task.epoch, spec.window)] = window
-                while len(self.windows) > WINDOWS_KEPT:
-                    self.windows.popitem(last=False)
-            else:
-                self.windows.move_to_end((task.feed, task.epoch, spec.window))
+            window = self.window(task.feed, task.epoch, spec)
             ids, docs = window.batch(spec, self.config.batch.seed, task.epoch,
                                      self.config.source.collection)
         except Exception as exc:

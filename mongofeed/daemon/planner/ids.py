@@ -70,9 +70,15 @@ class Ids:
 
     def take(self, positions) -> list:
         """The BSON values at ``positions`` (an array of indices), in that order."""
+        return rows_to_values(self.rows(positions))
+
+    def rows(self, positions):
+        """The ids at ``positions`` as stored: a numpy array (S12 or int64) for the compact
+        kinds, which a task carries as bytes (no Python object per id on the loop thread),
+        or a list of values."""
         if self.kind == OBJECTS:
             return [self.values[i] for i in np.asarray(positions).tolist()]
-        return [self._value(item) for item in self.values[np.asarray(positions)].tolist()]
+        return self.values[np.asarray(positions)]
 
     @property
     def nbytes(self) -> int:
@@ -97,6 +103,15 @@ class Ids:
         builder = IdsBuilder()
         builder.add_values(list(values))
         return builder.finish()
+
+
+def rows_to_values(rows) -> list:
+    """BSON values of ``Ids.rows``: ObjectIds of 12-byte rows, ints of int64, else as is."""
+    if isinstance(rows, list):
+        return rows
+    if rows.dtype.kind == "S":
+        return [ObjectId(row.ljust(12, b"\x00")) for row in rows.tolist()]
+    return rows.tolist()
 
 
 class IdsDigest:
