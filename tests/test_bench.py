@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from mongofeed.bench.command import bench
 
 EXPECTED_ROWS = {
-    ("digits", "mongofeed-w1"), ("digits", "mongofeed-w2"), ("digits", "keras-forum-posted"),
+    ("digits", "mongofeed-w1"), ("digits", "mongofeed-w2"), ("digits", "mongofeed-window-w2"),
+    ("digits", "keras-forum-posted"),
     ("digits", "keras-forum-intended"), ("digits", "keras-best-practice"),
     ("digits", "tensorpack"), ("digits", "raw-drain"), ("digits", "ceiling-w2"),
     ("digits", "memcpy"), ("synthetic64-mem", "ceiling-w2"),

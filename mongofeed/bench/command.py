@@ -89,12 +89,21 @@ def shape_option(text: str) -> tuple[int, ...]:
               help="Id types of --planner.")
 @click.option("--planner-legacy", is_flag=True,
               help="With --planner: also mongofeed 0.1's planner at the same N.")
+@click.option("--mixing", is_flag=True, help="Instead of the loaders: how well the full and "
+              "the windowed order mix 1,000,000 class-sorted documents (no database).")
 
 
 def bench(uri, database, metrics_url, output, quick, only, workers, batch_size,
           synthetic_count, synthetic_shape, large_shape, large_count, seconds, fit_epochs,
-          scale_count, scale_seconds, planner_counts, planner_kinds, planner_legacy):
+          scale_count, scale_seconds, planner_counts, planner_kinds, planner_legacy, mixing):
     """Benchmark mongofeed against the usual Keras loaders on the same server and data."""
+    if mixing:
+        from .planner import format_mixing
+        from .planner import mixing as measure_mixing
+
+        click.echo(format_mixing(measure_mixing()))
+        if not planner_counts:
+            return
     if planner_counts:
         from .planner import KINDS, run_planner_bench
 

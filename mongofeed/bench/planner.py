@@ -166,8 +166,8 @@ def loop_under_consumers(supervisor, seconds: float, epochs: int) -> dict:
     clock = supervisor.loop_clock.status()
     process.wait(30)
     taken = int(lines[1]) if len(lines) > 1 else 0
-    return {"loop_longest_ms": clock["longest_ms"], "loop_iterations": clock["iterations"],
-            "batches_per_s": taken / seconds}
+    return {"loop_longest_ms": clock["longest_ms"], "loop_longest_cpu_ms": clock["longest_cpu_ms"],
+            "loop_iterations": clock["iterations"], "batches_per_s": taken / seconds}
 
 
 def bench_one(n: int, kind: str, seconds: float, epochs: int) -> dict:
@@ -313,12 +313,13 @@ def describe(r: dict) -> str:
             f"{r['epoch_order_s']:.2f} s" + (
                 "" if r.get("legacy") else
                 f", ready {r['plan_ready_s']:.2f} s, task {r['batch_us']:.0f} µs, loop "
-                f"longest {r['loop_longest_ms']:.1f} ms ({r['batches_per_s']:,.0f} batches/s)"))
+                f"longest {r['loop_longest_ms']:.1f} ms (CPU {r['loop_longest_cpu_ms']:.1f} ms; "
+                f"{r['batches_per_s']:,.0f} batches/s)"))
 
 
 def format_table(results: list[dict]) -> str:
     lines = ["| ids | type | planner | bytes/id (peak) | listing s | sort s | plan ready s | "
-             "one task µs | epoch order s | loop longest ms (8 consumers) |",
+             "one task µs | epoch order s | loop longest ms, wall (CPU) |",
              "|" + "---|" * 10]
 
     def num(r, key, fmt):
@@ -333,5 +334,86 @@ def format_table(results: list[dict]) -> str:
             f"{r['bytes_per_id']:.1f} ({r['peak_bytes_per_id']:.0f}) | "
             f"{r['listing_s']:.2f} | {r['sort_s']:.2f} | {num(r, 'plan_ready_s', '.2f')} | "
             f"{num(r, 'batch_us', '.0f')} | {r['epoch_order_s']:.2f} | "
-            f"{num(r, 'loop_longest_ms', '.1f')} |")
+            f"{num(r, 'loop_longest_ms', '.1f')} ({num(r, 'loop_longest_cpu_ms', '.1f')}) |")
+    return "\n".join(lines)
+
+
+# -- how well each order mixes ------------------------------------------------------------------
+
+MIXING_IDS = 1_000_000
+MIXING_CLASSES = 10
+MIXING_WINDOWS = ((65_536, 64), (8_192, 64), (65_536, 8))  # (documents, ranges) per window
+
+
+def epoch_positions(plan, epoch: int) -> np.ndarray:
+    """The ids 0..N-1 of an epoch in the plan's order (for integer ids: an id is its rank)."""
+    if not plan.windowed:
+        return np.concatenate([plan.positions(epoch, list(range(g, min(g + 4096,
+                                                                          plan.global_batches()))))
+                               for g in range(0, plan.global_batches(), 4096)])
+    from ..daemon.planner.order import window_order
+
+    out = []
+    for window in range(plan.windows):
+        spec = plan.window_read(epoch, window)
+        # the window's documents sorted by _id: its ranges' ids, which are consecutive ints
+        ids = np.concatenate([np.arange(low, high + inclusive) for low, high, inclusive
+                              in spec.ranges])
+        out.append(ids[window_order(plan.seed, epoch, window, spec.count).at(
+            np.arange(spec.count))])
+    return np.concatenate(out)
+
+
+def mixing(n: int = MIXING_IDS, batch_size: int = 64) -> list[dict]:
+    """Each order over ``n`` documents whose label is sorted with the ``_id`` (a collection
+    loaded class by class, the hard case): distinct classes and the total-variation distance
+    from the epoch's class mix per batch, the rank correlation between ``_id`` and place in the
+    epoch, and how many pairs of documents that shared a batch in epoch 0 share one in epoch 1."""
+    from ..daemon.planner import Ids, Plan, SplitsBuilder, WindowPlan
+
+    labels = np.arange(n) * MIXING_CLASSES // n
+    plans = [("full shuffle", Plan(Ids("int64", np.arange(n)), batch_size, 3, True,
+                                   ids_digest="-")),
+             ("no shuffle", Plan(Ids("int64", np.arange(n)), batch_size, 3, False,
+                                 ids_digest="-"))]
+    for docs, ranges in MIXING_WINDOWS:
+        range_docs = docs // ranges // batch_size * batch_size
+        builder = SplitsBuilder(range_docs)
+        builder.add_reply(np.concatenate([np.frombuffer(b"\x12\x00\x00\x00\x12_id\x00", np.uint8)
+                                          .reshape(1, 9).repeat(n, 0),
+                                          np.arange(n, dtype="<i8").view(np.uint8)
+                                          .reshape(n, 8), np.zeros((n, 1), np.uint8)],
+                                         axis=1).tobytes())
+        splits, last, count, digest = builder.finish()
+        plans.append((f"window: {docs:,} documents in {ranges} ranges",
+                      WindowPlan(splits, last, count, batch_size, 3, False, range_docs, ranges,
+                                 digest)))
+    results = []
+    for name, plan in plans:
+        epochs = [epoch_positions(plan, e) for e in (0, 1)]
+        whole = n // batch_size * batch_size
+        batches = labels[epochs[0][:whole]].reshape(-1, batch_size)
+        counts = np.stack([(batches == c).sum(1) for c in range(MIXING_CLASSES)], 1)
+        tv = np.abs(counts / batch_size - 1 / MIXING_CLASSES).sum(1).mean() / 2
+        rank = np.empty(n, np.int64)
+        rank[epochs[0]] = np.arange(n)
+        together = (rank[epochs[1][:whole]].reshape(-1, batch_size) // batch_size)
+        again = np.mean([len(row) - len(np.unique(row)) for row in together[:2000]])
+        results.append({
+            "order": name, "classes_per_batch": float((counts > 0).sum(1).mean()),
+            "tv_distance": float(tv),
+            "id_rank_correlation": float(np.corrcoef(np.arange(n), rank)[0, 1]),
+            "pairs_again_per_batch": float(again)})
+    return results
+
+
+def format_mixing(results: list[dict], n: int = MIXING_IDS) -> str:
+    lines = [f"Mixing over {n:,} documents with {MIXING_CLASSES} classes in _id order, "
+             f"batches of 64:", "",
+             "| order | classes per batch | distance from the epoch's class mix | "
+             "_id ↔ position correlation | documents that met in epoch 0, meeting again |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['order']} | {r['classes_per_batch']:.2f} | {r['tv_distance']:.3f} | "
+                     f"{r['id_rank_correlation']:+.3f} | {r['pairs_again_per_batch']:.2f} |")
     return "\n".join(lines)

@@ -58,17 +58,20 @@ DATA_SNDHWM = 10_000           # consumer credit is the real bound
 
 class LoopClock:
     """How long the loop's iterations take, poll wait excluded: the longest since start and
-    in the last ``LOOP_WINDOW_S`` (a slow iteration delays every consumer's traffic)."""
+    in the last ``LOOP_WINDOW_S`` (a slow iteration delays every consumer's traffic), and the
+    longest in CPU time of the loop's thread (its own work, without the time the machine gave
+    to other processes meanwhile)."""
 
     def __init__(self):
         self.iterations = 0
-        self.longest_s = 0.0
+        self.longest_s = self.longest_cpu_s = 0.0
         self.recent = deque()  # (when, seconds) of the longest iterations of the window
 
-    def record(self, seconds: float):
+    def record(self, seconds: float, cpu_seconds: float):
         now = time.monotonic()
         self.iterations += 1
         self.longest_s = max(self.longest_s, seconds)
+        self.longest_cpu_s = max(self.longest_cpu_s, cpu_seconds)
         while self.recent and now - self.recent[0][0] > LOOP_WINDOW_S:
             self.recent.popleft()
         while self.recent and self.recent[-1][1] <= seconds:  # never the longest again
@@ -79,6 +82,7 @@ class LoopClock:
         now = time.monotonic()
         recent = [s for when, s in self.recent if now - when <= LOOP_WINDOW_S]
         return {"iterations": self.iterations, "longest_ms": round(self.longest_s * 1e3, 2),
+                "longest_cpu_ms": round(self.longest_cpu_s * 1e3, 2),
                 "longest_recent_ms": round(max(recent, default=0.0) * 1e3, 2),
                 "recent_window_s": LOOP_WINDOW_S}
 
@@ -231,11 +235,12 @@ class Supervisor:
             if exc.errno == zmq.EINTR:
                 return
             raise
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         try:
             self.step(events)
         finally:
-            self.loop_clock.record(time.perf_counter() - started)
+            self.loop_clock.record(time.perf_counter() - started,
+                                   time.thread_time() - started_cpu)
 
     def step(self, events: dict):
         """One iteration's work, after the poll: what every consumer's traffic waits for."""
