@@ -1,9 +1,12 @@
 """Everything that talks to MongoDB: the one client per process, listing ids, batch reads.
 
 A worker calls ``connect`` once, after it has started, and keeps the client for its whole
-life; the supervisor uses a client only while it lists the ``_id``s of each feed.
-``MongoSource`` bundles the three for the supervisor and the workers; a stand-in with the
-same methods (the benchmark's documents in memory) serves without a database.
+life; the supervisor uses a client only while it plans each feed (``plan_feed``: the
+listing, streamed into the planner's compact arrays, or the plan cache after a cheap check
+of the collection). Workers read a batch's ids with one ``$in`` (``BatchReader.read``) or a
+window of the windowed order with one query over its ``_id`` ranges (``read_window``).
+``MongoSource`` bundles them for the supervisor and the workers; a stand-in with the same
+methods (``testing.MemorySource``: documents in memory) serves without a database.
 """
 
 from __future__ import annotations

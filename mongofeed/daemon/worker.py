@@ -9,6 +9,10 @@ sockets are created here, in the child, never inherited. The loop:
 3. push ``[meta, header, array...]`` to the sink (the header and arrays go on to the
    consumer unchanged; ``meta`` tells the supervisor which task it was).
 
+A task of the windowed order names its window instead of ids: the worker reads the whole
+window with ONE query over its ``_id`` ranges (or takes it from the two it keeps, read for
+an earlier task or ahead on a ``warm`` command) and cuts the batch from the window's order.
+
 A worker never dies from data. Every failure while producing a batch is one of three kinds:
 
 - about one document (``DecodeError``: a misfit, a document deleted since the plan was made,
