@@ -35,7 +35,7 @@ def processes_with(marker: str) -> list[int]:
     return pids
 
 
-def refused(config: Path, port: int, *args: str) -> str:
+def refused(config: Path, port: int, *args: str, env: dict | None = None) -> str:
     """Run `mongofeed serve` expecting a refusal; returns its one error line."""
     marker = f"{MARKER}={uuid.uuid4().hex}"
     name, value = marker.split("=")
@@ -43,7 +43,7 @@ def refused(config: Path, port: int, *args: str) -> str:
         [sys.executable, "-m", "mongofeed", "serve", "--config", str(config), "--workers", "1",
          "--bind", f"tcp://127.0.0.1:{port}", *args],
         capture_output=True, text=True, cwd=REPO, timeout=SERVE_TIMEOUT_S,
-        env={**os.environ, name: value})
+        env={**os.environ, **(env or {}), name: value})
     assert done.returncode != 0, done.stdout
     assert "mongofeed ready" not in done.stdout
     assert "Traceback" not in done.stderr, done.stderr
