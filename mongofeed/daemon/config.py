@@ -10,6 +10,7 @@ and meaning; the configuration reference in the docs is generated from it.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -374,6 +375,9 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
     if serve["metrics_port"] is not None and not 0 < serve["metrics_port"] < 65536:
         raise ConfigError(f"{where}: serve.metrics_port must be a port (1 to 65535), "
                           f"not {serve['metrics_port']}")
+    if serve["metrics_port"] is not None and importlib.util.find_spec("prometheus_client") is None:
+        raise ConfigError(f"{where}: serve.metrics_port needs prometheus-client: "
+                          f"pip install 'mongofeed[metrics]'")
     serve_config = ServeConfig(**{**serve, "workers": workers, "bind": bind,
                                   "control": control, "max_pending": max_pending,
                                   "tasks_per_worker": tasks_per_worker,
