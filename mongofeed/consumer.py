@@ -140,8 +140,8 @@ class Consumer:
             raise
         self.session = self.info["session"]  # public; the secret token goes to the receiver
         self._receiver = _Receiver(self._context, control_socket, self.endpoint,
-                                   self.info["token"],
-                                   self.schema, start_epoch, self.info.get("ordered", True),
+                                   self.session, self.info["token"], self.schema, start_epoch,
+                                   self.info.get("ordered", True),
                                    self.info["batches_per_epoch"], prefetch, curve)
         self._finalizer = weakref.finalize(self, self._receiver.stop)
         self._receiver.start()
@@ -388,9 +388,10 @@ class _Receiver:
     """The background thread that owns the sockets. It holds no reference to the Consumer,
     so an abandoned Consumer is collected and its session closed."""
 
-    def __init__(self, context, control_socket, endpoint, token, schema: Schema,
+    def __init__(self, context, control_socket, endpoint, session, token, schema: Schema,
                  start_epoch, ordered, batches_per_epoch, prefetch, curve):
         self.control_socket = control_socket
+        self.session = session  # the public name, for messages
         self.token = token  # the session's secret: our data identity, and what bye needs
         self.schema = schema
         self.batches_per_epoch = batches_per_epoch

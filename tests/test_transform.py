@@ -20,7 +20,14 @@ from mongofeed.daemon.transform import (
     projection,
 )
 from mongofeed.errors import ConfigError, ProtocolError
-from mongofeed.wire import ArraySpec, Conversion, hello_schema, pack_batch, unpack_batch
+from mongofeed.wire import (
+    PROTOCOL_VERSION,
+    ArraySpec,
+    Conversion,
+    hello_schema,
+    pack_batch,
+    unpack_batch,
+)
 from tests.support import REPO
 
 TESTS = str(REPO / "tests")
@@ -285,7 +292,7 @@ def test_the_example_config_augments_train_only():
 # -- wire and consumer ---------------------------------------------------------------------------
 
 def test_variable_arrays_and_conversions_on_the_wire():
-    reply = {"protocol": 1, "feed": "f", "batch_size": 4,
+    reply = {"protocol": PROTOCOL_VERSION, "feed": "f", "batch_size": 4, "token": "t" * 32,
              "arrays": [["t", "int32", [None], [6]], ["image", "uint8", [2]]],
              "convert": [["image", "float32", 0.5]]}
     schema = hello_schema(reply)
