@@ -1,28 +1,33 @@
 """``MongoFeedSequence``: a thin ``keras.utils.PyDataset`` over a ``Consumer``.
 
 The daemon decides the order (shuffled by seed, per epoch), so the index Keras asks for only
-counts: each call returns the next batch of the stream, and an epoch of ``fit`` is exactly
-one epoch of the feed. Two Keras habits need care:
+counts: each call hands the next batch of the stream, and every epoch of ``fit`` (or pass of
+``evaluate``/``predict``) is exactly one epoch of the feed. Keras also reads batches that no
+training step sees, and then starts the epoch again: the TF backend peeks at ``seq[0]`` and
+``seq[1]`` for the output signature; under a ``tf.distribute`` strategy, and on the JAX and
+torch backends' first ``fit``, a symbolic build takes a batch from a fresh iterator (a
+prefetching one reads a few more) and resets it. Those batches are kept (``Replay``) and
+handed again, first, to the pass that follows, so nothing is lost or repeated:
 
-- Before iterating, Keras (TensorFlow backend) reads ``seq[0]`` and ``seq[1]`` in
-  ``get_tf_dataset`` to infer the output signature. Batches taken for that peek are kept
-  and returned once more when the epoch asks for the same index: nothing lost or repeated.
-- Keras may call ``__getitem__`` from a tf.data thread or its own worker threads; a lock
-  makes that safe. Worker *processes* would each need their own session and would repeat
-  the data, so ``use_multiprocessing=True`` is refused.
+- ``on_epoch_begin`` begins a pass: whatever Keras read since the last pass it used comes
+  first again;
+- ``on_epoch_end`` from a pass that training used commits it, after checking that it was one
+  whole epoch of the feed (``steps_per_epoch`` smaller than the epoch is refused loudly).
+
+Only how a pass *ended* needs Keras's internals: see ``keras_used_the_pass``.
+Keras's worker threads and processes are not used (see ``MongoFeedSequence``).
 """
 
 from __future__ import annotations
 
+import os
 import sys
-import threading
 
 import keras
 
 from .consumer import DEFAULT_PREFETCH, DEFAULT_TIMEOUT_S, connect, model_io
-
-PEEK_FUNCTION = "get_tf_dataset"  # keras/src/trainers/data_adapters/py_dataset_adapter.py
-PEEK_FRAMES_SEARCHED = 6
+from .errors import FeedError
+from .replay import DEFAULT_REPLAY_BATCHES, Replay
 
 
 class MongoFeedSequence(keras.utils.PyDataset):
@@ -35,55 +40,131 @@ class MongoFeedSequence(keras.utils.PyDataset):
         model.fit(train, validation_data=val, epochs=10)
 
     A list of endpoints (one daemon per host, each ``serve --shard r/R``) reads their union
-    through a ``MultiConsumer``.
+    through a ``MultiConsumer``. ``replay_batches`` bounds how many batches of a pass Keras
+    abandons can be handed again (about 8 are needed; more raises, never loses).
+
+    ``workers`` and ``max_queue_size`` are accepted for ``PyDataset`` compatibility, but
+    Keras's worker threads are not used: the daemon already reads and decodes in parallel
+    (``serve --workers N``) and the consumer reads ahead (``prefetch``), while Keras's thread
+    pool would carry batches read for a discarded pass into the next epoch.
+    ``use_multiprocessing=True`` is refused. A subclass that overrides ``on_epoch_begin`` or
+    ``on_epoch_end`` must call ``super()``'s.
     """
 
     def __init__(self, endpoint: str | list[str], feed: str = "train", control: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT_S, start_epoch: int = 0,
                  shard: tuple[int, int] | None = None, prefetch: int = DEFAULT_PREFETCH,
                  server_key: str | None = None, client_key: str | None = None,
-                 workers: int = 1, use_multiprocessing: bool = False, max_queue_size: int = 10):
+                 workers: int = 1, use_multiprocessing: bool = False, max_queue_size: int = 10,
+                 replay_batches: int = DEFAULT_REPLAY_BATCHES):
         if use_multiprocessing:
             raise ValueError(
                 "MongoFeedSequence does not support use_multiprocessing=True: each process "
                 "would open its own session and repeat the data. The mongofeed daemon already "
                 "reads and decodes in parallel (mongofeed serve --workers N); leave it off.")
-        super().__init__(workers=workers, use_multiprocessing=False,
-                         max_queue_size=max_queue_size)
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
+        super().__init__(workers=1, use_multiprocessing=False, max_queue_size=max_queue_size)
         self.consumer = connect(endpoint, feed=feed, control=control, timeout=timeout,
-                                 start_epoch=start_epoch, shard=shard, prefetch=prefetch,
-                                 server_key=server_key, client_key=client_key)
-        self._lock = threading.Lock()
-        self._served = 0  # batches taken from the stream in this epoch
-        self._peeked: dict[int, tuple] = {}
+                                start_epoch=start_epoch, shard=shard, prefetch=prefetch,
+                                server_key=server_key, client_key=client_key)
+        self.replay = Replay(self.consumer, replay_batches)
+        self._in_pass = False
 
     def __len__(self) -> int:
         return self.consumer.batches_per_epoch
 
     def __getitem__(self, index: int):
-        with self._lock:
-            if index in self._peeked:
-                return self._peeked.pop(index)
-            if self._served == len(self):
-                self._served = 0
-            consumer = self.consumer
-            item = model_io(consumer.get().arrays, consumer.inputs, consumer.targets)
-            self._served += 1
-            if _called_by_keras_peek():
-                self._peeked[index] = item
-            return item
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch index {index} out of range(0, {len(self)})")
+        batch = self.replay.take()
+        consumer = self.consumer
+        return model_io(batch.arrays, consumer.inputs, consumer.targets, consumer.sample_weight)
+
+    def on_epoch_begin(self):
+        """Keras begins a pass: batches read since the last pass it used are handed first."""
+        self.replay.restart()
+        self._in_pass = True
+
+    def on_epoch_end(self):
+        """Keras ends a pass: commit it if training used it (one whole epoch, checked)."""
+        used = keras_used_the_pass()
+        in_pass, self._in_pass = self._in_pass, False
+        if used is False:
+            return  # handed again by the next on_epoch_begin
+        if used and not in_pass:
+            raise FeedError("Keras ended an epoch that MongoFeedSequence did not see begin: a "
+                            "subclass that overrides on_epoch_begin must call "
+                            "super().on_epoch_begin()")
+        handed, epochs = self.replay.commit()
+        if used and (handed != len(self) or len(epochs) != 1):
+            raise FeedError(
+                f"Keras ended a pass of {handed} batches (feed epochs {epochs}) but feed "
+                f"{self.consumer.feed!r} has {len(self)} per epoch: MongoFeedSequence serves "
+                f"whole epochs, so leave steps_per_epoch, validation_steps and steps unset "
+                f"(or equal to len(seq)). If they are, this Keras ({keras.__version__}) reads "
+                f"a PyDataset in a way mongofeed does not know ({KERAS_CHECKED} is).")
 
     def close(self):
         """End the session now (otherwise it ends when this object is collected)."""
         self.consumer.close()
 
 
-def _called_by_keras_peek() -> bool:
+# -- Keras internals, read from Keras 3.15.1 ----------------------------------------------------
+# Every pass Keras makes over a PyDataset ends in PyDatasetAdapter.on_epoch_end
+# (keras/src/trainers/data_adapters/py_dataset_adapter.py), called from one of three places in
+# keras/src/trainers/epoch_iterator.py. EpochIterator.reset() ends a pass that no training step
+# used: the signature peek before it, and the symbolic build (TF trainer's
+# _maybe_symbolic_build under a strategy, Trainer._symbolic_build, the JAX predict build),
+# which all call reset() right after. _enumerate_iterator (end of an epoch) and
+# catch_stop_iteration (the iterator ran out) end a pass that training used. A pass's end is
+# the one event a PyDataset cannot classify from what it is asked, so this is the one place
+# that looks at Keras's frames; any other Keras caller raises instead of guessing.
+
+KERAS_CHECKED_VERSION = "3.15.1"
+KERAS_CHECKED = f"Keras {KERAS_CHECKED_VERSION}"
+FRAMES_SEARCHED = 8  # our on_epoch_end, a subclass's override or two, then Keras's adapter
+
+
+def _pass_end_callers():
+    try:
+        from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+        from keras.src.trainers.epoch_iterator import EpochIterator
+
+        return PyDatasetAdapter.on_epoch_end.__code__, {
+            EpochIterator.reset.__code__: False,
+            EpochIterator._enumerate_iterator.__code__: True,
+            EpochIterator.catch_stop_iteration.__wrapped__.__code__: True,
+        }
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(
+            f"mongofeed.keras knows how {KERAS_CHECKED} ends an epoch pass over a PyDataset, "
+            f"and this Keras ({keras.__version__}) is built differently ({exc}); use "
+            f"keras=={KERAS_CHECKED_VERSION}, or mongofeed.Consumer directly") from exc
+
+
+_ADAPTER_END, _PASS_USED_BY_CALLER = _pass_end_callers()
+_KERAS_DIR = os.path.dirname(keras.__file__) + os.sep
+
+
+def keras_used_the_pass() -> bool | None:
+    """Whether the pass that ``on_epoch_end`` ends was used by training (True) or discarded
+    (False); None when the call does not come from Keras's own training loop (user code)."""
     frame = sys._getframe(2)
-    for _ in range(PEEK_FRAMES_SEARCHED):
+    for _ in range(FRAMES_SEARCHED):
         if frame is None:
-            return False
-        if frame.f_code.co_name == PEEK_FUNCTION and "keras" in frame.f_code.co_filename:
-            return True
+            return None
+        if frame.f_code is _ADAPTER_END:
+            caller = frame.f_back
+            if caller is None or not caller.f_code.co_filename.startswith(_KERAS_DIR):
+                return None  # code of the user's that drives Keras's adapter itself
+            used = _PASS_USED_BY_CALLER.get(caller.f_code)
+            if used is None:
+                raise FeedError(
+                    f"Keras ({keras.__version__}) ended an epoch pass from "
+                    f"{caller.f_code.co_qualname} ({caller.f_code.co_filename}), which "
+                    f"mongofeed does not know ({KERAS_CHECKED} is): it cannot tell whether "
+                    f"training used those batches. Use {KERAS_CHECKED}, or mongofeed.Consumer")
+            return used
         frame = frame.f_back
-    return False
+    return None

@@ -6,7 +6,12 @@ For the daemon:
   has it (every POSIX system), loopback ``tcp://`` on a random port where it does not
   (Windows). Chosen by capability (``zmq.has("ipc")``), not by platform name.
 - The private folder is ``mongofeed-<pid>-*`` in the temp folder; a daemon killed with
-  SIGKILL cannot remove its own, so the next daemon removes those whose pid is gone.
+  SIGKILL cannot remove its own, so the next daemon removes those whose pid is gone (two
+  daemons starting at once may both try: a folder that vanishes meanwhile is fine).
+- An ipc path must fit a socket address (``ipc_path_max()`` bytes). A TMPDIR too long for
+  that is refused with a message naming TMPDIR, rather than moving the internal sockets to
+  loopback tcp: the private folder is what keeps other local users off the workers' sockets
+  (a loopback port is open to all of them), and that is not ours to give up silently.
 
 For the development commands: the executable suffix, the venv layout, how a server is
 started detached, asked to stop, killed and found alive, how a port is checked and a file
@@ -15,6 +20,7 @@ locked, and a child's exit status.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -28,6 +34,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -191,22 +199,51 @@ def make_runtime_dir() -> str | None:
 
 
 def remove_stale_runtime_dirs(parent: str | None = None):
-    """Remove the ``mongofeed-<pid>-*`` folders of this user whose pid is no longer alive."""
+    """Remove the ``mongofeed-<pid>-*`` folders of this user whose pid is no longer alive;
+    one that another daemon removes meanwhile is simply gone."""
     parent = parent or tempfile.gettempdir()
-    for entry in os.scandir(parent):
+    try:
+        entries = list(os.scandir(parent))
+    except OSError as exc:
+        log.warning("cannot look for stale folders in %s: %s", parent, exc)
+        return
+    for entry in entries:
         match = _RUNTIME_DIR_NAME.fullmatch(entry.name)
-        if (match and entry.is_dir(follow_symlinks=False)
-                and entry.stat(follow_symlinks=False).st_uid == os.getuid()
-                and not pid_alive(int(match[1]))):
-            log.info("removing %s, left behind by a daemon that was killed", entry.path)
-            shutil.rmtree(entry.path, ignore_errors=True)
+        if not match or pid_alive(int(match[1])):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or \
+                    entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+        except FileNotFoundError:
+            continue  # another daemon removed it first
+        log.info("removing %s, left behind by a daemon that was killed", entry.path)
+        shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def ipc_path_max() -> int:
+    """The longest ipc path a socket address holds (sockaddr_un.sun_path less its final NUL,
+    as pyzmq measured it where it was built: 107 on Linux, 103 on macOS); 0 without ipc."""
+    import zmq
+
+    return getattr(zmq, "IPC_PATH_MAX_LEN", 0)
 
 
 def bind_internal(socket, runtime_dir: str | None, name: str) -> str:
     """Bind ``socket`` for the daemon's own processes; returns the endpoint to connect to."""
+    import zmq
+
     if runtime_dir is None:
         port = socket.bind_to_random_port("tcp://127.0.0.1")
         return f"tcp://127.0.0.1:{port}"
     endpoint = f"ipc://{os.path.join(runtime_dir, name)}"
-    socket.bind(endpoint)
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise ConfigError(f"TMPDIR ({tempfile.gettempdir()}) is too long for the daemon's "
+                              f"private sockets: {endpoint} has more than the "
+                              f"{ipc_path_max()} bytes of a socket address; set TMPDIR to a "
+                              f"shorter folder, e.g. /tmp") from None
+        raise
     return endpoint

@@ -37,6 +37,26 @@ def test_tf_dataset_spec_and_two_full_epochs(daemon):
         assert sorted(seen) == list(range(COUNT))
 
 
+def test_tf_dataset_iteration_stopped_early_is_handed_again(daemon):
+    """As Keras's symbolic build under a strategy does: a batch from an iterator it drops.
+    The next iteration hands it again, first, in a whole epoch; an iteration that reads on
+    after a newer one began gets an error (once past what it had read ahead)."""
+    pytest.importorskip("tensorflow")
+    from mongofeed.tf import dataset
+
+    train = dataset(daemon.bind, feed="train")
+    dropped = iter(train)
+    first = next(dropped)[0]["idx"].numpy().tolist()
+    del dropped
+    stale = iter(train)
+    next(stale)
+    epoch = [inputs["idx"].numpy().tolist() for inputs, _ in train]
+    assert epoch[0] == first and sorted(sum(epoch, [])) == list(range(COUNT))
+    with pytest.raises(Exception, match="iterate one at a time"):
+        list(stale)
+    assert sorted(i for inputs, _ in train for i in inputs["idx"].numpy()) == list(range(COUNT))
+
+
 def test_torch_dataset_one_epoch_per_iteration(daemon):
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
     from torch.utils.data import DataLoader

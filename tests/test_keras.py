@@ -1,10 +1,11 @@
-"""MongoFeedSequence under real Keras: the signature peek loses nothing, fit sees each
-document exactly once per epoch, and multiprocessing is refused clearly."""
+"""MongoFeedSequence in this process (TF backend): indexing by hand walks the stream, a pass
+that Keras's EpochIterator abandons is handed again, Keras's adapter driven by hand reads
+whole epochs, a Keras caller mongofeed does not know raises, and multiprocessing is refused.
+The fit matrix over backends and strategies is tests/test_keras_fit.py."""
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
+import os
 
 import pytest
 
@@ -12,58 +13,27 @@ from mongofeed.testing import Daemon
 from tests.support import insert_samples, sample_config, write_toml
 
 keras = pytest.importorskip("keras")
-from mongofeed.keras import MongoFeedSequence  # noqa: E402
+from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter  # noqa: E402
+from keras.src.trainers.epoch_iterator import EpochIterator  # noqa: E402
 
-DOCS = 45
+from mongofeed.errors import FeedError  # noqa: E402
+from mongofeed.keras import _KERAS_DIR, MongoFeedSequence  # noqa: E402
 
-
-class RecordingSequence(MongoFeedSequence):
-    """Records the ``idx`` of every sample it hands to Keras, and from which thread."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.handed = []
-        self.threads = set()
-
-    def __getitem__(self, index):
-        x, y = super().__getitem__(index)
-        self.handed.append(x["idx"].tolist())
-        self.threads.add(threading.current_thread().name)
-        return x, y
+DOCS = 45  # 5 batches of 10, the last one short
 
 
 @pytest.fixture
 def daemon(tmp_path, mongo_uri, db):
     insert_samples(db.samples, DOCS)
-    config = sample_config(mongo_uri, db.name, feeds={"train": {}}, batch={"size": 10},
+    config = sample_config(mongo_uri, db.name, feeds={"train": {"shuffle": True}},
+                           batch={"size": 10},
                            output={"inputs": ["idx", "x"], "targets": ["label"]})
     with Daemon(write_toml(tmp_path / "feed.toml", config), workers=2) as running:
         yield running
 
 
-def tiny_model():
-    idx = keras.Input(shape=(), name="idx", dtype="int64")
-    x = keras.Input(shape=(4,), name="x")
-    out = keras.layers.Dense(3, activation="softmax")(x)
-    model = keras.Model({"idx": idx, "x": x}, out)
-    model.compile(optimizer="sgd", loss="categorical_crossentropy")
-    return model
-
-
-def test_fit_sees_every_document_once_per_epoch(daemon):
-    seq = RecordingSequence(daemon.bind, timeout=30)
-    assert len(seq) == 5
-    tiny_model().fit(seq, epochs=3, verbose=0)  # shuffle=True: Keras asks indices at random
-    peek, epochs = seq.handed[:2], seq.handed[2:]
-    assert len(epochs) == 3 * len(seq)
-    for e in range(3):
-        handed = epochs[e * len(seq):(e + 1) * len(seq)]
-        ids = Counter(i for batch in handed for i in batch)
-        assert ids == Counter(range(DOCS)), f"epoch {e}"
-    # The peeked batches reached training, in the first epoch (wherever Keras asked for them).
-    assert all(batch in epochs[:len(seq)] for batch in peek)
-    assert any(name != threading.main_thread().name for name in seq.threads)
-    seq.close()
+def ids(batches) -> list[int]:
+    return sorted(i for x, _ in batches for i in x["idx"].tolist())
 
 
 def test_manual_indexing_walks_the_stream(daemon):
@@ -72,6 +42,47 @@ def test_manual_indexing_walks_the_stream(daemon):
     second = [seq[i][0]["idx"].tolist() for i in range(len(seq))]
     assert sorted(sum(first, [])) == sorted(sum(second, [])) == list(range(DOCS))
     assert first != second  # the second pass is the next, reshuffled epoch
+    with pytest.raises(IndexError):
+        seq[len(seq)]
+    seq.close()
+
+
+def test_a_pass_keras_abandons_is_handed_again(daemon):
+    """What fit does under a strategy or on JAX: one batch from a fresh pass, reset(), then
+    the epochs. Workers are accepted, but Keras's thread pool is not used."""
+    seq = MongoFeedSequence(daemon.bind, timeout=30, workers=4)
+    iterator = EpochIterator(x=seq, shuffle=True)
+    _, _, [abandoned] = next(iter(iterator))
+    iterator.reset()
+    epochs = [[batch for _, _, [batch] in iterator] for _ in range(2)]
+    assert ids(epochs[0]) == ids(epochs[1]) == list(range(DOCS))
+    assert abandoned[0]["idx"].tolist() == epochs[0][0][0]["idx"].tolist()
+    assert seq.workers == 1
+    seq.close()
+
+
+def test_an_adapter_driven_by_hand_reads_whole_epochs(daemon):
+    """As mongofeed bench drives Keras's adapter: its passes count as used."""
+    seq = MongoFeedSequence(daemon.bind, timeout=30)
+    adapter = PyDatasetAdapter(seq, shuffle=False)
+    epochs = []
+    for _ in range(2):
+        adapter.on_epoch_begin()
+        epochs.append(list(adapter.get_numpy_iterator()))
+        adapter.on_epoch_end()
+    assert ids(epochs[0]) == ids(epochs[1]) == list(range(DOCS))
+    assert epochs[0][0][0]["idx"].tolist() != epochs[1][0][0]["idx"].tolist()
+    seq.close()
+
+
+def test_a_keras_caller_mongofeed_does_not_know_raises(daemon):
+    """A Keras that ends a pass from elsewhere: mongofeed cannot tell if training used it."""
+    seq = MongoFeedSequence(daemon.bind, timeout=30)
+    adapter = PyDatasetAdapter(seq)
+    future_keras = compile("adapter.on_epoch_end()",
+                           os.path.join(_KERAS_DIR, "src", "trainers", "future.py"), "exec")
+    with pytest.raises(FeedError, match="which mongofeed does not know"):
+        exec(future_keras, {"adapter": adapter})
     seq.close()
 
 

@@ -171,10 +171,14 @@ def fingerprint(client: pymongo.MongoClient, source: SourceConfig, query: dict) 
 
 def document_bytes(config: Config) -> int:
     """What the windowed order counts per document against ``batch.window_bytes``: its
-    fields' stored values (dtype x shape; a GridFS file id for a GridFS field) and a fixed
-    allowance for ``_id`` and the keys."""
+    fields' stored values (dtype x shape; a GridFS file id for a GridFS field; the guess the
+    workers use for a text field) and a fixed allowance for ``_id`` and the keys."""
     def stored(field) -> int:
-        return 16 if field.gridfs else math.prod(field.shape) * np.dtype(field.dtype).itemsize
+        if field.gridfs:
+            return 16
+        if field.is_text:
+            return field.out_nbytes
+        return math.prod(field.shape) * np.dtype(field.dtype).itemsize
     return DOCUMENT_OVERHEAD_BYTES + sum(stored(f) for f in config.fields.values())
 
 
@@ -295,9 +299,12 @@ def id_chunks(ids: list, max_bytes: int = ID_QUERY_MAX_BYTES) -> list[list]:
 class BatchReader:
     """Reads the documents of one or more batches with a single ``$in`` query (more only when
     the ids do not fit in one), decoding each document on its own so that one pymongo cannot
-    decode spoils nothing but itself."""
+    decode spoils nothing but itself. ``projection`` (``transform.projection``: the paths the
+    config uses) keeps the rest of each document on the server."""
 
-    def __init__(self, client: pymongo.MongoClient, source: SourceConfig, sample_bytes: int):
+    def __init__(self, client: pymongo.MongoClient, source: SourceConfig, sample_bytes: int,
+                 projection: dict | None = None):
+        self.projection = projection
         self.db = client[source.database]
         self.collection = self.db[source.collection]
         self.raw_collection = self.collection.with_options(codec_options=RAW_CODEC_OPTIONS)
@@ -335,7 +342,8 @@ class BatchReader:
         return found
 
     def _find(self, ids: list, docs_per_reply: int) -> list[RawBSONDocument]:
-        return list(self.raw_collection.find({"_id": {"$in": ids}}, batch_size=docs_per_reply))
+        return list(self.raw_collection.find({"_id": {"$in": ids}}, self.projection,
+                                             batch_size=docs_per_reply))
 
     def _undecodable(self, ids: list, found: dict, failures: list[str]) -> dict:
         """The DecodeErrors of the documents that could not be decoded, which are the ids
@@ -359,7 +367,8 @@ class BatchReader:
         return expect_count(window, Window(replies))
 
     def _find_raw(self, selector: dict, docs_per_reply: int) -> list[bytes]:
-        return list(self.collection.find_raw_batches(selector, batch_size=docs_per_reply))
+        return list(self.collection.find_raw_batches(selector, self.projection,
+                                                     batch_size=docs_per_reply))
 
     def read_gridfs(self, bucket: str, file_id) -> bytes:
         import gridfs
@@ -489,5 +498,6 @@ class MongoSource:
     def fingerprint(self, client: pymongo.MongoClient, query: dict) -> dict:
         return fingerprint(client, self.config, query)
 
-    def reader(self, client: pymongo.MongoClient, sample_bytes: int) -> BatchReader:
-        return BatchReader(client, self.config, sample_bytes)
+    def reader(self, client: pymongo.MongoClient, sample_bytes: int,
+               projection: dict | None = None) -> BatchReader:
+        return BatchReader(client, self.config, sample_bytes, projection)
