@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..portable import INTERNAL_TRANSPORTS, resolve_internal_transport
 from ..security import check_exposure
 from ..wire import check_endpoint, next_port
 from .planner import Shard
@@ -116,6 +117,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                            "(*.key)."),
         "metrics_port": Key(int, None, "Serve Prometheus metrics on 127.0.0.1:PORT "
                             "(env MONGOFEED_METRICS_PORT; needs the 'metrics' extra)."),
+        "internal_transport": Key(str, "auto", "How the daemon's own processes talk: "
+                                  "'ipc' (a private folder; not on Windows), 'tcp' (loopback, "
+                                  "random ports) or 'auto' (ipc where ZeroMQ has it) "
+                                  "(env MONGOFEED_INTERNAL_TRANSPORT).", INTERNAL_TRANSPORTS),
     },
 }
 
@@ -195,6 +200,7 @@ class ServeConfig:
     server_key: str | None
     client_keys: str | None
     metrics_port: int | None = None
+    internal_transport: str = "tcp"  # resolved: "ipc" or "tcp"
 
 
 @dataclass(frozen=True)
@@ -318,6 +324,7 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
     if serve["metrics_port"] is not None and not 0 < serve["metrics_port"] < 65536:
         raise ConfigError(f"{where}: serve.metrics_port must be a port (1 to 65535), "
                           f"not {serve['metrics_port']}")
+    serve["internal_transport"] = _internal_transport(serve["internal_transport"], where)
     serve_config = ServeConfig(**{**serve, "workers": workers, "bind": bind,
                                   "control": control, "max_pending": max_pending,
                                   "tasks_per_worker": tasks_per_worker,
@@ -327,6 +334,13 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
     check_exposure(serve_config, where)
     return Config(source=source, feeds=feeds, batch=batch, fields=fields, output=output,
                   serve=serve_config, path=where)
+
+
+def _internal_transport(setting: str, where: str) -> str:
+    try:
+        return resolve_internal_transport(setting)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: serve.internal_transport = {exc}") from None
 
 
 def _entries(value: dict[str, Any], name: str, where: str):
