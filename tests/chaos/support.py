@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 from collections import Counter
 from pathlib import Path
 
 from mongofeed import Consumer
+from mongofeed.portable import KILL_SIGNAL, signal_pid
 from mongofeed.security import keygen
 from mongofeed.testing import Daemon
 from tests.support import insert_samples, sample_config, write_toml
@@ -45,17 +43,9 @@ def assert_exactly_once(batches: list, epochs, docs: int = DOCS):
         assert set(seen.values()) == {1}, f"epoch {epoch}: duplicated documents"
 
 
-def children(pid: int) -> list[int]:
-    """Direct child pids of ``pid`` (Linux /proc)."""
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
-def kill_quietly(pid: int, sig=signal.SIGKILL):
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+def kill_quietly(pid: int):
+    """Kill ``pid`` at once (SIGKILL; TerminateProcess on Windows), if it still exists."""
+    signal_pid(pid, KILL_SIGNAL)
 
 
 def exposed(port: int) -> tuple:
@@ -82,14 +72,3 @@ def private_tmp(tmp_path):
     folder = tmp_path / "tmp"
     folder.mkdir()
     return folder, {"TMPDIR": str(folder)}
-
-
-def port_free(port: int) -> bool:
-    """Bindable again by a new daemon (ZeroMQ sets SO_REUSEADDR, as we do here)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True

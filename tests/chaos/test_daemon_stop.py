@@ -1,4 +1,5 @@
-"""The daemon stops (SIGTERM, SIGINT) or dies (SIGKILL): nothing is left running or bound."""
+"""The daemon stops (SIGTERM, SIGINT; Ctrl-Break on Windows) or dies (SIGKILL): nothing is
+left running or bound, and its ipc folder (when it uses ipc) is gone."""
 
 from __future__ import annotations
 
@@ -8,30 +9,33 @@ import time
 import pytest
 
 from mongofeed import Consumer, FeedTimeout
-from mongofeed.testing import Daemon, pid_alive, wait_until
-from tests.chaos.support import feed_config, port_free, private_tmp, read_batches
+from mongofeed.portable import STOP_REQUESTS, port_is_free, resolve_internal_transport
+from mongofeed.testing import Daemon, internal_transport, pid_alive, wait_until
+from tests.chaos.support import feed_config, private_tmp, read_batches
 
 EXIT_WITHIN_S = 10
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", STOP_REQUESTS, ids=lambda sig: signal.Signals(sig).name)
 def test_stop_signal_ends_every_child_and_releases_everything(tmp_path, mongo_uri, db, sig):
     config = feed_config(tmp_path, mongo_uri, db)
     tmp, env = private_tmp(tmp_path)
     daemon = Daemon(config, workers=2, env=env).start()
+    ipc_folders = 1 if resolve_internal_transport(internal_transport()) == "ipc" else 0
     with Consumer(daemon.bind, "train", timeout=30) as consumer:
         read_batches(consumer, 3)  # stop it while it is busy
         workers = [w["pid"] for w in daemon.status()["workers"]]
-        assert len(list(tmp.glob("mongofeed-*"))) == 1
+        assert len(list(tmp.glob("mongofeed-*"))) == ipc_folders
         started = time.monotonic()
         assert daemon.stop(sig) == 0
         assert wait_until(lambda: not any(pid_alive(p) for p in workers), EXIT_WITHIN_S)
-        print(f"{sig.name}: daemon and workers gone in {time.monotonic() - started:.2f} s")
+        print(f"{signal.Signals(sig).name}: daemon and workers gone in "
+              f"{time.monotonic() - started:.2f} s")
         with pytest.raises(Exception, match="daemon stopped|no batch"):
             for _ in range(10):
                 consumer.get(timeout=5)
     assert list(tmp.iterdir()) == []
-    assert port_free(daemon.port) and port_free(daemon.port + 1)
+    assert port_is_free(daemon.port) and port_is_free(daemon.port + 1)
 
 
 def test_sigkilled_daemon_leaves_no_orphans_and_consumer_gets_a_clear_error(
@@ -42,14 +46,14 @@ def test_sigkilled_daemon_leaves_no_orphans_and_consumer_gets_a_clear_error(
         read_batches(consumer, 3)
         workers = [w["pid"] for w in daemon.status()["workers"]]
         started = time.monotonic()
-        daemon.stop(signal.SIGKILL)
+        daemon.kill()
         assert wait_until(lambda: not any(pid_alive(p) for p in workers), EXIT_WITHIN_S), \
             "workers outlived their killed daemon"
         print(f"orphans gone {time.monotonic() - started:.2f} s after SIGKILL")
         with pytest.raises(FeedTimeout, match="is the daemon running"):
             for _ in range(10):  # what was prefetched comes first
                 consumer.get()
-    assert port_free(daemon.port) and port_free(daemon.port + 1)
+    assert port_is_free(daemon.port) and port_is_free(daemon.port + 1)
 
 
 def test_consumer_of_an_absent_daemon_fails_clearly(tmp_path):
