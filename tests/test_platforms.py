@@ -77,11 +77,11 @@ def test_internal_transport_is_resolved_by_capability(setting, ipc_available, re
     assert resolve_internal_transport(setting, ipc_available) == resolved
 
 
-def config_with(internal_transport: str):
+def config_with(internal_transport: str = "auto", bind: str = "tcp://127.0.0.1:5555"):
     return parse_config({
         "source": {"database": "d", "collection": "c"},
         "fields": {"x": {"decode": "scalar", "dtype": "int64"}},
-        "serve": {"internal_transport": internal_transport},
+        "serve": {"internal_transport": internal_transport, "bind": bind},
     }, "feed.toml")
 
 
@@ -97,6 +97,9 @@ def test_config_resolves_the_internal_transport_and_refuses_ipc_without_it(monke
     with pytest.raises(ConfigError, match="serve.internal_transport must be one of auto, ipc, "
                        "tcp, not 'udp'"):
         config_with("udp")
+    with pytest.raises(ConfigError, match=r"feed.toml: serve.bind = 'ipc:///run/feed', but the "
+                       r"ZeroMQ here has no ipc:// transport .*use tcp://127.0.0.1:PORT"):
+        config_with(bind="ipc:///run/feed")
 
 
 @pytest.mark.parametrize("how", ["option", "environment"])

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import portable
 from ..errors import ConfigError
-from ..portable import INTERNAL_TRANSPORTS, resolve_internal_transport
 from ..security import check_exposure
 from ..wire import check_endpoint, next_port
 from .planner import Shard
@@ -120,7 +120,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "internal_transport": Key(str, "auto", "How the daemon's own processes talk: "
                                   "'ipc' (a private folder; not on Windows), 'tcp' (loopback, "
                                   "random ports) or 'auto' (ipc where ZeroMQ has it) "
-                                  "(env MONGOFEED_INTERNAL_TRANSPORT).", INTERNAL_TRANSPORTS),
+                                  "(env MONGOFEED_INTERNAL_TRANSPORT).",
+                                  portable.INTERNAL_TRANSPORTS),
     },
 }
 
@@ -325,6 +326,7 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
         raise ConfigError(f"{where}: serve.metrics_port must be a port (1 to 65535), "
                           f"not {serve['metrics_port']}")
     serve["internal_transport"] = _internal_transport(serve["internal_transport"], where)
+    _refuse_missing_ipc({"serve.bind": bind, "serve.control": control}, where)
     serve_config = ServeConfig(**{**serve, "workers": workers, "bind": bind,
                                   "control": control, "max_pending": max_pending,
                                   "tasks_per_worker": tasks_per_worker,
@@ -338,9 +340,16 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
 
 def _internal_transport(setting: str, where: str) -> str:
     try:
-        return resolve_internal_transport(setting)
+        return portable.resolve_internal_transport(setting)
     except ValueError as exc:
         raise ConfigError(f"{where}: serve.internal_transport = {exc}") from None
+
+
+def _refuse_missing_ipc(endpoints: dict[str, str], where: str):
+    for key, endpoint in endpoints.items():
+        if endpoint.startswith("ipc://") and not portable.has_ipc():
+            raise ConfigError(f"{where}: {key} = {endpoint!r}, but the ZeroMQ here has no "
+                              f"ipc:// transport (as on Windows); use tcp://127.0.0.1:PORT")
 
 
 def _entries(value: dict[str, Any], name: str, where: str):
