@@ -9,7 +9,13 @@ import time
 import pytest
 
 from mongofeed import Consumer, FeedTimeout
-from mongofeed.portable import STOP_REQUESTS, port_is_free, resolve_internal_transport
+from mongofeed.portable import (
+    CONSOLE_INTERRUPTS,
+    STOP_REQUESTS,
+    port_is_free,
+    resolve_internal_transport,
+    signal_pid,
+)
 from mongofeed.testing import Daemon, internal_transport, pid_alive, wait_until
 from tests.chaos.support import feed_config, private_tmp, read_batches
 
@@ -27,8 +33,12 @@ def test_stop_signal_ends_every_child_and_releases_everything(tmp_path, mongo_ur
         workers = [w["pid"] for w in daemon.status()["workers"]]
         assert len(list(tmp.glob("mongofeed-*"))) == ipc_folders
         started = time.monotonic()
+        if sig in CONSOLE_INTERRUPTS:  # a terminal's Ctrl-C reaches the workers too
+            for pid in workers:
+                signal_pid(pid, sig)
         assert daemon.stop(sig) == 0
         assert wait_until(lambda: not any(pid_alive(p) for p in workers), EXIT_WITHIN_S)
+        assert "Traceback" not in daemon.stderr_path.read_text()  # workers and daemon
         print(f"{signal.Signals(sig).name}: daemon and workers gone in "
               f"{time.monotonic() - started:.2f} s")
         with pytest.raises(Exception, match="daemon stopped|no batch"):
