@@ -225,6 +225,8 @@ def bind_internal(socket, runtime_dir: str | None, name: str) -> str:
 
 
 INTERNAL_TRANSPORTS = ("auto", "ipc", "tcp")
+# The environment variable of serve.internal_transport; the test runner's tcp pass sets it.
+INTERNAL_TRANSPORT_ENV = "MONGOFEED_INTERNAL_TRANSPORT"
 
 
 def resolve_internal_transport(setting: str, ipc_available: bool | None = None) -> str:
@@ -263,8 +265,6 @@ else:
 # Whether a process can be frozen and thawed (SIGSTOP, SIGCONT): how tests make a worker or a
 # trainer hang. Windows has no such signal.
 CAN_SUSPEND = hasattr(signal, "SIGSTOP")
-# Whether /proc describes every process (Linux): some tests read memory or environments there.
-HAS_PROC = os.path.exists("/proc/self/status")
 
 
 def on_stop_signals(handler) -> None:

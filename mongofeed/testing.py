@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 
 from .consumer import daemon_status
-from .portable import STOP_REQUESTS, pid_alive, stoppable
+from .portable import INTERNAL_TRANSPORT_ENV, STOP_REQUESTS, pid_alive, stoppable
 
 READY_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 20.0
@@ -34,8 +34,6 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 FERRETDB_ACCEPTS = "ferretdb_client_accepts_total"
 FERRETDB_REQUESTS = "ferretdb_client_requests_total"
 QUERY_COMMANDS = ("find", "getMore", "aggregate")
-# Read by `mongofeed serve` itself; the test runner's tcp pass sets it to "tcp".
-INTERNAL_TRANSPORT_ENV = "MONGOFEED_INTERNAL_TRANSPORT"
 
 __all__ = ["Daemon", "MemorySource", "ServerCounters", "free_port_pair", "internal_transport",
            "parse_prometheus", "pid_alive", "wait_until", "write_documents"]

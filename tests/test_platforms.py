@@ -23,6 +23,7 @@ from mongofeed.daemon.config import parse_config
 from mongofeed.dev import run
 from mongofeed.errors import ConfigError
 from mongofeed.portable import (
+    INTERNAL_TRANSPORT_ENV,
     end_process,
     kill_process_group,
     own_process_group,
@@ -117,13 +118,13 @@ def test_serve_takes_the_internal_transport_as_option_or_environment(how):
 
 def test_runner_runs_the_internal_socket_tests_again_over_tcp():
     ipc_pass, tcp_pass = run.suite_passes(["-x"], {}, lambda: True)
-    assert (ipc_pass.env, ipc_pass.pytest_args) == ({run.TRANSPORT_ENV: "ipc"}, ["-x"])
-    assert (tcp_pass.env, tcp_pass.pytest_args) == ({run.TRANSPORT_ENV: "tcp"},
+    assert (ipc_pass.env, ipc_pass.pytest_args) == ({INTERNAL_TRANSPORT_ENV: "ipc"}, ["-x"])
+    assert (tcp_pass.env, tcp_pass.pytest_args) == ({INTERNAL_TRANSPORT_ENV: "tcp"},
                                                     ["-x", *run.TCP_PASS])
     # One pass: tests named by path, tcp asked for already, or no ipc here (Windows).
     for args, environ, ipc in ((["-x", "tests/test_wire.py"], {}, True),
                                (["tests/test_wire.py::test_x"], {}, True),
-                               ([], {run.TRANSPORT_ENV: "tcp"}, True), ([], {}, False)):
+                               ([], {INTERNAL_TRANSPORT_ENV: "tcp"}, True), ([], {}, False)):
         [only] = run.suite_passes(args, environ, lambda ipc=ipc: ipc)
         assert (only.env, only.pytest_args) == ({}, args)
 

@@ -25,7 +25,14 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
-from ..portable import STOP_REQUESTS, exit_status, interrupt, stoppable, venv_python
+from ..portable import (
+    INTERNAL_TRANSPORT_ENV,
+    STOP_REQUESTS,
+    exit_status,
+    interrupt,
+    stoppable,
+    venv_python,
+)
 from . import server
 
 ROOT = server.ROOT
@@ -33,8 +40,6 @@ ENDING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CHILD_REPORT_S = 3  # a child that got the terminal's Ctrl-C too has this long to report
 CHILD_STOP_S = 5
 
-# What `mongofeed serve` (and mongofeed.testing) read to choose the internal transport.
-TRANSPORT_ENV = "MONGOFEED_INTERNAL_TRANSPORT"
 # The tests of the internal sockets, run again over tcp: exactly once with 1 to 8 workers,
 # the stepped loop, worker kill and hang, daemon stop (and its time) and kill, hostile peers.
 TCP_PASS = (
@@ -227,14 +232,14 @@ def suite_passes(
     internal transport is tcp already (set so, or the only one here); else the whole suite
     over ipc, then ``TCP_PASS`` over tcp."""
     if any(_names_tests(arg) for arg in pytest_args) or (
-        environ.get(TRANSPORT_ENV, "auto") == "tcp" or not ipc_available()
+        environ.get(INTERNAL_TRANSPORT_ENV, "auto") == "tcp" or not ipc_available()
     ):
         return [SuitePass("pytest", "as asked", {}, pytest_args)]
     return [
         SuitePass("ipc pass", "the whole suite, the daemon's internal sockets over ipc",
-                 {TRANSPORT_ENV: "ipc"}, pytest_args),
+                 {INTERNAL_TRANSPORT_ENV: "ipc"}, pytest_args),
         SuitePass("tcp pass", "the tests of those sockets again over loopback tcp, as on "
-                 "Windows", {TRANSPORT_ENV: "tcp"}, [*pytest_args, *TCP_PASS]),
+                 "Windows", {INTERNAL_TRANSPORT_ENV: "tcp"}, [*pytest_args, *TCP_PASS]),
     ]  # fmt: skip
 
 

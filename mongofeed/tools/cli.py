@@ -19,7 +19,7 @@ import click
 from .. import __version__
 from ..daemon.config import load_config, load_source, redact_uri
 from ..errors import ConfigError, MongoFeedError
-from ..portable import INTERNAL_TRANSPORTS
+from ..portable import INTERNAL_TRANSPORT_ENV, INTERNAL_TRANSPORTS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -123,7 +123,7 @@ def main():
 @click.option("--insecure", is_flag=True, default=None, envvar="MONGOFEED_INSECURE",
               help="Allow a non-loopback --bind without CurveZMQ keys (serve.insecure).")
 @click.option("--internal-transport", type=click.Choice(INTERNAL_TRANSPORTS),
-              envvar="MONGOFEED_INTERNAL_TRANSPORT",
+              envvar=INTERNAL_TRANSPORT_ENV,
               help="Sockets between the daemon's own processes (serve.internal_transport; "
               "default auto: ipc where ZeroMQ has it, else loopback tcp).")
 @log_option
