@@ -251,7 +251,7 @@ def _names_tests(arg: str) -> bool:
 def _has_ipc(python: str) -> bool:
     """Whether the ZeroMQ of the checkout's Python has ipc:// (every POSIX system)."""
     check = "from mongofeed.portable import has_ipc; raise SystemExit(not has_ipc())"
-    return subprocess.run([python, "-c", check], cwd=ROOT).returncode == 0
+    return subprocess.run([python, "-c", check], cwd=ROOT, capture_output=True).returncode == 0
 
 
 @_runner
