@@ -26,11 +26,13 @@ from .errors import FeedError, FeedTimeout, ProtocolError
 from .security import client_options
 from .wire import (
     MAX_HEADER_BYTES,
-    PROTOCOL_VERSION,
+    ByeRequest,
+    ControlRequest,
+    HelloRequest,
     Schema,
+    StatusRequest,
     check_endpoint,
     decode_json,
-    encode_json,
     hello_schema,
     next_port,
     pack_credit,
@@ -51,13 +53,17 @@ class Batch(NamedTuple):
     arrays: dict[str, np.ndarray]
 
 
-def model_io(arrays: dict, inputs: list[str], targets: list[str]) -> tuple:
+def model_io(arrays: dict, inputs: list[str], targets: list[str],
+             sample_weight: str | None = None) -> tuple:
     """A batch as a model takes it, per the config's [output]: ``(inputs, targets)``, each
-    one array or, when it names several, a dict of arrays; ``(inputs,)`` without targets.
+    one array or, when it names several, a dict of arrays; ``(inputs,)`` without targets;
+    ``(inputs, targets, weights)`` with a sample_weight array (Keras's ``fit`` takes that).
     Works on any dict keyed by array name (arrays, tensors, tensor specs)."""
     def pick(names):
         return arrays[names[0]] if len(names) == 1 else {n: arrays[n] for n in names}
 
+    if sample_weight is not None:
+        return pick(inputs), pick(targets), arrays[sample_weight]
     return (pick(inputs), pick(targets)) if targets else (pick(inputs),)
 
 
@@ -70,9 +76,10 @@ def control_connect(context: zmq.Context, control: str, curve: dict | None = Non
     return socket
 
 
-def ask(socket: zmq.Socket, control: str, request: dict, timeout: float) -> dict:
+def ask(socket: zmq.Socket, control: str, request: ControlRequest,
+        timeout: float) -> dict:
     """One control request and its reply; a clear error if the daemon does not answer."""
-    socket.send(encode_json(request))
+    socket.send(request.pack())
     if not socket.poll(int(timeout * 1000)):
         raise FeedTimeout(f"no answer from the mongofeed daemon at {control} within "
                           f"{timeout:g} s: is 'mongofeed serve' running with this "
@@ -91,7 +98,7 @@ def daemon_status(control: str, timeout: float = 5.0, server_key: str | None = N
     context = zmq.Context()
     try:
         return ask(control_connect(context, check_endpoint(control, "control"), curve),
-                   control, {"op": "status"}, timeout)
+                   control, StatusRequest(), timeout)
     finally:
         context.destroy(linger=0)
 
@@ -122,8 +129,7 @@ class Consumer:
         self._context = zmq.Context()
         try:
             control_socket = control_connect(self._context, self.control, curve)
-            request = {"op": "hello", "protocol": PROTOCOL_VERSION, "feed": feed,
-                       "start_epoch": start_epoch, "shard": list(shard or (0, 1))}
+            request = HelloRequest(feed, start_epoch, tuple(shard or (0, 1)))
             try:
                 self.info = ask(control_socket, self.control, request, timeout)
             except FeedTimeout as exc:
@@ -132,9 +138,10 @@ class Consumer:
         except BaseException:
             self._context.destroy(linger=0)
             raise
-        self.session = self.info["session"]
-        self._receiver = _Receiver(self._context, control_socket, self.endpoint, self.session,
-                                   self.schema, start_epoch, self.info.get("ordered", True),
+        self.session = self.info["session"]  # public; the secret token goes to the receiver
+        self._receiver = _Receiver(self._context, control_socket, self.endpoint,
+                                   self.session, self.info["token"], self.schema, start_epoch,
+                                   self.info.get("ordered", True),
                                    self.info["batches_per_epoch"], prefetch, curve)
         self._finalizer = weakref.finalize(self, self._receiver.stop)
         self._receiver.start()
@@ -151,6 +158,11 @@ class Consumer:
     def targets(self) -> list[str]:
         return self.info["targets"]
 
+    @property
+    def sample_weight(self) -> str | None:
+        """The array a model takes as its sample weights (config output.sample_weight)."""
+        return self.info.get("sample_weight")
+
     def get(self, timeout: float | None = None) -> Batch:
         """The next batch of the stream; raises FeedTimeout rather than waiting forever, and
         FeedError, naming the cause, once the session has failed (the daemon's error, a
@@ -161,9 +173,12 @@ class Consumer:
         timeout = self.timeout if timeout is None else timeout
         item = self._receiver.take(timeout)
         if item is None:
-            raise FeedTimeout(f"no batch of feed {self.feed!r} from {self.endpoint} within "
-                              f"{timeout:g} s: is the daemon running and its database "
-                              f"reachable? ('mongofeed status --control {self.control}')")
+            taken = (f"epoch {self._epoch}: {self.taken_in_epoch} of {self.batches_per_epoch} "
+                     f"batches taken" if self._epoch is not None else "none taken yet")
+            raise FeedTimeout(f"waited {timeout:g} s (the consumer's timeout) for the next "
+                              f"batch of feed {self.feed!r} ({taken}) from {self.endpoint}: "
+                              f"is the daemon running and its database reachable? "
+                              f"('mongofeed status --control {self.control}')")
         if item.epoch != self._epoch:
             self._epoch, self.taken_in_epoch = item.epoch, 0
         self.taken_in_epoch += 1
@@ -240,20 +255,22 @@ class MultiConsumer:
             raise
         first = self.consumers[0]
         self.schema, self.inputs, self.targets = first.schema, first.inputs, first.targets
+        self.sample_weight = first.sample_weight
         self.batches_per_epoch = sum(c.batches_per_epoch for c in self.consumers)
         self._left = [0] * len(self.consumers)  # batches still due in each daemon's epoch
         self._next = 0
 
     def _check_same_schema(self):
         def announced(consumer):
-            return consumer.schema, consumer.inputs, consumer.targets
+            return consumer.schema, consumer.inputs, consumer.targets, consumer.sample_weight
 
         first = self.consumers[0]
         differ = [c.endpoint for c in self.consumers if announced(c) != announced(first)]
         if differ:
             raise FeedError(f"daemons announce different schemas for feed {self.feed!r}: "
                             f"{', '.join(differ)} differ from {first.endpoint} (batch size, "
-                            f"arrays or inputs/targets); serve them with the same config")
+                            f"arrays or inputs/targets/sample_weight); serve them with the same "
+                            f"config")
 
     def _daemon_shards(self, consumer_world: int) -> list[tuple[str, tuple[int, int]]]:
         """Each daemon's ``--shard``: a consumer's ``shard`` is taken within the daemon's,
@@ -371,10 +388,11 @@ class _Receiver:
     """The background thread that owns the sockets. It holds no reference to the Consumer,
     so an abandoned Consumer is collected and its session closed."""
 
-    def __init__(self, context, control_socket, endpoint, session, schema: Schema,
+    def __init__(self, context, control_socket, endpoint, session, token, schema: Schema,
                  start_epoch, ordered, batches_per_epoch, prefetch, curve):
         self.control_socket = control_socket
-        self.session = session
+        self.session = session  # the public name, for messages
+        self.token = token  # the session's secret: our data identity, and what bye needs
         self.schema = schema
         self.batches_per_epoch = batches_per_epoch
         self.ordered = ordered
@@ -388,13 +406,13 @@ class _Receiver:
         self.data.linger = 0
         for option, value in curve.items():
             self.data.setsockopt(option, value)
-        self.data.identity = session.encode()
+        self.data.identity = token.encode()
         self.data.maxmsgsize = max(MAX_HEADER_BYTES, schema.batch_size * max(
             spec.sample_nbytes for spec in schema.arrays))
         self.data.connect(endpoint)
         self.owed_credit = prefetch
         self.last_sent = 0.0
-        self.thread = threading.Thread(target=self.run, name=f"mongofeed-{session}",
+        self.thread = threading.Thread(target=self.run, name=f"mongofeed-{schema.feed}",
                                        daemon=True)
 
     def start(self):
@@ -493,8 +511,7 @@ class _Receiver:
     def say_bye(self):
         try:
             self.control_socket.linger = BYE_LINGER_MS
-            self.control_socket.send(encode_json({"op": "bye", "session": self.session}),
-                                     flags=zmq.NOBLOCK)
+            self.control_socket.send(ByeRequest(self.token).pack(), flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
         self.control_socket.close()

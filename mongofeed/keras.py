@@ -78,7 +78,8 @@ class MongoFeedSequence(keras.utils.PyDataset):
         if not 0 <= index < len(self):
             raise IndexError(f"batch index {index} out of range(0, {len(self)})")
         batch = self.replay.take()
-        return model_io(batch.arrays, self.consumer.inputs, self.consumer.targets)
+        consumer = self.consumer
+        return model_io(batch.arrays, consumer.inputs, consumer.targets, consumer.sample_weight)
 
     def on_epoch_begin(self):
         """Keras begins a pass: batches read since the last pass it used are handed first."""

@@ -10,8 +10,13 @@ For the daemon:
   POSIX system), loopback ``tcp://`` on random ports where it does not (Windows) or when
   asked for (which is how the Windows path is tested on Linux).
 - The private folder is ``mongofeed-<pid>-*`` in the temp folder; a daemon killed with
-  SIGKILL cannot remove its own, so the next daemon removes those whose pid is gone.
+  SIGKILL cannot remove its own, so the next daemon removes those whose pid is gone (two
+  daemons starting at once may both try: a folder that vanishes meanwhile is fine).
   Shared-memory segments take the same ``mongofeed-<pid>-`` names (``shared_memory_name``).
+- An ipc path must fit a socket address (``ipc_path_max()`` bytes). A TMPDIR too long for
+  that is refused with a message naming TMPDIR, rather than moving the internal sockets to
+  loopback tcp: the private folder is what keeps other local users off the workers' sockets
+  (a loopback port is open to all of them), and that is not ours to give up silently.
 - Signals: ``STOP_SIGNALS`` ask the daemon to stop (SIGINT, SIGTERM, and SIGBREAK where it
   exists: Windows' Ctrl-Break); workers ignore the ``CONSOLE_INTERRUPTS`` that a terminal
   sends to every process in it. Another process asks a daemon to stop with
@@ -29,6 +34,7 @@ locked, and a child's exit status.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -42,6 +48,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -203,24 +211,53 @@ def make_runtime_dir() -> str:
 
 
 def remove_stale_runtime_dirs(parent: str | None = None):
-    """Remove the ``mongofeed-<pid>-*`` folders of this user whose pid is no longer alive."""
+    """Remove the ``mongofeed-<pid>-*`` folders of this user whose pid is no longer alive;
+    one that another daemon removes meanwhile is simply gone."""
     parent = parent or tempfile.gettempdir()
-    for entry in os.scandir(parent):
+    try:
+        entries = list(os.scandir(parent))
+    except OSError as exc:
+        log.warning("cannot look for stale folders in %s: %s", parent, exc)
+        return
+    for entry in entries:
         match = _RUNTIME_DIR_NAME.fullmatch(entry.name)
-        if (match and entry.is_dir(follow_symlinks=False)
-                and entry.stat(follow_symlinks=False).st_uid == os.getuid()
-                and not pid_alive(int(match[1]))):
-            log.info("removing %s, left behind by a daemon that was killed", entry.path)
-            shutil.rmtree(entry.path, ignore_errors=True)
+        if not match or pid_alive(int(match[1])):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or \
+                    entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+        except FileNotFoundError:
+            continue  # another daemon removed it first
+        log.info("removing %s, left behind by a daemon that was killed", entry.path)
+        shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def ipc_path_max() -> int:
+    """The longest ipc path a socket address holds (sockaddr_un.sun_path less its final NUL,
+    as pyzmq measured it where it was built: 107 on Linux, 103 on macOS); 0 without ipc."""
+    import zmq
+
+    return getattr(zmq, "IPC_PATH_MAX_LEN", 0)
 
 
 def bind_internal(socket, runtime_dir: str | None, name: str) -> str:
     """Bind ``socket`` for the daemon's own processes; returns the endpoint to connect to."""
+    import zmq
+
     if runtime_dir is None:
         port = socket.bind_to_random_port("tcp://127.0.0.1")
         return f"tcp://127.0.0.1:{port}"
     endpoint = f"ipc://{os.path.join(runtime_dir, name)}"
-    socket.bind(endpoint)
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise ConfigError(f"TMPDIR ({tempfile.gettempdir()}) is too long for the daemon's "
+                              f"private sockets: {endpoint} has more than the "
+                              f"{ipc_path_max()} bytes of a socket address; set TMPDIR to a "
+                              f"shorter folder, e.g. /tmp") from None
+        raise
     return endpoint
 
 

@@ -35,10 +35,10 @@ def dataset(endpoint: str | list[str], feed: str = "train",
     consumer = connect(endpoint, feed=feed, **consumer_kwargs)
     replay = Replay(consumer, replay_batches)
     specs = {spec.name: tf.TensorSpec((None, *spec.shape), tf.as_dtype(spec.dtype), spec.name)
-             for spec in consumer.schema.arrays}
+             for spec in consumer.schema.delivered}
 
     def structure(arrays: dict) -> tuple:
-        return model_io(arrays, consumer.inputs, consumer.targets)
+        return model_io(arrays, consumer.inputs, consumer.targets, consumer.sample_weight)
 
     def one_epoch():
         pass_number = replay.restart()

@@ -49,7 +49,8 @@ class IterableDataset(torch.utils.data.IterableDataset):
             # A copy: the received arrays are read-only views of the message.
             tensors = {name: torch.tensor(array) for name, array in batch.arrays.items()}
             yield tensors if self.as_dict else model_io(tensors, self.consumer.inputs,
-                                                        self.consumer.targets)
+                                                        self.consumer.targets,
+                                                        self.consumer.sample_weight)
 
     def close(self):
         """End the session now (otherwise it ends when this object is collected)."""

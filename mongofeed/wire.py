@@ -16,13 +16,21 @@ makes before trusting one.
 
 Public messages (what a consumer, or a stranger, can send or receive):
 
-1. control request/reply: one frame, a JSON object (``{"op": "hello", ...}``), at most
-   ``MAX_CONTROL_BYTES``; replies carry ``"ok"`` and, when false, ``"error"``.
-2. credit: one frame, ``{"credit": n}``; the consumer grants the daemon n more batches.
-   ``n = 0`` is a heartbeat.
+1. control request/reply: one frame, a JSON object, at most ``MAX_CONTROL_BYTES``:
+   ``{"op": "hello", "protocol", "feed", "start_epoch", "shard": [r, R]}`` opens a session;
+   its reply names the session (``"session"``, public) and gives its secret ``"token"``,
+   which only the peer that said hello knows: it is the identity of that consumer's data
+   socket and what ``{"op": "bye", "token"}`` needs. ``{"op": "status"}`` never shows a
+   token. Replies carry ``"ok"`` and, when false, ``"error"``.
+2. credit: one frame, ``{"credit": n}``, on the data socket whose identity is the session's
+   token; the consumer grants the daemon n more batches, within a window: the daemon keeps
+   at most ``credit_window`` (from the hello reply) granted and unsent, and drops the rest,
+   so a consumer grants one more per batch it receives. ``n = 0`` is a heartbeat.
 3. batch: frame 0 is the header, a JSON object ``{"v", "kind": "batch", "feed", "epoch",
    "index", "count", "arrays": [[name, dtype, shape], ...]}``; then one frame per array with
-   its raw C-order bytes. ``kind = "error"`` carries ``"message"`` and no array frames.
+   its raw C-order bytes. ``kind = "error"`` carries ``"message"`` and no array frames. A
+   hello reply may announce a dimension as null (padded per batch, up to a fourth element,
+   the bound) and ``convert``: the casts the consumer applies on receipt.
 
 Internal messages (supervisor, workers and sink; the peers are our own processes, but every
 frame is still checked, so a bug shows as a counted rejection, not a crash):
@@ -36,13 +44,18 @@ frame is still checked, so a bug shows as a counted rejection, not a crash):
    carries the worker's counts or an ``error``; the rest goes on to the consumer unchanged.
 
 Nothing received is ever unpickled: headers are JSON, arrays are raw bytes of plain numeric
-dtypes, and every length is checked against dtype x shape before ``np.frombuffer``.
+dtypes, and every length is checked against dtype x shape before ``np.frombuffer``. Every
+message from outside is parsed here, once, into a checked value (``HelloRequest``,
+``ByeRequest``, ``StatusRequest``, a credit count) or a ``ProtocolError`` that says why:
+JSON nested deeper than ``MAX_JSON_DEPTH``, numbers longer than ``MAX_NUMBER_CHARS`` or not
+finite, and every wrong type are refused before any handler sees them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -52,9 +65,15 @@ from bson.codec_options import CodecOptions, DatetimeConversion
 
 from .errors import ConfigError, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2           # 2: the hello reply's secret token is the data identity
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 32            # our messages nest at most 6 deep (the status reply)
+MAX_NUMBER_CHARS = 40          # a JSON number's text; ours are counts, sizes and seconds
+MAX_CREDIT = 1_000_000         # per credit message; the daemon caps a session's total lower
+MAX_NAME_CHARS = 256           # a feed name in a hello
+MAX_SHARD_WORLD = 2**20
+TOKEN_CHARS = 32               # a session token: 128 random bits as hex
 ALLOWED_DTYPES = frozenset((
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
     "float16", "float32", "float64",
@@ -63,32 +82,91 @@ ALLOWED_DTYPES = frozenset((
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """Name, dtype and per-sample shape of one array of every batch of a feed."""
+    """Name, dtype and per-sample shape of one array of every batch of a feed.
+
+    In a hello reply a dimension may be None: its length varies from batch to batch (padded
+    per batch), up to ``max_shape``, which is then announced too. A batch header always
+    names the lengths of that batch.
+    """
 
     name: str
     dtype: str
-    shape: tuple[int, ...]
+    shape: tuple
+    max_shape: tuple[int, ...] | None = None
 
     @property
     def sample_nbytes(self) -> int:
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+        """Bytes of one sample (at most, for a variable shape)."""
+        return math.prod(self.max_shape or self.shape) * np.dtype(self.dtype).itemsize
+
+    def accepts(self, header: ArraySpec) -> bool:
+        """Whether a batch header's concrete ``header`` fits this announced spec."""
+        if (header.name, header.dtype) != (self.name, self.dtype) or header.max_shape:
+            return False
+        bounds = self.max_shape or self.shape
+        return len(header.shape) == len(self.shape) and all(
+            d == want or (want is None and d <= bound)
+            for d, want, bound in zip(header.shape, self.shape, bounds, strict=True))
 
     def to_json(self) -> list:
-        return [self.name, self.dtype, list(self.shape)]
+        value = [self.name, self.dtype, list(self.shape)]
+        return value + [list(self.max_shape)] if self.max_shape else value
 
     @classmethod
     def from_json(cls, value) -> ArraySpec:
-        if not (isinstance(value, list) and len(value) == 3):
+        if not (isinstance(value, list) and len(value) in (3, 4)):
             raise ProtocolError(f"array spec must be [name, dtype, shape], got {value!r:.100}")
-        name, dtype, shape = value
+        name, dtype, shape, *max_shape = value
         if not isinstance(name, str) or dtype not in ALLOWED_DTYPES:
             raise ProtocolError(f"bad array name or dtype: {value!r:.100}")
-        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
-            raise ProtocolError(f"bad array shape: {shape!r:.100}")
-        return cls(name, dtype, tuple(shape))
+        if not max_shape:
+            if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+                raise ProtocolError(f"bad array shape: {shape!r:.100}")
+            return cls(name, dtype, tuple(shape))
+        bounds = max_shape[0]
+        if not (isinstance(shape, list) and isinstance(bounds, list)
+                and len(bounds) == len(shape) and None in shape
+                and all(_is_count(b) and (d is None or (_is_count(d) and d == b))
+                        for d, b in zip(shape, bounds, strict=True))):
+            raise ProtocolError(f"bad variable array shape: {shape!r:.100}, {bounds!r:.100}")
+        return cls(name, dtype, tuple(shape), tuple(bounds))
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """A cast (and scale) that the consumer applies to one array on receipt, announced in the
+    hello reply, so that the wire carries the smaller stored dtype (uint8 images)."""
+
+    name: str
+    dtype: str
+    scale: float | None = None
+
+    def to_json(self) -> list:
+        return [self.name, self.dtype, self.scale]
+
+    @classmethod
+    def from_json(cls, value) -> Conversion:
+        if not (isinstance(value, list) and len(value) == 3 and isinstance(value[0], str)
+                and value[1] in ALLOWED_DTYPES
+                and (value[2] is None or (isinstance(value[2], (int, float))
+                                          and not isinstance(value[2], bool)
+                                          and math.isfinite(value[2])))):
+            raise ProtocolError(f"conversion must be [name, dtype, scale], got {value!r:.100}")
+        return cls(*value)
+
+
+def convert(array: np.ndarray, dtype: str, scale: float | None = None) -> np.ndarray:
+    """``array`` cast to ``dtype``, then multiplied by ``scale``: in one pass (uint8 images to
+    float32 without a float32 temporary); the daemon and the consumer share this rule, so a
+    batch is the same bytes wherever it is converted."""
+    if scale is not None:
+        return np.multiply(array, scale, dtype=dtype, casting="unsafe")
+    return array if array.dtype == np.dtype(dtype) else array.astype(dtype)
 
 
 def _is_count(value) -> bool:
+    """A non-negative integer that every part of the pipeline can hold (numpy, BSON, JSON):
+    epochs, batch indices, sample counts, credit."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**40
 
 
@@ -97,17 +175,58 @@ def encode_json(obj) -> bytes:
 
 
 def decode_json(frame, limit: int, what: str) -> dict:
-    """Parse one frame as a JSON object, refusing anything too long or not an object."""
+    """Parse one frame as a JSON object; anything else, and anything ``json`` would choke on
+    (too long, nested too deep, a number of thousands of digits, NaN), is a ProtocolError."""
     data = _bytes_of(frame)
     if len(data) > limit:
         raise ProtocolError(f"{what} of {len(data)} bytes exceeds the limit of {limit}")
+    depth = _json_depth(data)
+    if depth > MAX_JSON_DEPTH:
+        raise ProtocolError(f"{what} nests {depth} levels deep, more than {MAX_JSON_DEPTH}")
     try:
-        value = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"{what} is not JSON: {exc}") from None
+        value = json.loads(data.decode(), parse_int=_parse_int, parse_float=_parse_float,
+                           parse_constant=_refuse_constant)
+    except ProtocolError as exc:
+        raise ProtocolError(f"{what}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever json raises, the peer sent garbage
+        raise ProtocolError(f"{what} is not JSON: {type(exc).__name__}: {exc}"[:300]) from None
     if not isinstance(value, dict):
         raise ProtocolError(f"{what} must be a JSON object, got {type(value).__name__}")
     return value
+
+
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_STRING = re.compile(rb'"[^"]*"')
+_BRACKET_STEP = np.zeros(256, np.int32)
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
+
+
+def _json_depth(data: bytes) -> int:
+    """How deep the brackets of a JSON text nest, outside its strings; linear time, so a
+    peer cannot make the check itself slow (escapes go first, then whole strings)."""
+    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
+        return 0
+    bare = _STRING.sub(b"", _ESCAPE.sub(b"", data))
+    steps = _BRACKET_STEP[np.frombuffer(bare, np.uint8)]
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise ProtocolError(f"a number of {len(text)} digits")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text) if len(text) <= MAX_NUMBER_CHARS else math.inf
+    if not math.isfinite(value):
+        raise ProtocolError(f"number {text[:20]}... is too long or not finite")
+    return value
+
+
+def _refuse_constant(text: str):
+    raise ProtocolError(f"{text} is not a number JSON allows")
 
 
 # -- endpoints -----------------------------------------------------------------------------
@@ -180,11 +299,25 @@ class Schema:
 
     feed: str
     batch_size: int
-    arrays: tuple[ArraySpec, ...]
+    arrays: tuple[ArraySpec, ...]  # as on the wire
+    conversions: tuple[Conversion, ...] = ()
+
+    @property
+    def delivered(self) -> tuple[ArraySpec, ...]:
+        """The arrays as the consumer hands them on, after its conversions."""
+        dtypes = {c.name: c.dtype for c in self.conversions}
+        return tuple(ArraySpec(s.name, dtypes.get(s.name, s.dtype), s.shape, s.max_shape)
+                     for s in self.arrays)
+
+    def convert(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for c in self.conversions:
+            arrays[c.name] = convert(arrays[c.name], c.dtype, c.scale)
+        return arrays
 
 
 def unpack_batch(frames: list, schema: Schema) -> tuple[dict, dict[str, np.ndarray]]:
-    """Check a batch message against ``schema``; return (header dict, arrays).
+    """Check a batch message against ``schema``; return (header dict, arrays), the arrays
+    after the announced conversions.
 
     Raises ProtocolError for anything malformed, FeedError-worthy messages come back as a
     header with kind "error" and no arrays.
@@ -212,7 +345,8 @@ def unpack_batch(frames: list, schema: Schema) -> tuple[dict, dict[str, np.ndarr
     if not isinstance(raw_specs, list):
         raise ProtocolError("header field 'arrays' must be a list")
     specs = tuple(ArraySpec.from_json(s) for s in raw_specs)
-    if specs != schema.arrays:
+    if len(specs) != len(schema.arrays) or not all(
+            announced.accepts(spec) for announced, spec in zip(schema.arrays, specs, strict=True)):
         raise ProtocolError(f"arrays {[s.to_json() for s in specs]!r:.200} do not match the "
                             f"announced {[s.to_json() for s in schema.arrays]!r:.200}")
     if len(frames) != 1 + len(specs):
@@ -225,7 +359,7 @@ def unpack_batch(frames: list, schema: Schema) -> tuple[dict, dict[str, np.ndarr
             raise ProtocolError(f"array {spec.name!r}: {buffer.nbytes} bytes, expected "
                                 f"{expected} ({count} x {spec.dtype} {spec.shape})")
         arrays[spec.name] = np.frombuffer(buffer, dtype=spec.dtype).reshape((count,) + spec.shape)
-    return head, arrays
+    return head, schema.convert(arrays)
 
 
 # -- consumer -> daemon ----------------------------------------------------------------------
@@ -238,19 +372,91 @@ def unpack_credit(frames: list) -> int:
     if len(frames) != 1:
         raise ProtocolError(f"credit message of {len(frames)} frames, expected 1")
     credit = decode_json(frames[0], MAX_CONTROL_BYTES, "credit").get("credit")
-    if not _is_count(credit) or credit > 1_000_000:
-        raise ProtocolError(f"credit must be a small non-negative integer, got {credit!r:.50}")
+    if not _is_count(credit) or credit > MAX_CREDIT:
+        raise ProtocolError(f"credit must be an integer from 0 to {MAX_CREDIT}, got "
+                            f"{credit!r:.50}")
     return credit
 
 
-def unpack_request(frames: list) -> dict:
-    """A control request: one JSON object with a string 'op'."""
+@dataclass(frozen=True)
+class HelloRequest:
+    """Open a session: its own stream of ``feed`` from epoch ``start_epoch``, part
+    ``shard[0]`` of ``shard[1]`` of every epoch."""
+
+    feed: str
+    start_epoch: int = 0
+    shard: tuple[int, int] = (0, 1)
+
+    def pack(self) -> bytes:
+        return encode_json({"op": "hello", "protocol": PROTOCOL_VERSION, "feed": self.feed,
+                            "start_epoch": self.start_epoch, "shard": list(self.shard)})
+
+    @classmethod
+    def from_json(cls, body: dict) -> HelloRequest:
+        protocol = body.get("protocol")
+        if protocol != PROTOCOL_VERSION or isinstance(protocol, bool):
+            raise ProtocolError(f"consumer speaks protocol {protocol!r:.20}, the daemon speaks "
+                                f"{PROTOCOL_VERSION}: upgrade one of them")
+        feed = body.get("feed")
+        if not (isinstance(feed, str) and 0 < len(feed) <= MAX_NAME_CHARS):
+            raise ProtocolError(f"hello needs a feed name (a string of 1 to {MAX_NAME_CHARS} "
+                                f"characters), got {feed!r:.60}")
+        start_epoch = body.get("start_epoch", 0)
+        if not _is_count(start_epoch):
+            raise ProtocolError(f"start_epoch must be an integer from 0 to {2**40 - 1}, got "
+                                f"{start_epoch!r:.60}")
+        shard = body.get("shard", [0, 1])
+        if not (isinstance(shard, list) and len(shard) == 2 and all(map(_is_count, shard))
+                and shard[0] < shard[1] <= MAX_SHARD_WORLD):
+            raise ProtocolError(f"shard must be [r, R] with 0 <= r < R <= {MAX_SHARD_WORLD}, "
+                                f"got {shard!r:.60}")
+        return cls(feed, start_epoch, (shard[0], shard[1]))
+
+
+@dataclass(frozen=True)
+class ByeRequest:
+    """End the session whose secret token this is (only its owner knows it)."""
+
+    token: str
+
+    def pack(self) -> bytes:
+        return encode_json({"op": "bye", "token": self.token})
+
+    @classmethod
+    def from_json(cls, body: dict) -> ByeRequest:
+        token = body.get("token")
+        if not (isinstance(token, str) and len(token) == TOKEN_CHARS):
+            raise ProtocolError(f"bye needs the session's token ({TOKEN_CHARS} characters), "
+                                f"as the hello reply gave it")
+        return cls(token)
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    """What ``mongofeed status`` shows."""
+
+    def pack(self) -> bytes:
+        return encode_json({"op": "status"})
+
+    @classmethod
+    def from_json(cls, body: dict) -> StatusRequest:
+        return cls()
+
+
+ControlRequest = HelloRequest | ByeRequest | StatusRequest
+_REQUESTS = {"hello": HelloRequest, "bye": ByeRequest, "status": StatusRequest}
+
+
+def unpack_request(frames: list) -> ControlRequest:
+    """A control request, checked field by field; keys it does not know are ignored."""
     if len(frames) != 1:
         raise ProtocolError(f"control request of {len(frames)} frames, expected 1")
-    request = decode_json(frames[0], MAX_CONTROL_BYTES, "control request")
-    if not isinstance(request.get("op"), str):
-        raise ProtocolError("control request needs a string 'op'")
-    return request
+    body = decode_json(frames[0], MAX_CONTROL_BYTES, "control request")
+    op = body.get("op")
+    kind = _REQUESTS.get(op) if isinstance(op, str) else None
+    if kind is None:
+        raise ProtocolError(f"unknown op {op!r:.40}; known: {', '.join(_REQUESTS)}")
+    return kind.from_json(body)
 
 
 def hello_schema(reply: dict) -> Schema:
@@ -261,10 +467,20 @@ def hello_schema(reply: dict) -> Schema:
     size = reply.get("batch_size")
     if not _is_count(size) or size < 1 or not isinstance(reply.get("feed"), str):
         raise ProtocolError("hello reply lacks feed or batch_size")
+    token = reply.get("token")
+    if not (isinstance(token, str) and len(token) == TOKEN_CHARS and token.isascii()):
+        raise ProtocolError("hello reply lacks the session's token")
     specs = reply.get("arrays")
     if not isinstance(specs, list) or not specs:
         raise ProtocolError("hello reply lacks arrays")
-    return Schema(reply["feed"], size, tuple(ArraySpec.from_json(s) for s in specs))
+    arrays = tuple(ArraySpec.from_json(s) for s in specs)
+    conversions = reply.get("convert", [])
+    if not isinstance(conversions, list):
+        raise ProtocolError("hello reply's convert must be a list")
+    conversions = tuple(Conversion.from_json(c) for c in conversions)
+    if not {c.name for c in conversions} <= {a.name for a in arrays}:
+        raise ProtocolError("hello reply converts an array it does not announce")
+    return Schema(reply["feed"], size, arrays, conversions)
 
 
 # -- internal: supervisor <-> workers -> sink ------------------------------------------------
@@ -291,17 +507,19 @@ class TaskMessage:
 
 def unpack_worker_command(frames: list) -> TaskMessage | None:
     """What the supervisor asks of a worker: a task, or None for stop."""
+    frames = [_bytes_of(f) for f in frames]
     if frames == [STOP]:
         return None
     if len(frames) != 2 or frames[0] != TASK:
         raise ProtocolError(f"unknown worker command {frames[:1]!r:.50}")
     try:
         body = bson.decode(frames[1], TASK_CODEC_OPTIONS)
-    except bson.errors.BSONError as exc:
-        raise ProtocolError(f"task is not BSON: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - InvalidBSON, but also what a C decoder raises
+        raise ProtocolError(f"task is not BSON: {type(exc).__name__}: {exc}"[:300]) from None
     task = TaskMessage(body.get("task"), body.get("feed"), body.get("epoch"), body.get("index"),
                        body.get("ids"))
-    if not (isinstance(task.task, int) and isinstance(task.feed, str) and _is_count(task.epoch)
+    if not (isinstance(task.task, int) and not isinstance(task.task, bool)
+            and isinstance(task.feed, str) and _is_count(task.epoch)
             and _is_count(task.index) and isinstance(task.ids, list)):
         raise ProtocolError("malformed task")
     return task

@@ -92,7 +92,7 @@ class RawConsumer:
         self.reply = decode_json(control.recv(), 2**20, "reply")
         self.schema = hello_schema(self.reply)
         self.data = self.context.socket(zmq.DEALER)
-        self.data.identity = self.reply["session"].encode()
+        self.data.identity = self.reply["token"].encode()
         self.data.connect(supervisor.config.serve.bind)
         self.data.send(pack_credit(1000))
         self.surplus = []
@@ -105,6 +105,7 @@ class RawConsumer:
             while self.data.poll(0):
                 head, arrays = unpack_batch(self.data.recv_multipart(), self.schema)
                 batches.append((head["epoch"], head["index"], arrays["idx"].tolist()))
+                self.data.send(pack_credit(1))  # credit is a window: one more per batch
             return len(batches) >= count
 
         step_until(self.supervisor, received)

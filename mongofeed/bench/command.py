@@ -184,6 +184,8 @@ def plan_rows(datasets: list, worker_counts: list, n: int, only) -> list:
             loaders = [("mongofeed", w) for w in worker_counts] + [
                 (name, n) for name in OTHER_LOADERS] + [
                 ("raw-drain", 1), ("ceiling", n), ("memcpy", 1)]
+            if data["name"].startswith("synthetic"):  # images worth cropping
+                loaders += [("mongofeed-augment", n), ("keras-augment", n)]
         for loader, w in loaders:
             name = row_name(loader, w)
             if not only or any(fnmatch.fnmatch(key, pattern) for pattern in only
@@ -193,7 +195,8 @@ def plan_rows(datasets: list, worker_counts: list, n: int, only) -> list:
 
 
 def row_name(loader: str, workers: int) -> str:
-    return f"{loader}-w{workers}" if loader in ("mongofeed", "ceiling") else loader
+    daemon = loader in ("mongofeed", "ceiling", "mongofeed-augment")
+    return f"{loader}-w{workers}" if daemon else loader
 
 
 def _prod(shape) -> int:

@@ -7,6 +7,8 @@ allow (each is one row of ``mongofeed bench``):
   never closed) and as intended (a client per process, re-made when ``os.getpid()`` changes,
   one ``find`` per sample);
 - ``BestPracticeSequence``: a per-process client and one ``$in`` query per batch;
+- ``AugmentingSequence``: the best practice, with the augment rows' per-sample transform in
+  its ``__getitem__``, where a user's preprocessing lives when the loader cannot run it;
 - ``MongoBatchFlow``: tensorpack's ``MultiProcessRunnerZMQ`` around a pymongo reader.
 """
 
@@ -37,9 +39,12 @@ def _decode_sample(doc: dict, data: dict):
     return x.astype(np.float32) * np.float32(data["scale"]), doc[data["y_path"]]
 
 
-def make_sequences():
-    """The Sequence classes; built on first use so that keras is imported only by their rows."""
+def make_sequences() -> dict:
+    """The Sequence classes by row name; built on first use so that keras is imported only by
+    their rows."""
     import pymongo
+
+    from .augment import augment
 
     base = _sequence_base()
 
@@ -88,23 +93,46 @@ def make_sequences():
         """A per-process client and ONE ``$in`` query per batch, decoded batch-wise."""
 
         def __getitem__(self, item):
+            oids = self._oids_and_client(item)
+            return decode_batch(self._read(oids), oids, self._data)
+
+        def _oids_and_client(self, item):
+            """The batch's ids, with this process's client made if it has none yet."""
             if self._collection is None or self._pid != os.getpid():
                 self._collection = self._connect()
                 self._pid = os.getpid()
-            oids = self._object_ids[item * self._batch_size:(item + 1) * self._batch_size]
-            return decode_batch(list(self._collection.find({"_id": {"$in": oids}})), oids,
-                                self._data)
+            return self._object_ids[item * self._batch_size:(item + 1) * self._batch_size]
 
-    return ForumPostedSequence, ForumIntendedSequence, BestPracticeSequence
+        def _read(self, oids):
+            return list(self._collection.find({"_id": {"$in": oids}}))
+
+    class AugmentingSequence(BestPracticeSequence):
+        """The best practice with the per-sample augmentation in ``__getitem__``."""
+
+        def __getitem__(self, item):
+            oids = self._oids_and_client(item)
+            images, y = stored_batch(self._read(oids), oids, self._data)
+            rng = np.random.default_rng(item)  # one per call: Keras calls from several threads
+            return np.stack([augment(image, rng) for image in images]), y
+
+    return {"keras-forum-posted": ForumPostedSequence,
+            "keras-forum-intended": ForumIntendedSequence,
+            "keras-best-practice": BestPracticeSequence, "keras-augment": AugmentingSequence}
 
 
-def decode_batch(docs: list, oids: list, data: dict):
-    """Documents put back in ``oids`` order, decoded into one float32 batch and its labels."""
+def stored_batch(docs: list, oids: list, data: dict):
+    """Documents put back in ``oids`` order: their uint8 images and their labels."""
     by_id = {doc["_id"]: doc for doc in docs}
     ordered = [by_id[i] for i in oids]
     raw = b"".join(doc[data["x_path"]] for doc in ordered)
     x = np.frombuffer(raw, np.uint8).reshape((len(ordered), *data["shape"]))
     y = np.fromiter((doc[data["y_path"]] for doc in ordered), np.int64, len(ordered))
+    return x, y
+
+
+def decode_batch(docs: list, oids: list, data: dict):
+    """Documents put back in ``oids`` order, decoded into one float32 batch and its labels."""
+    x, y = stored_batch(docs, oids, data)
     return x.astype(np.float32) * np.float32(data["scale"]), y
 
 

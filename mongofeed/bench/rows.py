@@ -4,9 +4,11 @@ A row process is started by ``bench.command`` as ``python -c 'row_main()' SPEC_J
 prints ``@baseline`` when its loader starts, ``@measured`` when the timed part is over (the
 parent samples the memory of the process tree in between) and ``@result {json}`` at the end.
 Each Keras row reads its ``PyDataset`` through Keras's own ``PyDatasetAdapter`` (the
-``OrderedEnqueuer`` with ``workers=N, use_multiprocessing=True``), as ``fit`` does. The
+``OrderedEnqueuer`` with ``workers=N, use_multiprocessing=True``; ``keras-augment`` with
+threads, so that its ``__getitem__`` runs in the training process), as ``fit`` does. The
 mongofeed rows run the real daemon (``mongofeed.testing.Daemon``), from the database or, for
-the pipeline ceiling, from documents in memory.
+the pipeline ceiling, from documents in memory; ``mongofeed-augment`` runs the augment rows'
+transform in its workers (``transform.document``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ import time
 import numpy as np
 
 from ..testing import Daemon, ServerCounters, write_documents
+from .augment import augment, crop_shape
 from .ceilings import memcpy_batches, nbytes, raw_drain, zmq_loopback
 from .peers import decode_batch, epochs_of, make_sequences, tensorpack_batches
+
+AUGMENT_LOADERS = ("mongofeed-augment", "keras-augment")
+TRANSFORM_COST_REPEATS = 5
 
 # -- the timed loop ----------------------------------------------------------------------------
 
@@ -83,8 +89,20 @@ def keras_batches(seq):
 # -- mongofeed: the real daemon, from MongoDB or from memory ------------------------------------
 
 def feed_config(spec: dict, path: str) -> str:
-    """A one-feed config for the row's data set, written to ``path``."""
+    """A one-feed config for the row's data set, written to ``path``; for
+    ``mongofeed-augment``, the stored uint8 images through the augment transform."""
     data, q = spec["data"], json.dumps
+    convert, transform = f'cast = "float32"\nscale = {data["scale"]!r}', ""
+    if spec["loader"] == "mongofeed-augment":
+        convert = ""
+        transform = f"""[transform]
+document = "mongofeed.bench.augment:crop_flip_jitter"
+[arrays.image]
+dtype = "float32"
+shape = {crop_shape(data["shape"])}
+[arrays.label]
+dtype = "int64"
+"""
     text = f"""
 [source]
 uri = {q(spec.get("uri") or "mongodb://127.0.0.1:1")}
@@ -100,12 +118,12 @@ path = {q(data["x_path"])}
 decode = "raw"
 dtype = "uint8"
 shape = {list(data["shape"])}
-cast = "float32"
-scale = {data["scale"]!r}
+{convert}
 [fields.label]
 path = {q(data["y_path"])}
 decode = "scalar"
 dtype = "int64"
+{transform}
 [output]
 inputs = ["image"]
 targets = ["label"]
@@ -125,6 +143,16 @@ def mongofeed_batches(bind: str):
     from ..keras import MongoFeedSequence
 
     return keras_batches(MongoFeedSequence(bind, feed="train"))
+
+
+def transform_ms_per_batch(data: dict, batch: int) -> float:
+    """CPU milliseconds of the augment transform on one batch, in this process."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch, *data["shape"]), np.uint8)
+    started = time.process_time()
+    for _ in range(TRANSFORM_COST_REPEATS):
+        np.stack([augment(image, rng) for image in images])
+    return (time.process_time() - started) / TRANSFORM_COST_REPEATS * 1e3
 
 
 def synthetic_docs(data: dict, count: int, seed: int = 0) -> list[dict]:
@@ -182,12 +210,13 @@ def row_main():
 
                 result = measure(spec, start, per_epoch)
             else:
-                posted, intended, best = make_sequences()
-                kind = {"keras-forum-posted": posted, "keras-forum-intended": intended,
-                        "keras-best-practice": best}[loader]
+                kind = make_sequences()[loader]
+                threads = loader == "keras-augment"  # __getitem__ in the training process
                 result = measure(spec, lambda: keras_batches(kind(
                     spec["uri"], data, batch, workers=spec["workers"],
-                    use_multiprocessing=True)), per_epoch)
+                    use_multiprocessing=not threads)), per_epoch)
+            if loader in AUGMENT_LOADERS and "samples_per_s" in result:
+                result["transform_ms_per_batch"] = transform_ms_per_batch(data, batch)
         finally:
             if daemon is not None:
                 daemon.stop()

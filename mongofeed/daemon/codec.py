@@ -4,7 +4,8 @@ Every value is checked strictly against its ``FieldConfig``: a document that doe
 raises a ``DecodeError`` naming the collection, ``_id``, field and path, so that bad data is
 never silently truncated, wrapped or resized. Each field is decoded per document into a
 staging array allocated once per batch; the transforms (one_hot, cast, scale) then run on the
-whole array at once.
+whole array at once. A text field (``decode = "string"`` or ``"bytes"``) becomes an array of
+Python objects, for the user's functions (``transform.py``) only.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from gridfs.errors import GridFSError
 
 from ..errors import DecodeError
+from ..wire import convert
 from .config import ON_ERROR, FieldConfig
 from .source import is_transient
 
@@ -41,8 +43,9 @@ class DocumentFailure(Exception):
                          f"{type(cause).__name__}: {cause}")
 
 
-class _Mismatch(Exception):
-    """A value does not fit its field; BatchDecoder adds the document's context."""
+class Mismatch(Exception):
+    """A value does not fit its field (or a declared array); the caller adds the context:
+    document, field or function."""
 
     def __init__(self, found: str, expected: str | None = None):
         super().__init__(found)
@@ -83,26 +86,31 @@ class BatchDecoder:
         """Arrays of the documents that fit, in order, and the errors of those that do not.
 
         With on_error = "fail" the first bad document raises its DecodeError. With "skip" it is
-        left out of every array, so all arrays keep the same length. Kept rows are written
-        compactly, so trimming the staging arrays needs no copy.
+        left out of every array, so all arrays keep the same length.
         """
-        staging = {name: np.empty((len(docs), *f.shape), f.dtype)
+        arrays, errors, _ = self.decode_kept(docs)
+        return arrays, errors
+
+    def decode_kept(self, docs: list[dict]) -> tuple[dict[str, np.ndarray], list[DecodeError],
+                                                     list[int]]:
+        """As ``decode``, and the index in ``docs`` of each row of the arrays. Kept rows are
+        written compactly, so trimming the staging arrays needs no copy."""
+        staging = {name: np.empty((len(docs), *f.shape), f.dtype or object)
                    for name, f in self.fields.items()}
-        errors = []
-        kept = 0
-        for doc in docs:
+        errors, kept = [], []
+        for index, doc in enumerate(docs):
             try:
                 for name, field in self.fields.items():
-                    staging[name][kept] = self._decode_field(field, doc)
+                    staging[name][len(kept)] = self._decode_field(field, doc)
             except DecodeError as err:
                 if self.on_error == "fail":
                     raise
                 errors.append(err)
                 continue
-            kept += 1
-        arrays = {name: _transform(self.fields[name], staging[name][:kept])
+            kept.append(index)
+        arrays = {name: _transform(self.fields[name], staging[name][:len(kept)])
                   for name in self.fields}
-        return arrays, errors
+        return arrays, errors, kept
 
     def sample_nbytes(self) -> int:
         """Bytes of one sample over all output arrays, to bound the memory of a batch."""
@@ -117,7 +125,7 @@ class BatchDecoder:
                 expected = _describe(field)
                 if field.gridfs:
                     expected = f"a GridFS file id ({expected})"
-                raise _Mismatch("missing", expected) from None
+                raise Mismatch("missing", expected) from None
             if field.gridfs:
                 value = self._fetch(field, value)
             if field.decode == "pickle":
@@ -126,7 +134,7 @@ class BatchDecoder:
             if field.one_hot:
                 _check_labels(field, decoded)
             return decoded
-        except _Mismatch as bad:
+        except Mismatch as bad:
             raise DecodeError(self.collection, doc.get("_id"), field.name, field.path,
                               bad.expected or _describe(field), bad.found) from bad.__cause__
         except Exception as exc:
@@ -139,7 +147,7 @@ class BatchDecoder:
         try:
             return self.read_gridfs(field.bucket, file_id)
         except GridFSError as exc:  # no such file, or its chunks are missing
-            raise _Mismatch(f"GridFS file {file_id!r} missing in bucket {field.bucket!r} "
+            raise Mismatch(f"GridFS file {file_id!r} missing in bucket {field.bucket!r} "
                             f"({type(exc).__name__})", f"a GridFS file ({_describe(field)})"
                             ) from exc
 
@@ -163,6 +171,10 @@ def _describe(field: FieldConfig) -> str:
         return f"a list of numbers of shape {shape} ({dtype})"
     if field.decode == "image":
         return f"PNG/JPEG bytes of a {shape[0]}x{shape[1]} image (height x width)"
+    if field.decode == "string":
+        return "a string"
+    if field.decode == "bytes":
+        return "bytes"
     return f"pickled {dtype} {shape}"
 
 
@@ -177,7 +189,7 @@ def _type_name(value) -> str:
 def _bytes(value) -> memoryview:
     """A flat byte view of a bytes-like value, without copying it."""
     if not isinstance(value, _BYTES):
-        raise _Mismatch(_type_name(value), "bytes")
+        raise Mismatch(_type_name(value), "bytes")
     return memoryview(value).cast("B")
 
 
@@ -185,7 +197,7 @@ def _decode_raw(field: FieldConfig, value) -> np.ndarray:
     """A view of the bytes; assigning it to the batch row is the only copy."""
     data = _bytes(value)
     if len(data) != _nbytes(field):
-        raise _Mismatch(f"{len(data)} bytes")
+        raise Mismatch(f"{len(data)} bytes")
     return np.frombuffer(data, field.dtype).reshape(field.shape)
 
 
@@ -200,25 +212,25 @@ def _decode_npy(field: FieldConfig, value) -> np.ndarray:
             raise ValueError(f"unsupported .npy version {version[0]}.{version[1]}")
         shape, fortran, dtype = _NPY_HEADERS[version](stream)
     except (ValueError, TypeError) as exc:
-        raise _Mismatch(f"not a .npy file ({exc})") from exc
+        raise Mismatch(f"not a .npy file ({exc})") from exc
     if dtype != np.dtype(field.dtype) or shape != field.shape:
-        raise _Mismatch(f"{dtype} {shape}")
+        raise Mismatch(f"{dtype} {shape}")
     body = data[stream.tell():]
     if len(body) != _nbytes(field):
-        raise _Mismatch(f"{len(body)} bytes of array data instead of {_nbytes(field)}")
+        raise Mismatch(f"{len(body)} bytes of array data instead of {_nbytes(field)}")
     return np.frombuffer(body, dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def _decode_scalar(field: FieldConfig, value):
     if not isinstance(value, (int, float)):  # bool and bson Int64 are ints
-        raise _Mismatch(_type_name(value))
-    return _numbers(field, value)
+        raise Mismatch(_type_name(value))
+    return numbers(value, field.dtype, field.shape)
 
 
 def _decode_list(field: FieldConfig, value) -> np.ndarray:
     if not isinstance(value, list):
-        raise _Mismatch(_type_name(value))
-    return _numbers(field, value)
+        raise Mismatch(_type_name(value))
+    return numbers(value, field.dtype, field.shape)
 
 
 def _decode_image(field: FieldConfig, value) -> np.ndarray:
@@ -232,26 +244,36 @@ def _decode_image(field: FieldConfig, value) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as image:
             if image.size != (width, height):
-                raise _Mismatch(f"a {image.height}x{image.width} image")
+                raise Mismatch(f"a {image.height}x{image.width} image")
             pixels = np.asarray(image.convert(_IMAGE_MODES[channels]))
-    except _Mismatch:
+    except Mismatch:
         raise
     except UnidentifiedImageError as exc:
-        raise _Mismatch("not a PNG/JPEG image (unrecognised data)") from exc
+        raise Mismatch("not a PNG/JPEG image (unrecognised data)") from exc
     except Exception as exc:  # Pillow raises many kinds of errors for bad bytes
-        raise _Mismatch(f"not a PNG/JPEG image ({exc})") from exc
+        raise Mismatch(f"not a PNG/JPEG image ({exc})") from exc
     return pixels.reshape(field.shape)
 
 
 def _decode_pickle(field: FieldConfig, value) -> np.ndarray:
     if not field.allow_pickle:
-        raise _Mismatch("decode = 'pickle' without allow_pickle = true", "no pickled data")
+        raise Mismatch("decode = 'pickle' without allow_pickle = true", "no pickled data")
     data = _bytes(value)
     try:
         obj = pickle.loads(data)
     except Exception as exc:  # unpickling can fail in any way
-        raise _Mismatch(f"not a pickle ({type(exc).__name__}: {exc})") from exc
-    return _numbers(field, obj)
+        raise Mismatch(f"not a pickle ({type(exc).__name__}: {exc})") from exc
+    return numbers(obj, field.dtype, field.shape)
+
+
+def _decode_string(field: FieldConfig, value) -> str:
+    if not isinstance(value, str):
+        raise Mismatch(_type_name(value))
+    return value
+
+
+def _decode_bytes(field: FieldConfig, value) -> bytes:
+    return bytes(_bytes(value))
 
 
 _DECODERS = {
@@ -261,28 +283,33 @@ _DECODERS = {
     "list": _decode_list,
     "image": _decode_image,
     "pickle": _decode_pickle,
+    "string": _decode_string,
+    "bytes": _decode_bytes,
 }
 
 
-def _numbers(field: FieldConfig, value) -> np.ndarray:
-    """value as an array of field.shape whose numbers field.dtype holds exactly."""
+def numbers(value, dtype: str, shape: tuple | None) -> np.ndarray:
+    """``value`` as an array (of ``shape`` unless None) whose numbers ``dtype`` holds
+    exactly; ``Mismatch`` naming what was found otherwise."""
     try:
         array = np.asarray(value)
     except (ValueError, TypeError, OverflowError) as exc:
-        raise _Mismatch("a ragged or non-numeric list") from exc
+        raise Mismatch("a ragged or non-numeric list") from exc
     if array.dtype.kind not in "biuf":
         if array.ndim == 0 and isinstance(value, int):
-            raise _Mismatch(repr(value), _range_text(field.dtype))  # beyond 64 bits
-        raise _Mismatch(f"non-numeric values ({array.dtype})")
-    if array.shape != field.shape:
-        raise _Mismatch(f"shape {array.shape}")
-    bad = _misfits(array, np.dtype(field.dtype))
+            raise Mismatch(repr(value), _range_text(dtype))  # beyond 64 bits
+        raise Mismatch(f"non-numeric values ({array.dtype})")
+    if shape is not None and array.shape != shape:
+        raise Mismatch(f"shape {array.shape}")
+    if np.can_cast(array.dtype, dtype, "safe"):
+        return array  # every value fits: no need to look
+    bad = _misfits(array, np.dtype(dtype))
     if bad.any():
         index = tuple(np.argwhere(bad)[0])
         found = repr(array[index].item())
         if index:
             found += " at " + "".join(f"[{i}]" for i in index)
-        raise _Mismatch(found, _range_text(field.dtype))
+        raise Mismatch(found, _range_text(dtype))
     return array
 
 
@@ -318,19 +345,17 @@ def _check_labels(field: FieldConfig, labels) -> None:
     labels = np.asarray(labels)
     bad = (labels < 0) | (labels >= field.one_hot)
     if bad.any():
-        raise _Mismatch(f"label {labels[tuple(np.argwhere(bad)[0])].item()!r}",
+        raise Mismatch(f"label {labels[tuple(np.argwhere(bad)[0])].item()!r}",
                         f"a class label in [0, {field.one_hot})")
 
 
 def _transform(field: FieldConfig, array: np.ndarray) -> np.ndarray:
-    """one_hot, then cast, then scale, on the whole batch; the staging array if none apply."""
+    """one_hot, then cast, then scale (unless cast_on = "consumer"), on the whole batch; the
+    staging array if none apply."""
+    if field.is_text:
+        return array
     if field.one_hot:
         one_hot = np.zeros((*array.shape, field.one_hot), field.out_dtype)
         np.put_along_axis(one_hot, array[..., None].astype(np.intp), 1, axis=-1)
         array = one_hot
-    if field.scale is not None:
-        # Cast and scale in one pass: uint8 images to float32 without a float32 temporary.
-        return np.multiply(array, field.scale, dtype=field.out_dtype, casting="unsafe")
-    if array.dtype != np.dtype(field.out_dtype):
-        array = array.astype(field.out_dtype)
-    return array
+    return convert(array, field.out_dtype, field.scale if field.cast_on == "daemon" else None)

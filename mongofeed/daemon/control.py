@@ -1,10 +1,13 @@
 """The control socket's requests: ``hello`` opens a session, ``bye`` ends one, ``status``
 reports everything ``mongofeed status`` shows.
 
-Each handler takes a checked request and returns the reply's body; a request it refuses
-raises ``ProtocolError`` with the reason, which the supervisor sends back as
-``{"ok": false, "error": ...}``. The handlers read and change the supervisor's state, but
-never touch its sockets.
+Requests arrive parsed and checked (``wire.unpack_request``): each handler takes its typed
+request and returns the reply's body; a request it refuses raises ``ProtocolError`` with
+the reason, which the supervisor sends back as ``{"ok": false, "error": ...}``. The handlers
+read and change the supervisor's state, but never touch its sockets.
+
+A session's secret token goes only to the peer that said hello; status shows its public
+name, and bye needs the token.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import ProtocolError
-from ..wire import PROTOCOL_VERSION, ArraySpec
+from ..wire import PROTOCOL_VERSION, ByeRequest, ControlRequest, HelloRequest
 from .config import redact_uri
 from .planner import Shard
 
@@ -25,73 +28,82 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_SESSIONS = 64
-
 
 class Control:
     def __init__(self, supervisor: Supervisor):
         self.supervisor = supervisor
         self.config = supervisor.config
 
-    def handle(self, request: dict) -> dict:
-        handler = getattr(self, f"op_{request['op']}", None)
-        if handler is None:
-            raise ProtocolError(f"unknown op {request['op']!r:.40}")
-        return handler(request)
+    def handle(self, request: ControlRequest) -> dict:
+        if isinstance(request, HelloRequest):
+            return self.hello(request)
+        if isinstance(request, ByeRequest):
+            return self.bye(request)
+        return self.status()
 
-    def op_hello(self, request: dict) -> dict:
-        supervisor = self.supervisor
-        if request.get("protocol") != PROTOCOL_VERSION:
-            raise ProtocolError(f"consumer speaks protocol {request.get('protocol')!r}, the "
-                                f"daemon speaks {PROTOCOL_VERSION}: upgrade one of them")
-        feed = request.get("feed")
+    def hello(self, request: HelloRequest) -> dict:
+        supervisor, feed = self.supervisor, request.feed
         if feed not in supervisor.plans:
             raise ProtocolError(f"unknown feed {feed!r:.40}; this daemon serves "
                                 f"{', '.join(supervisor.plans)}")
-        start_epoch = request.get("start_epoch", 0)
-        if not isinstance(start_epoch, int) or isinstance(start_epoch, bool) or start_epoch < 0:
-            raise ProtocolError("start_epoch must be a non-negative integer")
-        try:
-            # The consumer's share is taken from this daemon's share of the epoch.
-            shard = Shard(*request.get("shard", [0, 1])).within(self.config.serve.shard)
-        except (TypeError, ValueError) as exc:
-            raise ProtocolError(f"bad shard: {exc}") from None
-        if len(supervisor.sessions) >= MAX_SESSIONS:
-            raise ProtocolError(f"too many sessions ({MAX_SESSIONS}); close unused consumers")
+        # The consumer's share is taken from this daemon's share of the epoch.
+        shard = Shard(*request.shard).within(self.config.serve.shard)
         if supervisor.plans[feed].batches_per_epoch(shard) == 0:
             raise ProtocolError(f"shard {shard} of feed {feed!r} has no full batch")
-        session = supervisor.sessions.open(feed, shard, start_epoch, self.config.serve.ordered)
+        self.make_room()
+        session = supervisor.sessions.open(feed, shard, request.start_epoch,
+                                           self.config.serve.ordered)
         supervisor.counters["sessions_opened"] += 1
         log.info("session %s: feed %s from epoch %d, shard %s", session.name, feed,
-                 start_epoch, shard)
+                 request.start_epoch, shard)
         return {"ok": True, **self.describe_feed(feed, shard), "session": session.name,
-                "start_epoch": start_epoch, "shard": [shard.rank, shard.world],
+                "token": session.token.decode(), "start_epoch": request.start_epoch,
+                "shard": [shard.rank, shard.world], "credit_window": self.config.serve.max_pending,
                 "heartbeat_timeout": self.config.serve.session_timeout}
+
+    def make_room(self):
+        """At the session cap, end the session silent longest if it is silent enough to be
+        abandoned (or never claimed); otherwise refuse the hello."""
+        sessions = self.supervisor.sessions
+        if not sessions.full():
+            return
+        victim = sessions.evictable(time.monotonic())
+        if victim is None:
+            raise ProtocolError(f"too many sessions ({sessions.max_sessions}, all of them "
+                                f"alive; serve.max_sessions); close unused consumers")
+        log.info("session %s (%s): evicted for a new hello, silent for %.1f s", victim.name,
+                 victim.feed, time.monotonic() - victim.last_seen)
+        self.supervisor.counters["evicted_sessions"] += 1
+        self.supervisor.end_session(victim, "this session was silent (no heartbeat) while "
+                                    "the daemon had no room for a new one")
 
     def describe_feed(self, feed: str, shard: Shard | None = None) -> dict:
         """The feed as a stream of ``shard`` (the daemon's own by default) gets it: its
         schema, and the plan and shard a consumer of several daemons compares."""
         plan = self.supervisor.plans[feed]
         shard = shard or self.config.serve.shard
-        fields = self.config.fields.values()
-        arrays = [ArraySpec(f.name, f.out_dtype, f.out_shape).to_json() for f in fields]
+        arrays = self.config.arrays.values()
+        conversions = [a.conversion() for a in arrays]
         return {"protocol": PROTOCOL_VERSION, "feed": feed, "batch_size": plan.batch_size,
                 "batches_per_epoch": plan.batches_per_epoch(shard),
-                "samples_per_epoch": plan.samples_per_epoch(shard), "arrays": arrays,
+                "samples_per_epoch": plan.samples_per_epoch(shard),
+                "arrays": [a.spec().to_json() for a in arrays],
+                "convert": [c.to_json() for c in conversions if c is not None],
                 "inputs": list(self.config.output.inputs),
                 "targets": list(self.config.output.targets),
+                "sample_weight": self.config.output.sample_weight,
                 "ordered": self.config.serve.ordered, "plan": plan.identity(),
                 "shard": [shard.rank, shard.world]}
 
-    def op_bye(self, request: dict) -> dict:
-        session = self.supervisor.sessions.get(str(request.get("session")).encode())
-        if session is not None:
-            self.supervisor.end_session(session)
+    def bye(self, request: ByeRequest) -> dict:
+        session = self.supervisor.sessions.get(request.token.encode())
+        if session is None:
+            raise ProtocolError("no session with this token (it ended, or it is not yours)")
+        self.supervisor.end_session(session)
         return {"ok": True}
 
-    def op_status(self, request: dict) -> dict:
+    def status(self) -> dict:
         supervisor, config = self.supervisor, self.config
-        batch_bytes = config.batch_nbytes
         return {
             "ok": True, "version": __version__, "pid": os.getpid(),
             "uptime_s": round(time.time() - supervisor.started_at, 1),
@@ -103,9 +115,10 @@ class Control:
             "workers": supervisor.pool.status(),
             "sessions": supervisor.sessions.status(time.monotonic()),
             "pending_tasks": len(supervisor.sessions.pending),
-            "memory_bound_bytes": batch_bytes * config.serve.max_pending
-            * max(1, len(supervisor.sessions)),
-            "batch_bytes": batch_bytes,
+            "batch_bytes": config.batch_nbytes,
+            "max_sessions": config.serve.max_sessions,
+            "session_memory_bound_bytes": config.session_memory_bound,
+            "memory_bound_bytes": config.memory_bound,
             "counters": dict(supervisor.counters),
             "errors": list(supervisor.errors),
         }

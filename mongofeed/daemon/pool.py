@@ -4,7 +4,9 @@ Like a pre-fork server's arbiter, the pool owns one record per worker slot. A wo
 started with ``spawn`` (never forking a process that holds a MongoClient); one that dies is
 reaped and restarted, after a growing delay when it keeps dying early; one that holds a task
 without a sign of life for ``serve.stall_timeout`` is killed and handled like any other
-death. The tasks a dead worker had not delivered go back to the caller to be re-issued.
+death. The tasks a dead worker had not delivered go back to the caller to be re-issued; a
+task that already outlived a worker is sent to an idle worker and nothing joins it there
+until it is done, so a second death names the task that causes it.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class WorkerRecord:
     started_at: float = 0.0
     restart_at: float = 0.0
     inflight: list = field(default_factory=list)  # task ids, in the order they were sent
+    alone: bool = False        # holds one task that outlived a worker; gets no other
+    stalled: bool = False      # killed for holding a task without a sign of life
     crashes: int = 0           # consecutive early deaths, for the backoff
     restarts: int = 0
     batches: int = 0
@@ -124,14 +128,16 @@ class WorkerPool:
         """A batch of ``record``'s came back: the task is no longer in its hands."""
         if task_id in record.inflight:
             record.inflight.remove(task_id)
+        record.alone = record.alone and bool(record.inflight)
         if record.state in (WorkerState.STARTING, WorkerState.READY, WorkerState.BUSY):
             record.state = WorkerState.BUSY if record.inflight else WorkerState.READY
 
-    def check(self) -> list[int]:
+    def check(self) -> list[tuple[list[int], str]]:
         """Reap dead workers, restart those whose backoff is over, kill stalled ones;
-        returns the ids of the tasks the dead had not delivered."""
+        returns, for each worker that died, the ids of the tasks it had not delivered and
+        how it died."""
         now = time.monotonic()
-        orphaned = []
+        deaths = []
         for record in self.records:
             if record.state == WorkerState.BACKOFF:
                 if now >= record.restart_at:
@@ -144,24 +150,30 @@ class WorkerPool:
                 self.kill_if_stalled(record, now)
                 continue
             record.process.join()
-            orphaned += record.inflight
+            deaths.append((record.inflight, self.back_off(record, now)))
             record.inflight = []
-            self.back_off(record, now)
-        return orphaned
+            record.alone = False
+        return deaths
 
-    def back_off(self, record: WorkerRecord, now: float):
+    def back_off(self, record: WorkerRecord, now: float) -> str:
+        """Schedule the restart of a dead worker; returns how it died."""
         early = now - record.started_at < CRASH_WINDOW_S
         record.crashes = record.crashes + 1 if early else 0
         delay = min(RESTART_MAX_DELAY_S, RESTART_FIRST_DELAY_S * 2 ** record.crashes) if early \
             else 0.0
-        message = (f"worker {record.slot} (pid {record.process.pid}) exited with code "
-                   f"{record.process.exitcode}")
+        death = (f"worker {record.slot} (pid {record.process.pid}) exited with code "
+                 f"{record.process.exitcode}")
+        if record.stalled:
+            death += " after it was killed for a stall"
+            record.stalled = False
+        message = death
         if record.crashes >= CRASHES_REPORTED:
             message += f"; it keeps dying, next start in {delay:.0f} s"
         log.warning(message)
         self.on_error(message)
         record.state = WorkerState.BACKOFF
         record.restart_at = now + delay
+        return death
 
     def kill_if_stalled(self, record: WorkerRecord, now: float):
         """A hung worker would stall its tasks forever: kill it, so it is reaped, its tasks
@@ -172,12 +184,15 @@ class WorkerPool:
                        f"without a sign of life; killing it")
             log.warning(message)
             self.on_error(message)
+            record.stalled = True
             record.process.kill()
 
-    def least_loaded(self) -> WorkerRecord | None:
-        """The worker with the fewest tasks in hand that can take one more, if any."""
-        limit = self.config.serve.tasks_per_worker
-        free = [r for r in self.records if r.accepts_tasks and len(r.inflight) < limit]
+    def least_loaded(self, alone: bool = False) -> WorkerRecord | None:
+        """The worker with the fewest tasks in hand that can take one more, if any; with
+        ``alone``, an idle one (for a task that must be made by itself)."""
+        limit = 1 if alone else self.config.serve.tasks_per_worker
+        free = [r for r in self.records
+                if r.accepts_tasks and not r.alone and len(r.inflight) < limit]
         return min(free, key=lambda r: len(r.inflight)) if free else None
 
     def send(self, record: WorkerRecord, task: Task) -> bool:
@@ -191,6 +206,7 @@ class WorkerPool:
         if not record.inflight:
             record.last_heard = time.monotonic()  # the stall clock starts with the work
         record.inflight.append(task.id)
+        record.alone = task.deaths > 0
         record.state = WorkerState.BUSY
         return True
 

@@ -5,6 +5,17 @@ position in the deterministic plan. For each session the table keeps up to
 ``serve.max_pending`` batches ahead of delivery (tasks in production plus batches waiting at
 the sink), and every task until its batch is delivered, so that a task whose worker died
 can be re-issued and a late duplicate recognised.
+
+A session belongs to the peer that said hello: its secret ``token`` (only that peer got it)
+is the identity of its data socket and what ``bye`` needs; everyone else sees its public
+``name``. The table holds at most ``serve.max_sessions``; when it is full, a new hello
+takes the place of the session that has been silent longest, if that one has sent nothing
+for ``EVICT_SILENCE_S`` (a consumer heartbeats every second, so one that lives is never
+evicted, and hellos nobody follows up cannot keep trainers out).
+
+A task whose worker died is re-issued, but alone to an idle worker (a worker reads the tasks
+it holds together, so the first death cannot tell which one killed it); a task held by a
+worker that died ``MAX_TASK_DEATHS`` times is not re-issued again: its session fails.
 """
 
 from __future__ import annotations
@@ -14,18 +25,25 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..wire import TaskMessage
+from ..wire import TOKEN_CHARS, TaskMessage
 from .planner import Plan, Shard
+
+EVICT_SILENCE_S = 3.0     # three missed heartbeats: a session this silent may be evicted
+MAX_TASK_DEATHS = 2       # a task in the hands of this many dying workers fails its session
 
 
 @dataclass
 class Task:
     id: int
-    session: bytes
+    session: bytes            # the session's token
     feed: str
     epoch: int
     index: int
     ids: list
+    deaths: int = 0           # workers that died holding it; from 1 on it is made alone
+
+    def describe(self) -> str:
+        return f"feed {self.feed!r}, epoch {self.epoch}, batch {self.index}"
 
     def message(self) -> TaskMessage:
         return TaskMessage(self.id, self.feed, self.epoch, self.index, self.ids)
@@ -33,7 +51,8 @@ class Task:
 
 @dataclass
 class Session:
-    id: bytes
+    token: bytes              # secret: the data socket's identity, needed by bye
+    name: str                 # public: status, logs, metrics
     feed: str
     shard: Shard
     batches_per_epoch: int
@@ -53,10 +72,6 @@ class Session:
 
     def __post_init__(self):
         self.plan_epoch = self.deliver_epoch = self.start_epoch
-
-    @property
-    def name(self) -> str:
-        return self.id.decode()
 
     def ahead(self) -> int:
         return self.in_production + len(self.ready)
@@ -90,29 +105,43 @@ class Session:
 class SessionTable:
     """The live sessions, their tasks, and the queue of tasks waiting for a worker."""
 
-    def __init__(self, plans: dict[str, Plan], max_pending: int):
+    def __init__(self, plans: dict[str, Plan], max_pending: int, max_sessions: int):
         self.plans = plans
         self.max_pending = max_pending
-        self.sessions: dict[bytes, Session] = {}
+        self.max_sessions = max_sessions
+        self.sessions: dict[bytes, Session] = {}  # by token
         self.tasks: dict[int, Task] = {}
         self.pending: deque[int] = deque()
+        self.opened = 0
 
     def __len__(self) -> int:
         return len(self.sessions)
 
-    def get(self, session_id: bytes) -> Session | None:
-        return self.sessions.get(session_id)
+    def get(self, token: bytes) -> Session | None:
+        return self.sessions.get(token)
+
+    def full(self) -> bool:
+        return len(self.sessions) >= self.max_sessions
+
+    def evictable(self, now: float) -> Session | None:
+        """The session silent longest, if it has been silent for ``EVICT_SILENCE_S``."""
+        quietest = min(self.sessions.values(), key=lambda s: s.last_seen, default=None)
+        if quietest is not None and now - quietest.last_seen > EVICT_SILENCE_S:
+            return quietest
+        return None
 
     def open(self, feed: str, shard: Shard, start_epoch: int, ordered: bool) -> Session:
-        session = Session(secrets.token_hex(8).encode(), feed, shard,
-                          self.plans[feed].batches_per_epoch(shard), start_epoch, ordered)
-        self.sessions[session.id] = session
+        self.opened += 1
+        session = Session(secrets.token_hex(TOKEN_CHARS // 2).encode(), f"s{self.opened}",
+                          feed, shard, self.plans[feed].batches_per_epoch(shard), start_epoch,
+                          ordered)
+        self.sessions[session.token] = session
         return session
 
     def end(self, session: Session):
         """Forget a session and its tasks; those in flight are dropped when they come back."""
-        self.sessions.pop(session.id, None)
-        for task_id in [t.id for t in self.tasks.values() if t.session == session.id]:
+        self.sessions.pop(session.token, None)
+        for task_id in [t.id for t in self.tasks.values() if t.session == session.token]:
             del self.tasks[task_id]
         session.ready.clear()
 
@@ -127,7 +156,7 @@ class SessionTable:
             for session in list(hungry):
                 epoch, index = session.next_task()
                 plan = self.plans[session.feed]
-                task = Task(secrets.randbits(62), session.id, session.feed, epoch, index,
+                task = Task(secrets.randbits(62), session.token, session.feed, epoch, index,
                             plan.batch_ids(epoch, index, session.shard))
                 self.tasks[task.id] = task
                 self.pending.append(task.id)
@@ -142,18 +171,38 @@ class SessionTable:
         return task, self.sessions.get(task.session) if task else None
 
     def requeue(self, task_ids: list[int]):
-        """Tasks of a worker that died: first in line again, in their order."""
+        """Tasks a worker could not be sent: first in line again, in their order."""
         for task_id in reversed(task_ids):
             if task_id in self.tasks:
                 self.pending.appendleft(task_id)
 
+    def orphaned(self, task_ids: list[int]) -> list[Task]:
+        """Tasks of a worker that died: each counts the death and goes first in line again,
+        to be made alone; returns those that reached ``MAX_TASK_DEATHS`` instead (poison:
+        their sessions must fail rather than kill workers forever)."""
+        poison = []
+        for task_id in task_ids:
+            task = self.tasks.get(task_id)
+            if task is not None:
+                task.deaths += 1
+                if task.deaths >= MAX_TASK_DEATHS:
+                    poison.append(task)
+        self.requeue([i for i in task_ids if i in self.tasks
+                      and self.tasks[i].deaths < MAX_TASK_DEATHS])
+        return poison
+
     def next_pending(self) -> Task | None:
-        """The next task waiting for a worker (skipping those of ended sessions)."""
+        """The next task waiting for a worker (skipping those of ended sessions); it stays
+        first in line until ``take_pending``."""
         while self.pending:
-            task = self.tasks.get(self.pending.popleft())
+            task = self.tasks.get(self.pending[0])
             if task is not None:
                 return task
+            self.pending.popleft()
         return None
+
+    def take_pending(self) -> Task:
+        return self.tasks[self.pending.popleft()]
 
     def status(self, now: float) -> list[dict]:
         # A copy: the metrics thread also calls this while the loop changes sessions.

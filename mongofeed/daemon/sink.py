@@ -7,7 +7,10 @@ ROUTER socket, addressed to the session's identity. The supervisor forgets a tas
 batch has reached the sink; from then on the batch is the session's to deliver.
 
 Memory per session is bounded by ``max_pending`` batches produced ahead (tasks in flight
-plus batches waiting here) and by the consumer's credit for those in transit.
+plus batches waiting here) and ``max_pending`` more sent but not yet read: a session's credit
+is capped at that, and so is the data socket's send queue per connection (its high-water
+mark), so a consumer that grants credit without ever reading cannot make batches pile up in
+ZeroMQ's queue. ``Config.session_memory_bound`` is the sum in bytes.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ log = logging.getLogger(__name__)
 class Sink:
     """Sends each session's batches on the data socket, in order and within its credit."""
 
-    def __init__(self, socket: zmq.Socket):
+    def __init__(self, socket: zmq.Socket, credit_limit: int):
         self.socket = socket
+        self.credit_limit = credit_limit  # also the socket's sndhwm (set by the supervisor)
 
     def accept(self, session: Session, epoch: int, index: int, frames: list) -> bool:
         """A worker's batch for ``session``; sends what has become deliverable."""
@@ -36,7 +40,7 @@ class Sink:
         return self.flush(session)
 
     def grant(self, session: Session, credit: int) -> bool:
-        session.credit += credit
+        session.credit = min(session.credit + credit, self.credit_limit)
         session.active = True
         session.last_seen = time.monotonic()
         return self.flush(session)
@@ -48,14 +52,12 @@ class Sink:
             if key is None:
                 return True
             try:
-                self.socket.send_multipart([session.id] + session.ready[key],
+                self.socket.send_multipart([session.token] + session.ready[key],
                                            copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
-                return True  # the transport is full; the next credit retries
+                return True  # its queue is full; the next credit or heartbeat retries
             except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:
-                    raise
-                log.info("session %s: consumer disconnected", session.name)
+                log.info("session %s: consumer disconnected (%s)", session.name, exc)
                 return False
             del session.ready[key]
             session.credit -= 1
@@ -69,6 +71,7 @@ class Sink:
     def fail(self, session: Session, message: str):
         """Tell the consumer why its session ends; it raises this as a FeedError."""
         try:
-            self.socket.send_multipart([session.id] + pack_error(message), flags=zmq.NOBLOCK)
+            self.socket.send_multipart([session.token] + pack_error(message),
+                                       flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # already gone: nobody to tell

@@ -140,9 +140,12 @@ def id_chunks(ids: list, max_bytes: int = ID_QUERY_MAX_BYTES) -> list[list]:
 class BatchReader:
     """Reads the documents of one or more batches with a single ``$in`` query (more only when
     the ids do not fit in one), decoding each document on its own so that one pymongo cannot
-    decode spoils nothing but itself."""
+    decode spoils nothing but itself. ``projection`` (``transform.projection``: the paths the
+    config uses) keeps the rest of each document on the server."""
 
-    def __init__(self, client: pymongo.MongoClient, source: SourceConfig, sample_bytes: int):
+    def __init__(self, client: pymongo.MongoClient, source: SourceConfig, sample_bytes: int,
+                 projection: dict | None = None):
+        self.projection = projection
         self.db = client[source.database]
         self.collection = self.db[source.collection]
         self.raw_collection = self.collection.with_options(codec_options=RAW_CODEC_OPTIONS)
@@ -180,7 +183,8 @@ class BatchReader:
         return found
 
     def _find(self, ids: list, docs_per_reply: int) -> list[RawBSONDocument]:
-        return list(self.raw_collection.find({"_id": {"$in": ids}}, batch_size=docs_per_reply))
+        return list(self.raw_collection.find({"_id": {"$in": ids}}, self.projection,
+                                             batch_size=docs_per_reply))
 
     def _undecodable(self, ids: list, found: dict, failures: list[str]) -> dict:
         """The DecodeErrors of the documents that could not be decoded, which are the ids
@@ -214,5 +218,6 @@ class MongoSource:
     def list_ids(self, client: pymongo.MongoClient, query: dict) -> list:
         return list_ids(client, self.config, query)
 
-    def reader(self, client: pymongo.MongoClient, sample_bytes: int) -> BatchReader:
-        return BatchReader(client, self.config, sample_bytes)
+    def reader(self, client: pymongo.MongoClient, sample_bytes: int,
+               projection: dict | None = None) -> BatchReader:
+        return BatchReader(client, self.config, sample_bytes, projection)

@@ -2,12 +2,18 @@
 
 The supervisor binds the public sockets (control and data) and the internal ones (tasks to
 workers, batches from workers), plans each feed, and starts the worker pool. Signal handlers
-only set a flag; ``loop_once`` does the work, so a test can step it. Per iteration:
+only set a flag (while it plans, the one long step that does not loop here, they also
+interrupt it); ``loop_once`` does the work, so a test can step it. Per iteration:
 
 1. read finished batches (sink), worker announcements, consumer credit and heartbeats, and
    control requests (hello/status/bye);
-2. reap and restart workers, re-issue the tasks of the dead, end silent sessions;
+2. reap and restart workers, re-issue the tasks of the dead (a task that dies with its
+   worker twice fails its session instead), end silent sessions;
 3. plan new tasks for sessions that have room and hand them to workers with free slots.
+
+No message can stop the loop: whatever a handler raises, the message is refused and
+counted (``rejected_messages``), logged with its reason (a traceback for the unexpected, at
+most one warning per ``REJECT_LOG_INTERVAL_S``), and the loop goes on.
 
 The roles live in their own modules: the worker pool [pool], sessions and tasks [sessions],
 delivery to consumers [sink], control requests [control].
@@ -42,6 +48,7 @@ from .pool import WorkerPool
 from .sessions import Session, SessionTable
 from .sink import Sink
 from .source import MongoSource, plan_feed
+from .transform import load_functions
 from .worker import run_worker
 
 log = logging.getLogger(__name__)
@@ -51,7 +58,12 @@ DRAIN_LIMIT = 100              # messages per socket per iteration, so no socket
 READY_TIMEOUT_S = 60.0
 ERRORS_KEPT = 20
 SOCKET_LINGER_MS = 0
-DATA_SNDHWM = 10_000           # consumer credit is the real bound
+REJECT_LOG_INTERVAL_S = 10.0   # one warning per interval; the others at debug level
+
+
+class StopRequested(BaseException):
+    """SIGTERM or SIGINT arrived while the daemon was planning (which does not loop here to
+    look at the stop flag): raised by the signal handler to abandon the plan."""
 
 
 class Supervisor:
@@ -64,12 +76,16 @@ class Supervisor:
         self.source = source or MongoSource(config.source)
         self.worker_main = worker_main
         self.plans: dict[str, Plan] = {}
-        self.sessions = SessionTable(self.plans, config.serve.max_pending)
+        self.sessions = SessionTable(self.plans, config.serve.max_pending,
+                                     config.serve.max_sessions)
         self.control_handlers = Control(self)
         self.errors: deque[str] = deque(maxlen=ERRORS_KEPT)
-        self.counters = {"rejected_messages": 0, "dropped_batches": 0, "sessions_opened": 0}
+        self.counters = {"rejected_messages": 0, "dropped_batches": 0, "sessions_opened": 0,
+                         "evicted_sessions": 0, "poison_tasks": 0}
         self.started_at = time.time()
         self.stopping = False
+        self.planning = False  # while true, a stop signal raises StopRequested
+        self.last_reject_log = -REJECT_LOG_INTERVAL_S
         self.context = None
         self.curve = None  # CurveServer when serve.server_key is set
         self.runtime_dir = None
@@ -79,39 +95,53 @@ class Supervisor:
     # -- start and stop ---------------------------------------------------------------------
 
     def plan_feeds(self):
-        """List each feed's ``_id``s once, with the only client the supervisor ever opens."""
-        client = self.source.connect("mongofeed-supervisor")
+        """List each feed's ``_id``s once, with the only client the supervisor ever opens.
+        A stop signal meanwhile raises ``StopRequested`` (see ``install_signal_handlers``)."""
+        self.planning = True
         try:
-            for feed in self.config.feeds.values():
-                self.plans[feed.name] = plan_feed(self.source, client, self.config, feed)
+            if self.stopping:
+                raise StopRequested
+            client = self.source.connect("mongofeed-supervisor")
+            try:
+                for feed in self.config.feeds.values():
+                    log.info("planning feed %s", feed.name)
+                    self.plans[feed.name] = plan_feed(self.source, client, self.config, feed)
+            finally:
+                client.close()
         finally:
-            client.close()
+            self.planning = False
 
     def start(self):
-        """Plan, bind every socket and start the workers; raises before leaving anything."""
-        self.plan_feeds()
+        """Bind every socket, plan, start the workers; raises before leaving anything. The
+        user's functions, sockets and keys come first, so a bad function reference, a port in
+        use or a bad key is refused at once, not after a long listing."""
+        load_functions(self.config.transform, self.config.path)  # a ConfigError stops us here
         self.context = zmq.Context()
         serve = self.config.serve
         try:
             if serve.server_key:
                 self.curve = CurveServer(self.context, serve.server_key, serve.client_keys)
+            # Replies keep ZeroMQ's default queue: with a small one, replies to a peer that
+            # reads every one were dropped now and then (seen in the fuzz test; a ROUTER
+            # counts a queue's fill from the reader's lagging reports, and drops beyond it).
             self.control = self._bind(zmq.ROUTER, serve.control, MAX_CONTROL_BYTES)
-            self.data = self._bind(zmq.ROUTER, serve.bind, MAX_CONTROL_BYTES)
+            # Batches sent but not read stay in this queue: at most max_pending per consumer.
+            self.data = self._bind(zmq.ROUTER, serve.bind, MAX_CONTROL_BYTES, serve.max_pending)
             self.data.router_mandatory = 1
-            self.data.sndhwm = DATA_SNDHWM
             task_endpoint, sink_endpoint = self._bind_internal()
+            self.plan_feeds()
             self.pool = WorkerPool(self.config, self.source, self.task_socket, task_endpoint,
                                    sink_endpoint, self.log_level, self.record_error,
                                    self.worker_main)
             if serve.metrics_port is not None:
                 from .metrics import start_metrics_server
 
-                self.metrics_server = start_metrics_server(
-                    serve.metrics_port, lambda: self.control_handlers.op_status({}))
+                self.metrics_server = start_metrics_server(serve.metrics_port,
+                                                           self.control_handlers.status)
         except BaseException:
             self.close()
             raise
-        self.sink = Sink(self.data)
+        self.sink = Sink(self.data, serve.max_pending)
         self.poller = zmq.Poller()
         for socket in (self.control, self.data, self.task_socket, self.sink_socket):
             self.poller.register(socket, zmq.POLLIN)
@@ -135,9 +165,14 @@ class Supervisor:
         socket.linger = SOCKET_LINGER_MS
         return socket
 
-    def _bind(self, kind: int, endpoint: str, max_message: int) -> zmq.Socket:
+    def _bind(self, kind: int, endpoint: str, max_message: int,
+              sndhwm: int | None = None) -> zmq.Socket:
+        """A public socket; its limits are set before the bind, because every connection
+        takes them from the listener, which copies them when it binds."""
         socket = self._socket(kind)
         socket.maxmsgsize = max_message
+        if sndhwm is not None:
+            socket.sndhwm = sndhwm
         if self.curve is not None:
             self.curve.apply(socket)
         try:
@@ -160,17 +195,26 @@ class Supervisor:
         """SIGINT, SIGTERM and, on Windows, SIGBREAK (Ctrl-Break) ask for a stop [portable]."""
         def request_stop(signum, frame):
             self.stopping = True
+            if self.planning:  # a listing can take minutes and does not look at the flag
+                self.planning = False
+                raise StopRequested
 
         on_stop_signals(request_stop)
 
     def serve(self, on_ready: Callable[[], None]):
         """Start, call ``on_ready`` once the workers are up, run until a stop is asked for,
-        and stop; what ``mongofeed serve`` does."""
+        and stop; what ``mongofeed serve`` does. A stop asked for before the daemon is ready
+        ends it without ``on_ready``."""
         self.install_signal_handlers()
-        self.start()
+        try:
+            self.start()
+        except StopRequested:
+            log.info("stopped while planning")
+            return
         try:
             self.wait_ready()
-            on_ready()
+            if not self.stopping:
+                on_ready()
             while not self.stopping:
                 self.loop_once()
         finally:
@@ -215,35 +259,50 @@ class Supervisor:
             self.drain(self.data, self.on_consumer_message)
         if self.control in events:
             self.drain(self.control, self.on_control)
-        self.sessions.requeue(self.pool.check())
+        for task_ids, death in self.pool.check():
+            self.reissue(task_ids, death)
         self.expire_sessions()
         self.sessions.plan_tasks()
         self.dispatch()
 
     def drain(self, socket: zmq.Socket, handler, limit: int = DRAIN_LIMIT):
+        """Handle up to ``limit`` messages of ``socket``; one that makes its handler raise is
+        refused and counted, and the next one is handled."""
         for _ in range(limit):
             try:
                 frames = socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            handler(frames)
+            try:
+                handler(frames)
+            except Exception as exc:  # noqa: BLE001 - no message may stop the daemon
+                self.reject(handler.__name__, exc)
+
+    def reject(self, where: str, exc: Exception):
+        """Count a refused message and log why: a ProtocolError is a peer's fault (its
+        reason), anything else our bug (a traceback); one warning per interval, so a flood
+        of bad messages cannot flood the log."""
+        self.counters["rejected_messages"] += 1
+        now = time.monotonic()
+        level = logging.DEBUG
+        if now - self.last_reject_log >= REJECT_LOG_INTERVAL_S:
+            self.last_reject_log, level = now, logging.WARNING
+        unexpected = not isinstance(exc, ProtocolError)
+        log.log(level, "%s: refused a message (%d so far): %s%s", where,
+                self.counters["rejected_messages"], type(exc).__name__ + ": " if unexpected
+                else "", exc, exc_info=exc if unexpected else None)
 
     def on_worker_message(self, frames):
-        try:
-            event = WorkerEvent.unpack(frames)
-        except ProtocolError:
-            self.counters["rejected_messages"] += 1
-            return
-        if event.slot < len(self.pool.records):
-            self.pool.on_event(event)
+        event = WorkerEvent.unpack(frames)
+        if event.slot >= len(self.pool.records):
+            raise ProtocolError(f"worker message from slot {event.slot}, which does not exist")
+        self.pool.on_event(event)
 
     def on_batch(self, frames):
-        try:
-            meta = BatchMeta.unpack(frames[0])
-            record = self.pool.heard(meta.slot)
-        except (ProtocolError, IndexError):
-            self.counters["rejected_messages"] += 1
-            return
+        meta = BatchMeta.unpack(frames[0])
+        if meta.slot >= len(self.pool.records):
+            raise ProtocolError(f"batch from slot {meta.slot}, which does not exist")
+        record = self.pool.heard(meta.slot)
         self.pool.delivered(record, meta.task)
         task, session = self.sessions.finish(meta.task)
         if session is None:
@@ -267,36 +326,41 @@ class Supervisor:
             self.end_session(session)
 
     def dispatch(self):
-        """Hand pending tasks to ready workers, the least loaded first."""
-        while self.sessions.pending:
-            record = self.pool.least_loaded()
+        """Hand pending tasks to ready workers, the least loaded first; a task that outlived
+        a worker waits, first in line, for an idle worker to make it alone."""
+        while (task := self.sessions.next_pending()) is not None:
+            record = self.pool.least_loaded(alone=task.deaths > 0)
             if record is None:
                 return
-            task = self.sessions.next_pending()
-            if task is None:
-                return
+            self.sessions.take_pending()
             if not self.pool.send(record, task):
                 self.sessions.requeue([task.id])
                 return
 
+    def reissue(self, task_ids: list[int], death: str):
+        """A worker died with these tasks in hand: make them again, except those that have
+        now outlived ``MAX_TASK_DEATHS`` workers, which fail their sessions."""
+        for task in self.sessions.orphaned(task_ids):
+            self.counters["poison_tasks"] += 1
+            message = (f"{task.describe()}: the worker making it died {task.deaths} times "
+                       f"(last: {death}); it is not made again")
+            self.record_error(message)
+            session = self.sessions.get(task.session)
+            if session is not None:
+                self.end_session(session, message)
+
     def on_consumer_message(self, frames):
         identity = frames[0].bytes
+        credit = unpack_credit(frames[1:])
         session = self.sessions.get(identity)
-        try:
-            credit = unpack_credit(frames[1:])
-        except ProtocolError as exc:
-            self.counters["rejected_messages"] += 1
-            log.info("data socket: rejected a message: %s", exc)
-            return
         if session is None:
-            self.counters["rejected_messages"] += 1
             try:
                 self.data.send_multipart([identity] + pack_error(
-                    "unknown session: the daemon was restarted or the session expired; "
+                    "unknown session: the daemon was restarted or the session ended; "
                     "create a new consumer"), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
-            return
+            raise ProtocolError("credit for an unknown session")
         if not self.sink.grant(session, credit):
             self.end_session(session)
 
@@ -317,9 +381,11 @@ class Supervisor:
         identity = frames[0].bytes
         try:
             reply = self.control_handlers.handle(unpack_request(frames[1:]))
-        except ProtocolError as exc:
-            self.counters["rejected_messages"] += 1
-            reply = {"ok": False, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - refused with the reason, counted, logged
+            self.reject("control request", exc)
+            reply = {"ok": False, "error": str(exc) if isinstance(exc, ProtocolError) else
+                     f"the daemon could not handle this request ({type(exc).__name__}); "
+                     f"its log has the details"}
         try:
             self.control.send_multipart([identity, encode_json(reply)], flags=zmq.NOBLOCK)
         except zmq.ZMQError:

@@ -5,14 +5,16 @@ sockets are created here, in the child, never inherited. The loop:
 
 1. say ``ready`` on the task socket (DEALER to the supervisor's ROUTER);
 2. take a task (feed, epoch, index, the batch's ``_id``s), read the documents with ONE
-   ``$in`` query, decode them into preallocated arrays;
+   ``$in`` query (of the paths the config uses only), decode them into preallocated arrays
+   and run the user's functions on them (``transform.BatchMaker``);
 3. push ``[meta, header, array...]`` to the sink (the header and arrays go on to the
    consumer unchanged; ``meta`` tells the supervisor which task it was).
 
 A worker never dies from data. Every failure while producing a batch is one of three kinds:
 
 - about one document (``DecodeError``: a misfit, a document deleted since the plan was made,
-  one pymongo cannot decode): ``batch.on_error`` fails the batch or skips it, counted;
+  one pymongo cannot decode, the document function's exception): ``batch.on_error`` fails
+  the batch or skips it, counted;
 - transient (``source.is_transient``: the database is away): retried with backoff, shown in
   status as "waiting for database";
 - anything else: this batch fails (``meta["error"]``, which ends the session with a
@@ -43,9 +45,9 @@ from ..wire import (
     pack_batch,
     unpack_worker_command,
 )
-from .codec import BatchDecoder
 from .config import Config
 from .source import describe_failure, is_transient
+from .transform import BatchFunctionError, BatchMaker, projection
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +74,9 @@ class Worker:
         self.sink.sndhwm = 2
         self.sink.connect(sink_endpoint)
         self.client = source.connect(f"mongofeed-worker-{slot}")
-        self.decoder = BatchDecoder(config.fields, config.source.collection,
-                                    config.batch.on_error, read_gridfs=self._read_gridfs)
-        self.reader = source.reader(self.client, self.decoder.sample_nbytes())
+        self.batches = BatchMaker(config, read_gridfs=self._read_gridfs)  # imports the functions
+        self.reader = source.reader(self.client, self.batches.sample_nbytes(),
+                                    projection(config))
         self.parent = multiprocessing.parent_process()
 
     def _read_gridfs(self, bucket, file_id):
@@ -146,7 +148,7 @@ class Worker:
         """The batch of ``task`` from its documents as read (in plan order), or its error."""
         started = time.perf_counter()
         try:
-            arrays, problems = self.retrying(self.decode, task.ids, docs)
+            arrays, problems = self.retrying(self.decode, task, docs)
             header_and_arrays = pack_batch(task.feed, task.epoch, task.index, arrays)
         except Exception as exc:
             return self.failed(task, exc)
@@ -162,7 +164,7 @@ class Worker:
 
     def failed(self, task: TaskMessage, exc: Exception) -> list:
         """The sink message that fails ``task``'s batch, and with it its session."""
-        if isinstance(exc, DecodeError):  # on_error = "fail"; it names the document
+        if isinstance(exc, (DecodeError, BatchFunctionError)):  # it names what failed
             cause = str(exc)
         elif isinstance(exc, PyMongoError):
             cause = describe_failure(self.config.source, exc)
@@ -173,20 +175,20 @@ class Worker:
             log.error("worker %d: %s", self.slot, error, exc_info=exc)
         return [BatchMeta(task.task, self.slot, error=error).pack()]
 
-    def decode(self, ids: list, docs: list) -> tuple[dict, list]:
+    def decode(self, task: TaskMessage, docs: list) -> tuple[dict, list]:
         """One batch's arrays from its documents as read (GridFS fields are read here), and
         the documents left out under on_error = "skip"."""
         readable, problems = [], []
-        for doc_id, doc in zip(ids, docs, strict=True):
+        for position, (doc_id, doc) in enumerate(zip(task.ids, docs, strict=True)):
             if doc is None:
                 problems.append(self.missing_error(doc_id))
             elif isinstance(doc, DecodeError):  # pymongo cannot decode it
                 problems.append(doc)
             else:
-                readable.append(doc)
+                readable.append((position, doc))
         if problems and self.config.batch.on_error == "fail":
             raise problems[0]
-        arrays, skipped = self.decoder.decode(readable)
+        arrays, skipped = self.batches.make(task.feed, task.epoch, task.index, readable)
         return arrays, problems + skipped
 
     def retrying(self, operation, *args):

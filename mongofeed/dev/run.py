@@ -41,13 +41,19 @@ CHILD_REPORT_S = 3  # a child that got the terminal's Ctrl-C too has this long t
 CHILD_STOP_S = 5
 
 # The tests of the internal sockets, run again over tcp: exactly once with 1 to 8 workers,
-# the stepped loop, worker kill and hang, daemon stop (and its time) and kill, hostile peers.
+# the stepped loop, worker kill, crash loop and hang, daemon stop (and its time), stop while
+# planning, daemon kill, hostile peers, garbage on the internal sockets. Chosen tests, not
+# whole modules, to keep the pass near a minute (tests/test_platforms.py checks each exists).
 TCP_PASS = (
     "tests/test_supervisor_loop.py",
     "tests/test_serve.py::test_every_document_exactly_once_per_epoch",
-    "tests/chaos/test_workers.py",
+    "tests/chaos/test_workers.py::test_sigkilled_worker_is_replaced_and_its_tasks_reissued",
+    "tests/chaos/test_workers.py::test_crash_loop_is_backed_off_and_reported",
+    "tests/chaos/test_workers.py::test_hung_worker_is_killed_and_its_tasks_reissued",
     "tests/chaos/test_daemon_stop.py",
-    "tests/chaos/test_hostile_peers.py",
+    "tests/chaos/test_hostile_peers.py::"
+    "test_hostile_peers_are_rejected_and_others_keep_being_served",
+    "tests/chaos/test_loop_faults.py::test_garbage_on_the_internal_sockets_is_refused_and_counted",
 )
 
 DEMO_SERVER = "demo"

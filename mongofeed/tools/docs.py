@@ -26,7 +26,13 @@ silently. Check a config against the data before training with
 TABLE_NOTES = {
     "feeds.*": "One table per feed, e.g. `[feeds.train]`; one daemon serves them all. "
                "Without any, a single feed `train` selects every document.",
-    "fields.*": "One table per array in every batch, e.g. `[fields.image]`; at least one.",
+    "fields.*": "One table per value read from each document, e.g. `[fields.image]`; "
+                "without `[arrays.*]` each is an array of every batch (then at least one).",
+    "transform": "Your own preprocessing, run in every worker of the daemon: see "
+                 "[transforms.md](transforms.md). The config is code: the daemon imports the "
+                 "modules it names, so keep it as safe as the code it runs.",
+    "arrays.*": "The arrays of every batch as the `[transform]` functions return them, e.g. "
+                "`[arrays.image]`; without any, the fields are the arrays.",
 }
 
 

@@ -1,11 +1,12 @@
 """``mongofeed inspect``: look at the data through the config before a training run starts.
 
 It reports each feed's document count (and whether its filter can use an index), the fields
-of one sample document with their types and sizes (binary values only by length), and decodes
-the first batch of a feed exactly as a worker would, with the same errors ``serve`` raises:
-a ``ConfigError`` for a wrong key, a ``DecodeError`` naming the ``_id`` and field of a
-document that does not fit. ``inspect_source`` returns a plain dict (``--json``);
-``format_report`` turns it into text.
+of one sample document with their types and sizes (binary values only by length), and makes
+the first batch of a feed exactly as a worker would (the same projection, decoding and
+[transform] functions), with the same errors ``serve`` raises: a ``ConfigError`` for a wrong
+key or function reference, a ``DecodeError`` naming the ``_id`` and field (or function) of a
+document that does not fit, a ``BatchFunctionError`` for the batch function.
+``inspect_source`` returns a plain dict (``--json``); ``format_report`` turns it into text.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from collections.abc import Mapping
 import numpy as np
 from pymongo.errors import PyMongoError
 
-from ..daemon.codec import BatchDecoder
 from ..daemon.config import Config, redact_uri
 from ..daemon.planner import Plan
 from ..daemon.source import MongoSource, describe_failure, plan_feed
+from ..daemon.transform import BatchMaker, projection
 from ..errors import ConfigError, DecodeError, SourceError
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ def inspect_source(config: Config, feed: str | None = None) -> dict:
                 "feeds": _feeds(config, collection),
                 "sample": _sample(collection, config.feeds[feed].filter),
             }
-            report["dry_run"] = _dry_run(config, source.reader(client, 1), feed, plan)
+            reader = source.reader(client, 1, projection(config))
+            report["dry_run"] = _dry_run(config, reader, feed, plan)
         except PyMongoError as exc:
             raise SourceError(describe_failure(config.source, exc)) from None
     finally:
@@ -125,20 +127,23 @@ def _describe_value(value) -> dict:
 
 
 def _dry_run(config: Config, reader, feed: str, plan: Plan) -> dict:
-    """Decode the first batch that ``serve`` would send for ``feed``, as a worker does."""
-    batch = config.batch
-    decoder = BatchDecoder(config.fields, config.source.collection, batch.on_error,
-                           read_gridfs=reader.read_gridfs)
+    """Make the first batch that ``serve`` would send for ``feed``, as a worker does: the
+    fields decoded and the [transform] functions run on them."""
+    maker = BatchMaker(config, read_gridfs=reader.read_gridfs)
     ids = plan.batch_ids(0, 0, config.serve.shard)
     read = reader.read(ids)
-    docs = [doc for doc in read if isinstance(doc, dict)]
+    docs = [(position, doc) for position, doc in enumerate(read) if isinstance(doc, dict)]
     unreadable = [doc for doc in read if isinstance(doc, DecodeError)]
-    arrays, skipped = decoder.decode(docs)
+    arrays, skipped = maker.make(feed, 0, 0, docs)
     return {
         "feed": feed, "documents": len(docs), "missing": read.count(None),
+        "functions": dict(config.transform.functions),
         "skipped": [str(err) for err in unreadable + skipped],
         "arrays": {name: _describe_array(array) for name, array in arrays.items()},
         "inputs": list(config.output.inputs), "targets": list(config.output.targets),
+        "sample_weight": config.output.sample_weight,
+        "consumer_casts": {a.name: [a.conversion().dtype, a.conversion().scale]
+                           for a in config.arrays.values() if a.conversion()},
     }
 
 
@@ -173,11 +178,16 @@ def format_report(report: dict) -> str:
     dry = report["dry_run"]
     lines += ["", f"dry run: first batch of feed {dry['feed']!r}: {dry['documents']} documents"
               f" decoded, {dry['missing']} missing, {len(dry['skipped'])} skipped"]
+    lines += [f"  ran {key} = {ref}" for key, ref in dry.get("functions", {}).items()]
     lines.append(f"  {'array':<16} {'role':<7} {'dtype':<8} {'shape':<18} {'min':>10} {'max':>10}")
     for name, info in dry["arrays"].items():
-        role = "input" if name in dry["inputs"] else "target" if name in dry["targets"] else "-"
+        role = ("input" if name in dry["inputs"] else "target" if name in dry["targets"]
+                else "weight" if name == dry.get("sample_weight") else "-")
         low, high = (f"{info[k]:>10.4g}" if k in info else f"{'-':>10}" for k in ("min", "max"))
         lines.append(f"  {name:<16} {role:<7} {info['dtype']:<8} {str(tuple(info['shape'])):<18}"
                      f" {low} {high}")
+    for name, (dtype, scale) in dry.get("consumer_casts", {}).items():
+        scaled = f", scaled by {scale:g}" if scale is not None else ""
+        lines.append(f"  {name}: cast to {dtype}{scaled} by the consumer")
     lines += [f"skipped: {message}" for message in dry["skipped"]]
     return "\n".join(lines)

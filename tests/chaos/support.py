@@ -1,15 +1,21 @@
-"""Shared pieces of the chaos suite: a config on disk, reading whole epochs, process checks."""
+"""Shared pieces of the chaos suite: a config on disk, reading whole epochs, process checks,
+a hand-driven peer on the daemon's sockets."""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
 
+import zmq
+
 from mongofeed import Consumer
 from mongofeed.portable import KILL_SIGNAL, signal_pid
 from mongofeed.security import keygen
 from mongofeed.testing import Daemon
+from mongofeed.wire import decode_json, encode_json
 from tests.support import insert_samples, sample_config, write_toml
+
+REPLY_TIMEOUT_S = 10
 
 DOCS = 240          # train documents; with batch size 8 that is 30 batches per epoch
 BATCH = 8
@@ -72,3 +78,37 @@ def private_tmp(tmp_path):
     folder = tmp_path / "tmp"
     folder.mkdir()
     return folder, {"TMPDIR": str(folder)}
+
+
+
+class RawPeer:
+    """A DEALER on one of the daemon's public sockets, driven by hand: what a stranger or a
+    hostile client can send, frame by frame."""
+
+    def __init__(self, context: zmq.Context, endpoint: str, identity: bytes | None = None,
+                 **options):
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.linger = 0
+        if identity is not None:
+            self.socket.identity = identity
+        for name, value in options.items():
+            setattr(self.socket, name, value)
+        self.socket.connect(endpoint)
+
+    def send(self, *frames):
+        """Send one message; a dict is sent as JSON."""
+        self.socket.send_multipart([encode_json(f) if isinstance(f, dict) else f
+                                    for f in frames])
+
+    def request(self, *frames) -> dict:
+        """Send one control request and return its reply."""
+        self.send(*frames)
+        assert self.socket.poll(REPLY_TIMEOUT_S * 1000), "the daemon did not answer"
+        return decode_json(self.socket.recv(), 2**24, "reply")
+
+    def received(self, quiet_s: float = 1.0) -> list[list[bytes]]:
+        """Every message that arrives until none has for ``quiet_s`` seconds."""
+        messages = []
+        while self.socket.poll(int(quiet_s * 1000)):
+            messages.append(self.socket.recv_multipart())
+        return messages

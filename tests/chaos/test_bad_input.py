@@ -19,7 +19,7 @@ from mongofeed.daemon.config import redact_uri
 from mongofeed.portable import port_is_free
 from mongofeed.testing import free_port_pair
 from tests.chaos.support import feed_config
-from tests.support import REPO, sample_config, write_toml
+from tests.support import REPO, insert_samples, sample_config, write_toml
 
 SERVE_TIMEOUT_S = 60
 MARKER = "MONGOFEED_TEST_MARKER"  # inherited by every process the daemon starts
@@ -38,7 +38,7 @@ def processes_with(marker: str) -> list[int]:
     return pids
 
 
-def refused(config: Path, port: int, *args: str) -> str:
+def refused(config: Path, port: int, *args: str, env: dict | None = None) -> str:
     """Run `mongofeed serve` expecting a refusal; returns its one error line."""
     marker = f"{MARKER}={uuid.uuid4().hex}"
     name, value = marker.split("=")
@@ -46,7 +46,7 @@ def refused(config: Path, port: int, *args: str) -> str:
         [sys.executable, "-m", "mongofeed", "serve", "--config", str(config), "--workers", "1",
          "--bind", f"tcp://127.0.0.1:{port}", *args],
         capture_output=True, text=True, cwd=REPO, timeout=SERVE_TIMEOUT_S,
-        env={**os.environ, name: value})
+        env={**os.environ, **(env or {}), name: value})
     assert done.returncode != 0, done.stdout
     assert "mongofeed ready" not in done.stdout
     assert "Traceback" not in done.stderr, done.stderr
@@ -82,6 +82,16 @@ def test_data_port_already_in_use(tmp_path, mongo_uri, db):
         error = refused(config, port)
         assert f"cannot bind tcp://127.0.0.1:{port}" in error and "--bind" in error
         assert port_is_free(port + 1)  # the control socket it had bound is released
+
+
+def test_a_seed_the_planner_cannot_take_is_refused_before_ready(tmp_path, mongo_uri, db):
+    """Issue 9, item 5: batch.seed = -1 passed the check, "ready" was printed, and the daemon
+    died on the first consumer."""
+    insert_samples(db["samples"], 32, val=16)
+    config = write_toml(tmp_path / "feed.toml",
+                        sample_config(mongo_uri, db.name, batch={"seed": -1}))
+    error = refused(config, free_port_pair())
+    assert "batch.seed must be from 0 to 2**63 - 1, not -1" in error
 
 
 def test_malformed_endpoint(tmp_path, mongo_uri, db):

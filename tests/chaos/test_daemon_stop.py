@@ -4,6 +4,8 @@ left running or bound, and its ipc folder (when it uses ipc) is gone."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import threading
 import time
 
 import pytest
@@ -15,11 +17,15 @@ from mongofeed.portable import (
     port_is_free,
     resolve_internal_transport,
     signal_pid,
+    stoppable,
 )
-from mongofeed.testing import Daemon, internal_transport, pid_alive, wait_until
+from mongofeed.testing import PACKAGE_ROOT, Daemon, internal_transport, pid_alive, wait_until
 from tests.chaos.support import feed_config, private_tmp, read_batches
+from tests.support import sample_config, write_toml
 
 EXIT_WITHIN_S = 10
+PLANNED_FEEDS = 12         # each one a listing of the whole collection: seconds on FerretDB
+PLANNED_DOCS = 20_000
 
 
 @pytest.mark.parametrize("sig", STOP_REQUESTS, ids=lambda sig: signal.Signals(sig).name)
@@ -41,7 +47,7 @@ def test_stop_signal_ends_every_child_and_releases_everything(tmp_path, mongo_ur
         assert "Traceback" not in daemon.stderr_path.read_text()  # workers and daemon
         print(f"{signal.Signals(sig).name}: daemon and workers gone in "
               f"{time.monotonic() - started:.2f} s")
-        with pytest.raises(Exception, match="daemon stopped|no batch"):
+        with pytest.raises(Exception, match="daemon stopped|waited"):
             for _ in range(10):
                 consumer.get(timeout=5)
     assert list(tmp.iterdir()) == []
@@ -71,3 +77,50 @@ def test_consumer_of_an_absent_daemon_fails_clearly(tmp_path):
     with pytest.raises(FeedTimeout, match="no answer from the mongofeed daemon"):
         Consumer("tcp://127.0.0.1:9", "train", timeout=2)
     assert time.monotonic() - started < EXIT_WITHIN_S
+
+
+@pytest.mark.parametrize("sig", STOP_REQUESTS, ids=lambda sig: signal.Signals(sig).name)
+def test_stop_signal_while_planning_stops_it_and_never_says_ready(tmp_path, mongo_uri, db,
+                                                                  sig):
+    """Issue 9, item 13: the signal used to wait for the end of planning, then "ready" was
+    printed. Planning PLANNED_FEEDS feeds takes seconds here; the daemon must stop within
+    the first one."""
+    db["many"].insert_many([{"i": i, "g": i % PLANNED_FEEDS} for i in range(PLANNED_DOCS)])
+    config = write_toml(tmp_path / "many.toml", sample_config(
+        mongo_uri, db.name, "many",
+        feeds={f"g{k}": {"filter": {"g": k}} for k in range(PLANNED_FEEDS)},
+        fields={"idx": {"path": "i", "decode": "scalar", "dtype": "int64"}},
+        output={"inputs": ["idx"]}))
+    tmp, env = private_tmp(tmp_path)
+    daemon = Daemon(config, workers=1, args=("--log-level", "info"), env=env)
+    process = subprocess.Popen(daemon.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=PACKAGE_ROOT, env=daemon.env, **stoppable())
+    planning = threading.Event()
+    log = []
+
+    def read_log():
+        for line in process.stderr:
+            log.append(line)
+            if "planning feed g0" in line:
+                planning.set()
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
+    try:
+        assert planning.wait(60), "".join(log)
+        process.send_signal(sig)
+        stdout, _ = process.communicate(timeout=EXIT_WITHIN_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    reader.join(5)
+    planned = [line for line in log if "planning feed" in line]
+    print(f"{signal.Signals(sig).name} during planning: stopped after {len(planned)} of "
+          f"{PLANNED_FEEDS} feeds")
+    assert process.returncode == 0, "".join(log)
+    assert "mongofeed ready" not in stdout and "mongofeed stopped" in stdout
+    assert len(planned) < PLANNED_FEEDS  # it did not finish planning first
+    assert "Traceback" not in "".join(log)
+    assert list(tmp.iterdir()) == []  # its ipc folder is gone
+    assert port_is_free(daemon.port) and port_is_free(daemon.port + 1)

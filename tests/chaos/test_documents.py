@@ -63,8 +63,9 @@ FIELDS = {
 }
 
 # The deprecated binary subtype 2 holds its own length again inside; pymongo refuses a value
-# where the two disagree (InvalidBSON), which the servers store and return as they are.
-UNDECODABLE_ELEMENT = (b"\x05legacy\x00" + struct.pack("<i", 8) + b"\x02"
+# where the two disagree (InvalidBSON), which the servers store and return as they are. It
+# takes the place of a field the config reads: the workers fetch only those.
+UNDECODABLE_ELEMENT = (b"\x05list\x00" + struct.pack("<i", 8) + b"\x02"
                        + struct.pack("<i", 99) + b"abcd")
 
 # kind: (field it breaks, its bad value (None: a GridFS id without a file, bytes: a raw BSON
@@ -110,6 +111,7 @@ def collection(mongo_client):
     for kind, (field, value, _) in BAD.items():
         doc = {**good_document(BAD_IDS[kind], bucket), "_id": BAD_IDS[kind], "kind": kind}
         if kind == "undecodable":
+            del doc["list"]  # the element takes its place
             try:
                 db[COLLECTION].insert_one(with_element(doc, value))
             except PyMongoError:  # a server that validates the inner length

@@ -73,8 +73,9 @@ def test_slow_consumer_keeps_daemon_memory_bounded(tmp_path, mongo_uri, db):
     with Daemon(config, workers=2) as daemon, \
             Consumer(daemon.bind, "train", timeout=30, prefetch=2) as consumer:
         status = daemon.status()
-        bound = status["memory_bound_bytes"]
-        assert bound == status["batch_bytes"] * max_pending  # batch size x in-flight batches
+        bound = status["session_memory_bound_bytes"]
+        # max_pending batches produced ahead, as many sent and not yet read
+        assert bound == 2 * status["batch_bytes"] * max_pending
         batches, rss = [], []
         pids = [status["pid"]] + [w["pid"] for w in status["workers"]]
         for _epoch in range(3):
