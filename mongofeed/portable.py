@@ -1,17 +1,31 @@
 """What differs between operating systems, in one place; standard library only at import,
 so the development commands (``python3 -m mongofeed.dev``) use it before the venv exists.
+No other module tests ``sys.platform`` or ``os.name`` (tests/test_platforms.py checks it);
+where it can, this module chooses by capability (does ZeroMQ have ipc, does the signal
+exist) rather than by the platform's name.
 
 For the daemon:
-- Internal sockets (supervisor, workers, sink): ``ipc://`` in a private folder where ZeroMQ
-  has it (every POSIX system), loopback ``tcp://`` on a random port where it does not
-  (Windows). Chosen by capability (``zmq.has("ipc")``), not by platform name.
+- Internal sockets (supervisor, workers, sink): ``serve.internal_transport``, resolved by
+  ``resolve_internal_transport``: ``ipc://`` in a private folder where ZeroMQ has it (every
+  POSIX system), loopback ``tcp://`` on random ports where it does not (Windows) or when
+  asked for (which is how the Windows path is tested on Linux).
 - The private folder is ``mongofeed-<pid>-*`` in the temp folder; a daemon killed with
   SIGKILL cannot remove its own, so the next daemon removes those whose pid is gone (two
   daemons starting at once may both try: a folder that vanishes meanwhile is fine).
+  Shared-memory segments take the same ``mongofeed-<pid>-`` names (``shared_memory_name``).
 - An ipc path must fit a socket address (``ipc_path_max()`` bytes). A TMPDIR too long for
   that is refused with a message naming TMPDIR, rather than moving the internal sockets to
   loopback tcp: the private folder is what keeps other local users off the workers' sockets
   (a loopback port is open to all of them), and that is not ours to give up silently.
+- Signals: ``STOP_SIGNALS`` ask the daemon to stop (SIGINT, SIGTERM, and SIGBREAK where it
+  exists: Windows' Ctrl-Break); workers ignore the ``CONSOLE_INTERRUPTS`` that a terminal
+  sends to every process in it. Another process asks a daemon to stop with
+  ``STOP_REQUESTS`` (on Windows: CTRL_BREAK_EVENT to a daemon started ``stoppable()``,
+  because os.kill with SIGTERM there ends a process at once).
+- A worker notices that its supervisor is gone by polling
+  ``multiprocessing.parent_process().is_alive()``, which works on every platform (no
+  ``prctl``, no ``getppid`` check): nothing here.
+- Ending a process: ``end_process`` (terminate, then kill) and ``kill_process_group``.
 
 For the development commands: the executable suffix, the venv layout, how a server is
 started detached, asked to stop, killed and found alive, how a port is checked and a file
@@ -189,11 +203,9 @@ def has_ipc() -> bool:
     return zmq.has("ipc")
 
 
-def make_runtime_dir() -> str | None:
-    """The daemon's private folder for ipc endpoints (None where ipc is missing), after
-    removing the folders that killed daemons left behind."""
-    if not has_ipc():
-        return None
+def make_runtime_dir() -> str:
+    """The daemon's private folder for ipc endpoints, after removing the folders that killed
+    daemons left behind."""
     remove_stale_runtime_dirs()
     return tempfile.mkdtemp(prefix=f"{RUNTIME_DIR_PREFIX}{os.getpid()}-")
 
@@ -247,3 +259,128 @@ def bind_internal(socket, runtime_dir: str | None, name: str) -> str:
                               f"shorter folder, e.g. /tmp") from None
         raise
     return endpoint
+
+
+INTERNAL_TRANSPORTS = ("auto", "ipc", "tcp")
+# The environment variable of serve.internal_transport; the test runner's tcp pass sets it.
+INTERNAL_TRANSPORT_ENV = "MONGOFEED_INTERNAL_TRANSPORT"
+
+
+def resolve_internal_transport(setting: str, ipc_available: bool | None = None) -> str:
+    """``ipc`` or ``tcp`` for the daemon's own sockets, from ``serve.internal_transport``:
+    ``auto`` is ipc where ZeroMQ has it (every POSIX system) and tcp where it does not
+    (Windows). ``ipc_available`` (default: ask ZeroMQ) lets a test decide. ValueError for a
+    setting that cannot work here."""
+    if setting not in INTERNAL_TRANSPORTS:
+        raise ValueError(f"must be one of {', '.join(INTERNAL_TRANSPORTS)}, not {setting!r}")
+    if ipc_available is None:
+        ipc_available = has_ipc()
+    if setting == "auto":
+        return "ipc" if ipc_available else "tcp"
+    if setting == "ipc" and not ipc_available:
+        raise ValueError("'ipc', but the ZeroMQ here has no ipc:// transport (as on Windows);"
+                         " use 'tcp' or 'auto'")
+    return setting
+
+
+# -- signals and console interrupts --------------------------------------------------------
+
+# What a terminal sends to every process attached to it: Ctrl-C, and Ctrl-Break on Windows.
+CONSOLE_INTERRUPTS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGBREAK")
+                           if hasattr(signal, name))
+# What asks the daemon to stop. SIGTERM exists everywhere, but on Windows nothing delivers it
+# from outside (os.kill with SIGTERM there is TerminateProcess): SIGBREAK stands in for it.
+STOP_SIGNALS = (*CONSOLE_INTERRUPTS, signal.SIGTERM)
+
+if hasattr(signal, "CTRL_BREAK_EVENT"):  # Windows
+    # What another process can send to stop a daemon gracefully: Ctrl-Break, to the process
+    # group of a daemon started with stoppable() (it arrives as SIGBREAK).
+    STOP_REQUESTS: tuple[int, ...] = (signal.CTRL_BREAK_EVENT,)
+else:
+    STOP_REQUESTS = (signal.SIGTERM, signal.SIGINT)
+
+# Whether a process can be frozen and thawed (SIGSTOP, SIGCONT): how tests make a worker or a
+# trainer hang. Windows has no such signal.
+CAN_SUSPEND = hasattr(signal, "SIGSTOP")
+
+
+def on_stop_signals(handler) -> None:
+    """Install ``handler(signum, frame)`` for every signal that asks the daemon to stop."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+
+
+def ignore_console_interrupts() -> None:
+    """For worker processes: a Ctrl-C (Ctrl-Break) in the terminal reaches every process in
+    it; the supervisor gets it too and stops the workers in order."""
+    for sig in CONSOLE_INTERRUPTS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def stoppable() -> dict:
+    """Popen keywords for a child that ``STOP_REQUESTS[0]`` must reach alone: on Windows its
+    own process group (its workers share it; a Ctrl-C in the terminal no longer reaches it)."""
+    if hasattr(subprocess, "CREATE_NEW_PROCESS_GROUP"):
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    return {}
+
+
+# -- ending processes ------------------------------------------------------------------------
+
+
+def end_process(process, grace_s: float) -> None:
+    """End a ``multiprocessing`` child that did not stop when asked: terminate (SIGTERM),
+    then kill (SIGKILL) if it is still there after ``grace_s``. On Windows both are
+    TerminateProcess, so the first already ends it."""
+    process.terminate()
+    process.join(grace_s)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+def own_process_group() -> dict:
+    """Popen keywords that give a child a process group of its own, so that
+    ``kill_process_group`` ends it with every process it started."""
+    if hasattr(os, "killpg"):
+        return {"start_new_session": True}
+    return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+
+
+def kill_process_group(process: subprocess.Popen) -> None:
+    """Kill a child started with ``own_process_group()`` and all its descendants: SIGKILL to
+    its group, or on Windows ``taskkill /T /F`` over its process tree."""
+    if hasattr(os, "killpg"):
+        try:
+            os.killpg(process.pid, KILL_SIGNAL)
+        except ProcessLookupError:
+            pass
+    else:
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+# -- shared memory -----------------------------------------------------------------------------
+
+# A name is at most 31 bytes on macOS (PSHMNAMLEN), the leading "/" included.
+SHARED_MEMORY_NAME_MAX = 30
+
+
+def shared_memory_name(tag: str, owner_pid: int | None = None) -> str:
+    """The name of a shared-memory segment that the daemon ``owner_pid`` (default: this
+    process) creates: ``mongofeed-<pid>-<tag>``, the pattern of its private folder, so a
+    killed daemon's segments are found the same way. ValueError when too long for macOS."""
+    name = f"{RUNTIME_DIR_PREFIX}{owner_pid or os.getpid()}-{tag}"
+    if len(name) > SHARED_MEMORY_NAME_MAX or not re.fullmatch(r"[\w-]+", tag):
+        raise ValueError(f"shared memory name {name!r}: the tag must be letters, digits, _ "
+                         f"or -, and the name at most {SHARED_MEMORY_NAME_MAX} characters")
+    return name
+
+
+def shared_memory_dir() -> Path | None:
+    """Where shared-memory segments show as files, so that those of a killed daemon can be
+    listed and removed: ``/dev/shm`` (Linux). None where they cannot be listed: macOS (a
+    segment lives until unlinked, so the daemon must unlink its own) and Windows (a named
+    mapping is freed with its last handle, so nothing outlives its processes)."""
+    folder = Path("/dev/shm")
+    return folder if folder.is_dir() else None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import click
 
+from ..portable import kill_process_group, own_process_group
 from .report import (
     MEMORY_LOADERS,
     OTHER_LOADERS,
@@ -276,7 +276,7 @@ def run_process(spec: dict, entry: str, timeout: float) -> dict:
     process = subprocess.Popen(
         [sys.executable, "-c", f"from mongofeed.bench.rows import {entry}; {entry}()",
          json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=env, start_new_session=True)
+        env=env, **own_process_group())
     memory = MemorySampler(process.pid)
     result, tail = None, []
 
@@ -301,10 +301,7 @@ def run_process(spec: dict, entry: str, timeout: float) -> dict:
         pass
     finally:
         memory.stop()
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # its Keras pool, tensorpack runner, ...
-        except ProcessLookupError:
-            pass
+        kill_process_group(process)  # its Keras pool, tensorpack runner, ...
         process.wait()
         reader.join(5)
     if result is None:

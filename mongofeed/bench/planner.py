@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -34,6 +35,7 @@ REPLY_DOCS = 100_000
 BATCH_SIZE = 256
 CONSUMERS = 8
 EPOCH_CHUNK = 1 << 20
+PEAK_SAMPLE_S = 0.02
 KINDS = ("objectid", "int64")
 
 
@@ -156,8 +158,6 @@ def loop_under_consumers(supervisor, seconds: float, epochs: int) -> dict:
         while not condition() and time.monotonic() < deadline:
             supervisor.loop_once(timeout_ms=10)
 
-    import threading
-
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()
     stepped_until(lambda: lines, 120)
@@ -186,10 +186,11 @@ def bench_one(n: int, kind: str, seconds: float, epochs: int) -> dict:
     source = SyntheticSource(n, kind)
     supervisor = Supervisor(config, source=source, worker_main=stub_worker)
     before = rss_bytes()
-    started = time.perf_counter()
-    supervisor.start()  # plans the feed, binds the sockets, starts the workers
-    ready_s = time.perf_counter() - started
-    peak = peak_rss_bytes() - before
+    with PeakRss() as sampled:
+        started = time.perf_counter()
+        supervisor.start()  # plans the feed, binds the sockets, starts the workers
+        ready_s = time.perf_counter() - started
+    peak = sampled.peak - before
     try:
         plan = supervisor.plans["train"]
         result = {"n": n, "kind": kind, "bytes_per_id": plan.resident_bytes / n,
@@ -224,17 +225,18 @@ def bench_legacy(n: int, kind: str) -> dict:
         return (type(value).__name__, value)
 
     before = rss_bytes()
-    started = time.perf_counter()
-    ids = [doc["_id"] for raw in replies(n, kind) for doc in bson.decode_all(raw)]
-    listing = time.perf_counter() - started
-    started = time.perf_counter()
-    ids.sort(key=sort_key)
-    sorting = time.perf_counter() - started
+    with PeakRss() as sampled:
+        started = time.perf_counter()
+        ids = [doc["_id"] for raw in replies(n, kind) for doc in bson.decode_all(raw)]
+        listing = time.perf_counter() - started
+        started = time.perf_counter()
+        ids.sort(key=sort_key)
+        sorting = time.perf_counter() - started
     resident = rss_bytes() - before
     started = time.perf_counter()
     np.random.default_rng([1, 0]).permutation(n)
     return {"n": n, "kind": kind, "legacy": True, "bytes_per_id": resident / n,
-            "peak_bytes_per_id": (peak_rss_bytes() - before) / n, "listing_s": listing,
+            "peak_bytes_per_id": (sampled.peak - before) / n, "listing_s": listing,
             "sort_s": sorting, "epoch_order_s": time.perf_counter() - started}
 
 
@@ -249,11 +251,27 @@ def rss_bytes() -> int:
         return psutil.Process().memory_info().rss
 
 
-def peak_rss_bytes() -> int:
-    import resource
+class PeakRss:
+    """The highest resident memory of this process while the block runs (sampled every
+    ``PEAK_SAMPLE_S``; the sort and the hash release the GIL, the rest yields it)."""
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    def __enter__(self) -> PeakRss:
+        self.peak = rss_bytes()
+        self.running = threading.Event()
+        self.running.set()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while self.running.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(PEAK_SAMPLE_S)
+
+    def __exit__(self, *exc):
+        self.running.clear()
+        self.thread.join()
+        self.peak = max(self.peak, rss_bytes())
 
 
 def run_planner_bench(counts: list[int], kinds: list[str], seconds: float, epochs: int,

@@ -23,6 +23,7 @@ from urllib.parse import unquote_plus
 import bson
 import numpy as np
 
+from .. import portable
 from ..errors import ConfigError
 from ..portable import has_ipc, ipc_path_max
 from ..security import check_exposure
@@ -197,6 +198,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
                           "~/.cache/mongofeed/plans; \"off\" lists at every start)."),
         "metrics_port": Key(int, None, "Serve Prometheus metrics on 127.0.0.1:PORT "
                             "(env MONGOFEED_METRICS_PORT; needs the 'metrics' extra)."),
+        "internal_transport": Key(str, "auto", "How the daemon's own processes talk: "
+                                  "'ipc' (a private folder; not on Windows), 'tcp' (loopback, "
+                                  "random ports) or 'auto' (ipc where ZeroMQ has it) "
+                                  "(env MONGOFEED_INTERNAL_TRANSPORT).",
+                                  portable.INTERNAL_TRANSPORTS),
     },
 }
 
@@ -365,6 +371,7 @@ class ServeConfig:
     client_keys: str | None
     metrics_port: int | None = None
     plan_cache: str | None = None
+    internal_transport: str = "tcp"  # resolved: "ipc" or "tcp"
 
 
 @dataclass(frozen=True)
@@ -541,6 +548,8 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
     if serve["metrics_port"] is not None and importlib.util.find_spec("prometheus_client") is None:
         raise ConfigError(f"{where}: serve.metrics_port needs prometheus-client: "
                           f"pip install 'mongofeed[metrics]'")
+    serve["internal_transport"] = _internal_transport(serve["internal_transport"], where)
+    _refuse_missing_ipc({"serve.bind": bind, "serve.control": control}, where)
     serve_config = ServeConfig(**{**serve, "workers": workers, "bind": bind,
                                   "control": control, "max_pending": max_pending,
                                   "tasks_per_worker": tasks_per_worker,
@@ -616,6 +625,20 @@ def _bindable(endpoint: str, key: str, where: str) -> str:
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise ConfigError(f"{where}: {key} = {endpoint!r}: its folder does not exist")
     return endpoint
+
+
+def _internal_transport(setting: str, where: str) -> str:
+    try:
+        return portable.resolve_internal_transport(setting)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: serve.internal_transport = {exc}") from None
+
+
+def _refuse_missing_ipc(endpoints: dict[str, str], where: str):
+    for key, endpoint in endpoints.items():
+        if endpoint.startswith("ipc://") and not portable.has_ipc():
+            raise ConfigError(f"{where}: {key} = {endpoint!r}, but the ZeroMQ here has no "
+                              f"ipc:// transport (as on Windows); use tcp://127.0.0.1:PORT")
 
 
 def _entries(value: dict[str, Any], name: str, where: str):

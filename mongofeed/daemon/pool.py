@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from ..portable import end_process
 from ..wire import READY, STOP, WarmMessage, WorkerEvent
 from .config import Config
 from .sessions import Task
@@ -267,11 +268,7 @@ class WorkerPool:
                 record.process.join(max(0.0, deadline - time.monotonic()))
         for record in self.records:
             if record.process is not None and record.process.is_alive():
-                record.process.terminate()
-                record.process.join(KILL_GRACE_S)
-                if record.process.is_alive():
-                    record.process.kill()
-                    record.process.join()
+                end_process(record.process, KILL_GRACE_S)
 
     def status(self) -> list[dict]:
         return [r.status() for r in self.records]

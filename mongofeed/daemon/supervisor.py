@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import signal
 import time
 from collections import deque
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from collections.abc import Callable
 import zmq
 
 from ..errors import ProtocolError, SourceError
-from ..portable import bind_internal, make_runtime_dir
+from ..portable import bind_internal, make_runtime_dir, on_stop_signals
 from ..security import CurveServer
 from ..wire import (
     MAX_CONTROL_BYTES,
@@ -162,13 +161,7 @@ class Supervisor:
             # Batches sent but not read stay in this queue: at most max_pending per consumer.
             self.data = self._bind(zmq.ROUTER, serve.bind, MAX_CONTROL_BYTES, serve.max_pending)
             self.data.router_mandatory = 1
-            self.runtime_dir = make_runtime_dir()
-            self.task_socket = self._socket(zmq.ROUTER)
-            task_endpoint = bind_internal(self.task_socket, self.runtime_dir, "tasks")
-            self.task_socket.router_mandatory = 1
-            self.task_socket.router_handover = 1  # a restarted worker reuses its slot's identity
-            self.sink_socket = self._socket(zmq.PULL)
-            sink_endpoint = bind_internal(self.sink_socket, self.runtime_dir, "sink")
+            task_endpoint, sink_endpoint = self._bind_internal()
             self.plan_feeds()
             self.pool = WorkerPool(self.config, self.source, self.task_socket, task_endpoint,
                                    sink_endpoint, self.log_level, self.record_error,
@@ -186,6 +179,19 @@ class Supervisor:
         for socket in (self.control, self.data, self.task_socket, self.sink_socket):
             self.poller.register(socket, zmq.POLLIN)
         self.pool.start_all()
+
+    def _bind_internal(self) -> tuple[str, str]:
+        """Bind the sockets to the workers (tasks, sink) over serve.internal_transport: ipc in
+        a private folder, or loopback tcp [portable]; their endpoints for the workers."""
+        if self.config.serve.internal_transport == "ipc":
+            self.runtime_dir = make_runtime_dir()
+        self.task_socket = self._socket(zmq.ROUTER)
+        task_endpoint = bind_internal(self.task_socket, self.runtime_dir, "tasks")
+        self.task_socket.router_mandatory = 1
+        self.task_socket.router_handover = 1  # a restarted worker reuses its slot's identity
+        self.sink_socket = self._socket(zmq.PULL)
+        sink_endpoint = bind_internal(self.sink_socket, self.runtime_dir, "sink")
+        return task_endpoint, sink_endpoint
 
     def _socket(self, kind: int) -> zmq.Socket:
         socket = self.context.socket(kind)
@@ -219,14 +225,14 @@ class Supervisor:
             self.loop_once()
 
     def install_signal_handlers(self):
+        """SIGINT, SIGTERM and, on Windows, SIGBREAK (Ctrl-Break) ask for a stop [portable]."""
         def request_stop(signum, frame):
             self.stopping = True
             if self.planning:  # a listing can take minutes and does not look at the flag
                 self.planning = False
                 raise StopRequested
 
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
+        on_stop_signals(request_stop)
 
     def serve(self, on_ready: Callable[[], None]):
         """Start, call ``on_ready`` once the workers are up, run until a stop is asked for,

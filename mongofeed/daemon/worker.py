@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import signal
 import time
 from collections import OrderedDict
 
@@ -41,6 +40,7 @@ import zmq
 from pymongo.errors import PyMongoError
 
 from ..errors import DecodeError, ProtocolError
+from ..portable import ignore_console_interrupts
 from ..wire import (
     EVENT,
     READY,
@@ -289,8 +289,7 @@ def worker_identity(slot: int) -> bytes:
 def run_worker(slot: int, config: Config, source, task_endpoint: str, sink_endpoint: str,
                log_level: int = logging.WARNING):
     """Process entry point (must be importable by ``spawn``)."""
-    # Ctrl-C reaches the whole process group; the supervisor decides how to stop us.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_console_interrupts()  # the supervisor decides how to stop us
     logging.basicConfig(level=log_level, format=f"%(asctime)s worker-{slot} %(levelname)s "
                         "%(message)s")
     worker = Worker(slot, config, source, task_endpoint, sink_endpoint)

@@ -3,15 +3,13 @@ a hand-driven peer on the daemon's sockets."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 from collections import Counter
 from pathlib import Path
 
 import zmq
 
 from mongofeed import Consumer
+from mongofeed.portable import KILL_SIGNAL, signal_pid
 from mongofeed.security import keygen
 from mongofeed.testing import Daemon
 from mongofeed.wire import decode_json, encode_json
@@ -51,17 +49,9 @@ def assert_exactly_once(batches: list, epochs, docs: int = DOCS):
         assert set(seen.values()) == {1}, f"epoch {epoch}: duplicated documents"
 
 
-def children(pid: int) -> list[int]:
-    """Direct child pids of ``pid`` (Linux /proc)."""
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
-def kill_quietly(pid: int, sig=signal.SIGKILL):
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+def kill_quietly(pid: int):
+    """Kill ``pid`` at once (SIGKILL; TerminateProcess on Windows), if it still exists."""
+    signal_pid(pid, KILL_SIGNAL)
 
 
 def exposed(port: int) -> tuple:
@@ -89,16 +79,6 @@ def private_tmp(tmp_path):
     folder.mkdir()
     return folder, {"TMPDIR": str(folder)}
 
-
-def port_free(port: int) -> bool:
-    """Bindable again by a new daemon (ZeroMQ sets SO_REUSEADDR, as we do here)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 class RawPeer:

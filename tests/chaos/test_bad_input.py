@@ -11,12 +11,14 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psutil
 import pymongo
 import pytest
 
 from mongofeed.daemon.config import redact_uri
+from mongofeed.portable import port_is_free
 from mongofeed.testing import free_port_pair
-from tests.chaos.support import feed_config, port_free
+from tests.chaos.support import feed_config
 from tests.support import REPO, insert_samples, sample_config, write_toml
 
 SERVE_TIMEOUT_S = 60
@@ -24,13 +26,14 @@ MARKER = "MONGOFEED_TEST_MARKER"  # inherited by every process the daemon starts
 
 
 def processes_with(marker: str) -> list[int]:
-    """Pids of the live processes whose environment holds ``marker`` (Linux /proc)."""
+    """Pids of the live processes whose environment holds ``marker`` (NAME=VALUE)."""
+    name, value = marker.split("=")
     pids = []
-    for entry in Path("/proc").iterdir():
+    for process in psutil.process_iter():
         try:
-            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
+            if process.environ().get(name) == value:
+                pids.append(process.pid)
+        except psutil.Error:
             continue  # gone meanwhile, or not ours to read
     return pids
 
@@ -59,7 +62,7 @@ def test_missing_collection(tmp_path, mongo_uri, db):
     error = refused(config, port)
     assert f"collection {db.name}.absent does not exist" in error
     assert "source.collection" in error
-    assert port_free(port) and port_free(port + 1)
+    assert port_is_free(port) and port_is_free(port + 1)
 
 
 def test_filter_that_selects_nothing(tmp_path, mongo_uri, db):
@@ -78,7 +81,7 @@ def test_data_port_already_in_use(tmp_path, mongo_uri, db):
         taken.listen()
         error = refused(config, port)
         assert f"cannot bind tcp://127.0.0.1:{port}" in error and "--bind" in error
-        assert port_free(port + 1)  # the control socket it had bound is released
+        assert port_is_free(port + 1)  # the control socket it had bound is released
 
 
 def test_a_seed_the_planner_cannot_take_is_refused_before_ready(tmp_path, mongo_uri, db):

@@ -1,4 +1,5 @@
-"""The daemon stops (SIGTERM, SIGINT) or dies (SIGKILL): nothing is left running or bound."""
+"""The daemon stops (SIGTERM, SIGINT; Ctrl-Break on Windows) or dies (SIGKILL): nothing is
+left running or bound, and its ipc folder (when it uses ipc) is gone."""
 
 from __future__ import annotations
 
@@ -10,8 +11,16 @@ import time
 import pytest
 
 from mongofeed import Consumer, FeedTimeout
-from mongofeed.testing import PACKAGE_ROOT, Daemon, pid_alive, wait_until
-from tests.chaos.support import feed_config, port_free, private_tmp, read_batches
+from mongofeed.portable import (
+    CONSOLE_INTERRUPTS,
+    STOP_REQUESTS,
+    port_is_free,
+    resolve_internal_transport,
+    signal_pid,
+    stoppable,
+)
+from mongofeed.testing import PACKAGE_ROOT, Daemon, internal_transport, pid_alive, wait_until
+from tests.chaos.support import feed_config, private_tmp, read_batches
 from tests.support import sample_config, write_toml
 
 EXIT_WITHIN_S = 10
@@ -19,24 +28,30 @@ PLANNED_FEEDS = 12         # each one a listing of the whole collection: seconds
 PLANNED_DOCS = 20_000
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", STOP_REQUESTS, ids=lambda sig: signal.Signals(sig).name)
 def test_stop_signal_ends_every_child_and_releases_everything(tmp_path, mongo_uri, db, sig):
     config = feed_config(tmp_path, mongo_uri, db)
     tmp, env = private_tmp(tmp_path)
     daemon = Daemon(config, workers=2, env=env).start()
+    ipc_folders = 1 if resolve_internal_transport(internal_transport()) == "ipc" else 0
     with Consumer(daemon.bind, "train", timeout=30) as consumer:
         read_batches(consumer, 3)  # stop it while it is busy
         workers = [w["pid"] for w in daemon.status()["workers"]]
-        assert len(list(tmp.glob("mongofeed-*"))) == 1
+        assert len(list(tmp.glob("mongofeed-*"))) == ipc_folders
         started = time.monotonic()
+        if sig in CONSOLE_INTERRUPTS:  # a terminal's Ctrl-C reaches the workers too
+            for pid in workers:
+                signal_pid(pid, sig)
         assert daemon.stop(sig) == 0
         assert wait_until(lambda: not any(pid_alive(p) for p in workers), EXIT_WITHIN_S)
-        print(f"{sig.name}: daemon and workers gone in {time.monotonic() - started:.2f} s")
+        assert "Traceback" not in daemon.stderr_path.read_text()  # workers and daemon
+        print(f"{signal.Signals(sig).name}: daemon and workers gone in "
+              f"{time.monotonic() - started:.2f} s")
         with pytest.raises(Exception, match="daemon stopped|waited"):
             for _ in range(10):
                 consumer.get(timeout=5)
     assert list(tmp.iterdir()) == []
-    assert port_free(daemon.port) and port_free(daemon.port + 1)
+    assert port_is_free(daemon.port) and port_is_free(daemon.port + 1)
 
 
 def test_sigkilled_daemon_leaves_no_orphans_and_consumer_gets_a_clear_error(
@@ -47,14 +62,14 @@ def test_sigkilled_daemon_leaves_no_orphans_and_consumer_gets_a_clear_error(
         read_batches(consumer, 3)
         workers = [w["pid"] for w in daemon.status()["workers"]]
         started = time.monotonic()
-        daemon.stop(signal.SIGKILL)
+        daemon.kill()
         assert wait_until(lambda: not any(pid_alive(p) for p in workers), EXIT_WITHIN_S), \
             "workers outlived their killed daemon"
         print(f"orphans gone {time.monotonic() - started:.2f} s after SIGKILL")
         with pytest.raises(FeedTimeout, match="is the daemon running"):
             for _ in range(10):  # what was prefetched comes first
                 consumer.get()
-    assert port_free(daemon.port) and port_free(daemon.port + 1)
+    assert port_is_free(daemon.port) and port_is_free(daemon.port + 1)
 
 
 def test_consumer_of_an_absent_daemon_fails_clearly(tmp_path):
@@ -64,7 +79,7 @@ def test_consumer_of_an_absent_daemon_fails_clearly(tmp_path):
     assert time.monotonic() - started < EXIT_WITHIN_S
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", STOP_REQUESTS, ids=lambda sig: signal.Signals(sig).name)
 def test_stop_signal_while_planning_stops_it_and_never_says_ready(tmp_path, mongo_uri, db,
                                                                   sig):
     """Issue 9, item 13: the signal used to wait for the end of planning, then "ready" was
@@ -79,7 +94,7 @@ def test_stop_signal_while_planning_stops_it_and_never_says_ready(tmp_path, mong
     tmp, env = private_tmp(tmp_path)
     daemon = Daemon(config, workers=1, args=("--log-level", "info"), env=env)
     process = subprocess.Popen(daemon.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=PACKAGE_ROOT, env=daemon.env)
+                               text=True, cwd=PACKAGE_ROOT, env=daemon.env, **stoppable())
     planning = threading.Event()
     log = []
 
@@ -101,10 +116,11 @@ def test_stop_signal_while_planning_stops_it_and_never_says_ready(tmp_path, mong
             process.wait()
     reader.join(5)
     planned = [line for line in log if "planning feed" in line]
-    print(f"{sig.name} during planning: stopped after {len(planned)} of {PLANNED_FEEDS} feeds")
+    print(f"{signal.Signals(sig).name} during planning: stopped after {len(planned)} of "
+          f"{PLANNED_FEEDS} feeds")
     assert process.returncode == 0, "".join(log)
     assert "mongofeed ready" not in stdout and "mongofeed stopped" in stdout
     assert len(planned) < PLANNED_FEEDS  # it did not finish planning first
     assert "Traceback" not in "".join(log)
     assert list(tmp.iterdir()) == []  # its ipc folder is gone
-    assert port_free(daemon.port) and port_free(daemon.port + 1)
+    assert port_is_free(daemon.port) and port_is_free(daemon.port + 1)

@@ -18,7 +18,12 @@ from mongofeed import Consumer, FeedError
 from mongofeed.daemon.config import parse_config
 from mongofeed.daemon.supervisor import Supervisor
 from mongofeed.daemon.worker import worker_identity
-from mongofeed.testing import MemorySource, free_port_pair, write_documents
+from mongofeed.testing import (
+    MemorySource,
+    free_port_pair,
+    internal_transport,
+    write_documents,
+)
 from mongofeed.wire import (
     READY,
     BatchMeta,
@@ -61,7 +66,8 @@ def running_supervisor(tmp_path, ids=range(DOCS)):
         "source": {"database": "none", "collection": "none"},
         "batch": {"size": BATCH, "seed": 5},
         "fields": {"idx": {"path": "i", "decode": "scalar", "dtype": "int64"}},
-        "serve": {"workers": 1, "bind": f"tcp://127.0.0.1:{free_port_pair()}"},
+        "serve": {"workers": 1, "bind": f"tcp://127.0.0.1:{free_port_pair()}",
+                  "internal_transport": internal_transport()},
     })
     supervisor = Supervisor(config, source=MemorySource(documents), worker_main=stub_worker)
     ready, failure = threading.Event(), []
@@ -110,8 +116,9 @@ def test_a_task_that_kills_its_worker_twice_fails_its_session_naming_the_batch(t
 
 
 def test_garbage_on_the_internal_sockets_is_refused_and_counted(tmp_path, context):
-    """The internal sockets sit in the daemon's private folder, but a bug in a worker must
-    still show as a counted rejection, not a dead loop."""
+    """The internal sockets sit in the daemon's private folder (or, over tcp, on a loopback
+    port any local process can reach), and a bug in a worker must show as a counted
+    rejection, not a dead loop."""
     deep = b"[" * 30_000 + b"]" * 30_000
     garbage_batches = [[deep], [b"{}"], [json.dumps({"task": 1, "slot": 99}).encode()],
                        [json.dumps({"task": 1, "slot": 2**62, "error": "x"}).encode()],
@@ -121,11 +128,12 @@ def test_garbage_on_the_internal_sockets_is_refused_and_counted(tmp_path, contex
     healthy = [i for i in range(DOCS + 1) if i != POISON_ID]
     with running_supervisor(tmp_path, healthy) as supervisor, \
             Consumer(supervisor.config.serve.bind, "train", timeout=30) as consumer:
+        task_endpoint, sink_endpoint = supervisor.pool.endpoints  # ipc or tcp
         sink = context.socket(zmq.PUSH)
-        sink.connect(f"ipc://{supervisor.runtime_dir}/sink")
+        sink.connect(sink_endpoint)
         impostor = context.socket(zmq.DEALER)
         impostor.identity = b"impostor"
-        impostor.connect(f"ipc://{supervisor.runtime_dir}/tasks")
+        impostor.connect(task_endpoint)
         for frames in garbage_batches:
             sink.send_multipart(frames)
         for frames in garbage_events:

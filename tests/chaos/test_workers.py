@@ -6,7 +6,10 @@ import os
 import signal
 import time
 
+import pytest
+
 from mongofeed import Consumer
+from mongofeed.portable import CAN_SUSPEND
 from mongofeed.testing import Daemon, pid_alive, wait_until
 from tests.chaos.support import (
     BATCHES,
@@ -16,7 +19,11 @@ from tests.chaos.support import (
     read_batches,
 )
 
+needs_suspend = pytest.mark.skipif(not CAN_SUSPEND, reason="freezes a worker with SIGSTOP, "
+                                   "which this platform lacks")
 
+
+@needs_suspend
 def test_sigkilled_worker_is_replaced_and_its_tasks_reissued(tmp_path, mongo_uri, db):
     config = feed_config(tmp_path, mongo_uri, db)
     with Daemon(config, workers=2) as daemon, \
@@ -61,6 +68,7 @@ def test_crash_loop_is_backed_off_and_reported(tmp_path, mongo_uri, db):
         assert any("keeps dying" in e for e in daemon.status()["errors"])
 
 
+@needs_suspend
 def test_hung_worker_is_killed_and_its_tasks_reissued(tmp_path, mongo_uri, db):
     config = feed_config(tmp_path, mongo_uri, db, serve={"stall_timeout": 3})
     with Daemon(config, workers=2) as daemon, \
@@ -76,6 +84,7 @@ def test_hung_worker_is_killed_and_its_tasks_reissued(tmp_path, mongo_uri, db):
     assert any("without a sign of life" in e for e in status["errors"])
 
 
+@needs_suspend
 def test_with_default_timeouts_a_hung_worker_is_replaced_before_the_consumer_gives_up(
         tmp_path, mongo_uri, db):
     """Issue 9, item 8: serve.stall_timeout's default (then a restart and a re-read) fits
