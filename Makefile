@@ -32,7 +32,9 @@ server-start: $(FERRETDB_BIN)
 server-stop:
 	$(DEV) server stop --name $(FERRETDB_NAME)
 
-# A private FerretDB for the run, stopped whatever happens (or MONGOFEED_TEST_URI).
+# A private FerretDB for the run, stopped whatever happens (or MONGOFEED_TEST_URI). Without
+# test paths in PYTEST_ARGS: the whole suite over ipc, then the internal-socket tests again
+# over loopback tcp, the transport of Windows (mongofeed/dev/run.py, TCP_PASS).
 test: $(INSTALL_STAMP) $(FERRETDB_BIN)
 	$(DEV) test $(PYTEST_ARGS)
 

@@ -24,6 +24,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -35,14 +36,17 @@ from .region import Region, RegionError, SlabLayout
 from .security import client_options
 from .wire import (
     MAX_HEADER_BYTES,
-    PROTOCOL_VERSION,
     BatchHeader,
+    ByeRequest,
+    ControlRequest,
     Credit,
+    HeartbeatRequest,
+    HelloRequest,
     Schema,
     SharedMemoryOffer,
+    StatusRequest,
     check_endpoint,
     decode_json,
-    encode_json,
     hello_schema,
     next_port,
     unpack_frames,
@@ -89,9 +93,10 @@ def control_connect(context: zmq.Context, control: str, curve: dict | None = Non
     return socket
 
 
-def ask(socket: zmq.Socket, control: str, request: dict, timeout: float) -> dict:
+def ask(socket: zmq.Socket, control: str, request: ControlRequest,
+        timeout: float) -> dict:
     """One control request and its reply; a clear error if the daemon does not answer."""
-    socket.send(encode_json(request))
+    socket.send(request.pack())
     if not socket.poll(int(timeout * 1000)):
         raise FeedTimeout(f"no answer from the mongofeed daemon at {control} within "
                           f"{timeout:g} s: is 'mongofeed serve' running with this "
@@ -110,7 +115,7 @@ def daemon_status(control: str, timeout: float = 5.0, server_key: str | None = N
     context = zmq.Context()
     try:
         return ask(control_connect(context, check_endpoint(control, "control"), curve),
-                   control, {"op": "status"}, timeout)
+                   control, StatusRequest(), timeout)
     finally:
         context.destroy(linger=0)
 
@@ -152,10 +157,7 @@ class Consumer:
         self._context = zmq.Context()
         try:
             control_socket = control_connect(self._context, self.control, curve)
-            request = {"op": "hello", "protocol": PROTOCOL_VERSION, "feed": feed,
-                       "start_epoch": start_epoch, "shard": list(shard or (0, 1)),
-                       "shared_memory": shared_memory,
-                       "window": 2 * prefetch + held_batches + credit_every(prefetch)}
+            request = HelloRequest(feed, start_epoch, tuple(shard or (0, 1)), shared_memory)
             try:
                 self.info = ask(control_socket, self.control, request, timeout)
             except FeedTimeout as exc:
@@ -165,13 +167,15 @@ class Consumer:
         except BaseException:
             self._context.destroy(linger=0)
             raise
-        self.session = self.info["session"]
+        self.session = self.info["session"]  # public; the secret token is the stream's
+        token = self.info["token"]
         region = self._attach(offer) if offer else None
-        self._stream = _Stream(self._context, self.endpoint, self.session, self.schema,
+        flow = Flow.of(prefetch, held_batches, self.info.get("credit_window"), region)
+        self._stream = _Stream(self._context, self.endpoint, self.session, token, self.schema,
                                start_epoch, self.info.get("ordered", True),
-                               self.info["batches_per_epoch"], prefetch, curve, region,
-                               offer is not None, held_batches)
-        self._heartbeat = _Heartbeat(control_socket, self.session)
+                               self.info["batches_per_epoch"], flow, curve, region,
+                               offer is not None)
+        self._heartbeat = _Heartbeat(control_socket, self.session, token)
         self._finalizer = weakref.finalize(self, _close, self._stream, self._heartbeat)
 
     def _attach(self, offer: SharedMemoryOffer) -> Region | None:
@@ -222,9 +226,12 @@ class Consumer:
         timeout = self.timeout if timeout is None else timeout
         item = self._stream.take(timeout)
         if item is None:
-            raise FeedTimeout(f"no batch of feed {self.feed!r} from {self.endpoint} within "
-                              f"{timeout:g} s: is the daemon running and its database "
-                              f"reachable? ('mongofeed status --control {self.control}')")
+            taken = (f"epoch {self._epoch}: {self.taken_in_epoch} of {self.batches_per_epoch} "
+                     f"batches taken" if self._epoch is not None else "none taken yet")
+            raise FeedTimeout(f"waited {timeout:g} s (the consumer's timeout) for the next "
+                              f"batch of feed {self.feed!r} ({taken}) from {self.endpoint}: "
+                              f"is the daemon running and its database reachable? "
+                              f"('mongofeed status --control {self.control}')")
         if item.epoch != self._epoch:
             self._epoch, self.taken_in_epoch = item.epoch, 0
         self.taken_in_epoch += 1
@@ -262,8 +269,9 @@ class Consumer:
 # The plan fields a hello reply announces, and the setting a user changes for each.
 PLAN_SETTINGS = (
     ("batch_size", "batch.size"), ("seed", "batch.seed"), ("drop_last", "batch.drop_last"),
-    ("shuffle", "feeds.{feed}.shuffle"), ("ids", "documents selected"),
-    ("ids_digest", "digest of the selected _ids"),
+    ("shuffle", "feeds.{feed}.shuffle"), ("order", "order (the mongofeed version's)"),
+    ("window", "window shape (documents per range, ranges per window: batch.window_bytes)"),
+    ("ids", "documents selected"), ("ids_digest", "digest of the selected _ids"),
 )
 IDS_SETTINGS = {"ids", "ids_digest"}  # these differ when the daemons listed other documents
 
@@ -327,8 +335,9 @@ class MultiConsumer:
             if not (isinstance(shard, list) and len(shard) == 2
                     and all(isinstance(n, int) and n >= 0 for n in shard)):
                 raise ProtocolError(f"{consumer.endpoint}: hello reply lacks the session's shard")
-            rank, world = shard
-            shards.append((consumer.endpoint, (rank // consumer_world, world // consumer_world)))
+            rank, world = shard  # the daemon's rd/Rd composed with rc/Rc: rd + Rd*rc of Rd*Rc
+            daemon_world = world // consumer_world
+            shards.append((consumer.endpoint, (rank % daemon_world, daemon_world)))
         return shards
 
     def get(self, timeout: float | None = None) -> Batch:
@@ -438,16 +447,16 @@ class _Heartbeat:
     heartbeat on the control socket every second, and a bye at the end. It holds no
     reference to the Consumer, so an abandoned Consumer is collected and its session ends."""
 
-    def __init__(self, control_socket: zmq.Socket, session: str):
+    def __init__(self, control_socket: zmq.Socket, session: str, token: str):
         self.control_socket = control_socket
-        self.session = session
+        self.token = token  # the session's secret, which heartbeat and bye need
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name=f"mongofeed-{session}",
                                        daemon=True)
         self.thread.start()
 
     def run(self):
-        request = encode_json({"op": "heartbeat", "session": self.session})
+        request = HeartbeatRequest(self.token).pack()
         try:
             while not self.stopping.wait(HEARTBEAT_INTERVAL_S):
                 while self.control_socket.poll(0):
@@ -458,8 +467,7 @@ class _Heartbeat:
         finally:
             try:
                 self.control_socket.linger = BYE_LINGER_MS
-                self.control_socket.send(encode_json({"op": "bye", "session": self.session}),
-                                         flags=zmq.NOBLOCK)
+                self.control_socket.send(ByeRequest(self.token).pack(), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
             self.control_socket.close()
@@ -477,14 +485,15 @@ class _Stream:
     header is a fixed binary layout, the arrays' shapes are computed once per distinct
     sample count, and credit and slab releases go out every few batches (``every``)."""
 
-    def __init__(self, context, endpoint, session, schema: Schema, start_epoch, ordered,
-                 batches_per_epoch, prefetch, curve, region: Region | None = None,
-                 offered: bool = False, held_batches: int = DEFAULT_HELD_BATCHES):
-        self.session = session
+    def __init__(self, context, endpoint, session, token, schema: Schema, start_epoch,
+                 ordered, batches_per_epoch, flow: Flow, curve, region: Region | None = None,
+                 offered: bool = False):
+        self.session = session  # the public name, for messages
+        self.token = token  # the session's secret: our data identity
         self.schema = schema
         self.batches_per_epoch = batches_per_epoch
         self.ordered = ordered
-        self.every = credit_every(prefetch)
+        self.every = flow.every
         self.endpoint = endpoint
         self.lock = threading.Lock()
         self.closed = False
@@ -493,21 +502,20 @@ class _Stream:
         self.region = region
         self.offsets = SlabLayout.of(schema.arrays, schema.batch_size).offsets
         self.slabs = Slabs()
-        self.held_batches = held_batches
+        self.held_batches = flow.held
         self.join_buffers = JoinBuffers()
         self.data = context.socket(zmq.DEALER)
         self.data.linger = 0
         for option, value in curve.items():
             self.data.setsockopt(option, value)
-        self.data.identity = session.encode()
+        self.data.identity = token.encode()
         self.data.maxmsgsize = max(MAX_HEADER_BYTES, schema.batch_size * max(
             spec.sample_nbytes for spec in schema.arrays))
         self.data.connect(endpoint)
-        # The first message starts the session: credit for twice `prefetch` batches (so that
-        # the daemon keeps credit while the next is on its way) and whether the consumer maps
+        # The first message starts the session: its credit, and whether the consumer maps
         # the region (queued by ZeroMQ until the connection is up).
         attached = (region is not None) if offered else None
-        self.data.send(Credit(2 * prefetch, (), attached).pack())
+        self.data.send(Credit(flow.credit, (), attached).pack())
         self.owed_credit = 0
 
     def take(self, timeout: float) -> Batch | None:
@@ -521,6 +529,7 @@ class _Stream:
                 try:
                     head = self.data.recv(zmq.NOBLOCK)  # usually waiting already
                 except zmq.Again:
+                    self.send_credit(everything=True)  # the daemon may wait for these
                     if not self.wait(timeout):
                         return None
                     head = self.data.recv()
@@ -602,9 +611,12 @@ class _Stream:
         lease = self.slabs.lease(base, header.slab)
         return self.schema.convert(arrays), lease
 
-    def send_credit(self):
-        """Credit for the batches taken, and the slabs released, every ``every`` of them."""
-        if self.owed_credit < self.every and self.slabs.pending < self.every:
+    def send_credit(self, everything: bool = False):
+        """Credit for the batches taken, and the slabs released, every ``every`` of them (or
+        whatever is owed, with ``everything``)."""
+        owed, pending = self.owed_credit, self.slabs.pending
+        if not (owed or pending) or (not everything and owed < self.every
+                                     and pending < self.every):
             return
         released = self.slabs.take_released()
         self.data.send(Credit(self.owed_credit, released).pack(), flags=zmq.NOBLOCK)
@@ -616,7 +628,29 @@ class _Stream:
             self.data.close()
 
 
-def credit_every(prefetch: int) -> int:
-    """How many batches of credit (and slab releases) the consumer sends at once: fewer
-    messages, while the daemon keeps credit for at least half the prefetch."""
-    return max(1, prefetch // 2)
+@dataclass(frozen=True)
+class Flow:
+    """How many batches a consumer lets the daemon send ahead (``credit``), grants at once
+    (``every``, with the slabs released meanwhile), and, with shared memory, holds as views
+    before ``get`` hands copies (``held``).
+
+    The daemon lends a session at most ``window`` slabs (its ``credit_window``:
+    ``serve.max_pending``, the other half of its region being for production). The consumer
+    has at most ``credit`` batches on their way or waiting in its socket, ``held`` views
+    handed out, and fewer than ``every`` releases unsent, so that sum stays within the
+    window and the daemon never waits for a slab the consumer may keep. Credit for half the
+    prefetch comes first, then the views the caller asked to keep, then the rest."""
+
+    credit: int
+    every: int
+    held: int
+
+    @classmethod
+    def of(cls, prefetch: int, held_batches: int, window, region) -> Flow:
+        window = window if isinstance(window, int) and window >= 1 else 2 * prefetch
+        every = max(1, min(prefetch // 2, window // 4))
+        room = window - (every - 1)
+        if region is None:  # nothing lent: the credit alone counts
+            return cls(max(1, min(2 * prefetch, window)), every, held_batches)
+        held = max(0, min(held_batches, room - max(1, min(prefetch, room))))
+        return cls(max(1, min(2 * prefetch, room - held)), every, held)

@@ -1,17 +1,37 @@
 """What differs between operating systems, in one place; standard library only at import,
 so the development commands (``python3 -m mongofeed.dev``) use it before the venv exists.
+No other module tests ``sys.platform`` or ``os.name`` (tests/test_platforms.py checks it);
+where it can, this module chooses by capability (does ZeroMQ have ipc, does the signal
+exist) rather than by the platform's name.
 
 For the daemon:
-- Internal sockets (supervisor, workers, sink): ``ipc://`` in a private folder where ZeroMQ
-  has it (every POSIX system), loopback ``tcp://`` on a random port where it does not
-  (Windows). Chosen by capability (``zmq.has("ipc")``), not by platform name.
+- Internal sockets (supervisor, workers, sink): ``serve.internal_transport``, resolved by
+  ``resolve_internal_transport``: ``ipc://`` in a private folder where ZeroMQ has it (every
+  POSIX system), loopback ``tcp://`` on random ports where it does not (Windows) or when
+  asked for (which is how the Windows path is tested on Linux).
 - The private folder is ``mongofeed-<pid>-*`` in the temp folder; a daemon killed with
-  SIGKILL cannot remove its own, so the next daemon removes those whose pid is gone.
-- Shared memory (batches that workers write and same-host consumers map): files
-  ``mongofeed-<pid>-*`` in a folder that lives in memory, ``/dev/shm`` where there is one
-  (Linux) and it can reserve a file's memory up front (``posix_fallocate``, so a full folder
-  is an error at creation, never a SIGBUS on a write). Elsewhere (macOS, Windows) there is
-  none and batches travel in messages. Stale files are removed like stale folders.
+  SIGKILL cannot remove its own, so the next daemon removes those whose pid is gone (two
+  daemons starting at once may both try: a folder that vanishes meanwhile is fine).
+- Shared memory (batches that workers write and same-host consumers map): files named like
+  the private folder (``shared_memory_name``: ``mongofeed-<pid>-<tag>``) in a folder that
+  lives in memory, ``/dev/shm`` where there is one (Linux) and a file's memory can be
+  reserved up front (``posix_fallocate``: a full folder is an error when a region is made,
+  never a SIGBUS in a worker). Elsewhere (macOS, Windows) there is none and batches travel
+  in messages. Stale files are removed like stale folders, and by the workers of a daemon
+  that was killed.
+- An ipc path must fit a socket address (``ipc_path_max()`` bytes). A TMPDIR too long for
+  that is refused with a message naming TMPDIR, rather than moving the internal sockets to
+  loopback tcp: the private folder is what keeps other local users off the workers' sockets
+  (a loopback port is open to all of them), and that is not ours to give up silently.
+- Signals: ``STOP_SIGNALS`` ask the daemon to stop (SIGINT, SIGTERM, and SIGBREAK where it
+  exists: Windows' Ctrl-Break); workers ignore the ``CONSOLE_INTERRUPTS`` that a terminal
+  sends to every process in it. Another process asks a daemon to stop with
+  ``STOP_REQUESTS`` (on Windows: CTRL_BREAK_EVENT to a daemon started ``stoppable()``,
+  because os.kill with SIGTERM there ends a process at once).
+- A worker notices that its supervisor is gone by polling
+  ``multiprocessing.parent_process().is_alive()``, which works on every platform (no
+  ``prctl``, no ``getppid`` check): nothing here.
+- Ending a process: ``end_process`` (terminate, then kill) and ``kill_process_group``.
 
 For the development commands: the executable suffix, the venv layout, how a server is
 started detached, asked to stop, killed and found alive, how a port is checked and a file
@@ -20,6 +40,7 @@ locked, and a child's exit status.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -33,6 +54,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -186,52 +209,199 @@ def has_ipc() -> bool:
     return zmq.has("ipc")
 
 
-def make_runtime_dir() -> str | None:
-    """The daemon's private folder for ipc endpoints (None where ipc is missing), after
-    removing the folders that killed daemons left behind."""
-    if not has_ipc():
-        return None
+def make_runtime_dir() -> str:
+    """The daemon's private folder for ipc endpoints, after removing the folders that killed
+    daemons left behind."""
     remove_stale_runtime_dirs()
     return tempfile.mkdtemp(prefix=f"{RUNTIME_DIR_PREFIX}{os.getpid()}-")
 
 
 def remove_stale_runtime_dirs(parent: str | None = None):
-    """Remove the ``mongofeed-<pid>-*`` folders of this user whose pid is no longer alive."""
+    """Remove the ``mongofeed-<pid>-*`` folders of this user whose pid is no longer alive;
+    one that another daemon removes meanwhile is simply gone."""
     parent = parent or tempfile.gettempdir()
-    for entry in os.scandir(parent):
+    try:
+        entries = list(os.scandir(parent))
+    except OSError as exc:
+        log.warning("cannot look for stale folders in %s: %s", parent, exc)
+        return
+    for entry in entries:
         match = _RUNTIME_DIR_NAME.fullmatch(entry.name)
-        if (match and entry.is_dir(follow_symlinks=False)
-                and entry.stat(follow_symlinks=False).st_uid == os.getuid()
-                and not pid_alive(int(match[1]))):
-            log.info("removing %s, left behind by a daemon that was killed", entry.path)
-            shutil.rmtree(entry.path, ignore_errors=True)
+        if not match or pid_alive(int(match[1])):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or \
+                    entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+        except FileNotFoundError:
+            continue  # another daemon removed it first
+        log.info("removing %s, left behind by a daemon that was killed", entry.path)
+        shutil.rmtree(entry.path, ignore_errors=True)
 
 
-# -- shared memory -------------------------------------------------------------------------
+def ipc_path_max() -> int:
+    """The longest ipc path a socket address holds (sockaddr_un.sun_path less its final NUL,
+    as pyzmq measured it where it was built: 107 on Linux, 103 on macOS); 0 without ipc."""
+    import zmq
 
-SHARED_MEMORY_DIR = "/dev/shm"
+    return getattr(zmq, "IPC_PATH_MAX_LEN", 0)
+
+
+def bind_internal(socket, runtime_dir: str | None, name: str) -> str:
+    """Bind ``socket`` for the daemon's own processes; returns the endpoint to connect to."""
+    import zmq
+
+    if runtime_dir is None:
+        port = socket.bind_to_random_port("tcp://127.0.0.1")
+        return f"tcp://127.0.0.1:{port}"
+    endpoint = f"ipc://{os.path.join(runtime_dir, name)}"
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise ConfigError(f"TMPDIR ({tempfile.gettempdir()}) is too long for the daemon's "
+                              f"private sockets: {endpoint} has more than the "
+                              f"{ipc_path_max()} bytes of a socket address; set TMPDIR to a "
+                              f"shorter folder, e.g. /tmp") from None
+        raise
+    return endpoint
+
+
+INTERNAL_TRANSPORTS = ("auto", "ipc", "tcp")
+# The environment variable of serve.internal_transport; the test runner's tcp pass sets it.
+INTERNAL_TRANSPORT_ENV = "MONGOFEED_INTERNAL_TRANSPORT"
+
+
+def resolve_internal_transport(setting: str, ipc_available: bool | None = None) -> str:
+    """``ipc`` or ``tcp`` for the daemon's own sockets, from ``serve.internal_transport``:
+    ``auto`` is ipc where ZeroMQ has it (every POSIX system) and tcp where it does not
+    (Windows). ``ipc_available`` (default: ask ZeroMQ) lets a test decide. ValueError for a
+    setting that cannot work here."""
+    if setting not in INTERNAL_TRANSPORTS:
+        raise ValueError(f"must be one of {', '.join(INTERNAL_TRANSPORTS)}, not {setting!r}")
+    if ipc_available is None:
+        ipc_available = has_ipc()
+    if setting == "auto":
+        return "ipc" if ipc_available else "tcp"
+    if setting == "ipc" and not ipc_available:
+        raise ValueError("'ipc', but the ZeroMQ here has no ipc:// transport (as on Windows);"
+                         " use 'tcp' or 'auto'")
+    return setting
+
+
+# -- signals and console interrupts --------------------------------------------------------
+
+# What a terminal sends to every process attached to it: Ctrl-C, and Ctrl-Break on Windows.
+CONSOLE_INTERRUPTS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGBREAK")
+                           if hasattr(signal, name))
+# What asks the daemon to stop. SIGTERM exists everywhere, but on Windows nothing delivers it
+# from outside (os.kill with SIGTERM there is TerminateProcess): SIGBREAK stands in for it.
+STOP_SIGNALS = (*CONSOLE_INTERRUPTS, signal.SIGTERM)
+
+if hasattr(signal, "CTRL_BREAK_EVENT"):  # Windows
+    # What another process can send to stop a daemon gracefully: Ctrl-Break, to the process
+    # group of a daemon started with stoppable() (it arrives as SIGBREAK).
+    STOP_REQUESTS: tuple[int, ...] = (signal.CTRL_BREAK_EVENT,)
+else:
+    STOP_REQUESTS = (signal.SIGTERM, signal.SIGINT)
+
+# Whether a process can be frozen and thawed (SIGSTOP, SIGCONT): how tests make a worker or a
+# trainer hang. Windows has no such signal.
+CAN_SUSPEND = hasattr(signal, "SIGSTOP")
+
+
+def on_stop_signals(handler) -> None:
+    """Install ``handler(signum, frame)`` for every signal that asks the daemon to stop."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+
+
+def ignore_console_interrupts() -> None:
+    """For worker processes: a Ctrl-C (Ctrl-Break) in the terminal reaches every process in
+    it; the supervisor gets it too and stops the workers in order."""
+    for sig in CONSOLE_INTERRUPTS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def stoppable() -> dict:
+    """Popen keywords for a child that ``STOP_REQUESTS[0]`` must reach alone: on Windows its
+    own process group (its workers share it; a Ctrl-C in the terminal no longer reaches it)."""
+    if hasattr(subprocess, "CREATE_NEW_PROCESS_GROUP"):
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    return {}
+
+
+# -- ending processes ------------------------------------------------------------------------
+
+
+def end_process(process, grace_s: float) -> None:
+    """End a ``multiprocessing`` child that did not stop when asked: terminate (SIGTERM),
+    then kill (SIGKILL) if it is still there after ``grace_s``. On Windows both are
+    TerminateProcess, so the first already ends it."""
+    process.terminate()
+    process.join(grace_s)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+def own_process_group() -> dict:
+    """Popen keywords that give a child a process group of its own, so that
+    ``kill_process_group`` ends it with every process it started."""
+    if hasattr(os, "killpg"):
+        return {"start_new_session": True}
+    return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+
+
+def kill_process_group(process: subprocess.Popen) -> None:
+    """Kill a child started with ``own_process_group()`` and all its descendants: SIGKILL to
+    its group, or on Windows ``taskkill /T /F`` over its process tree."""
+    if hasattr(os, "killpg"):
+        try:
+            os.killpg(process.pid, KILL_SIGNAL)
+        except ProcessLookupError:
+            pass
+    else:
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+# -- shared memory -----------------------------------------------------------------------------
+
+# A name is at most 31 bytes on macOS (PSHMNAMLEN), the leading "/" included.
+SHARED_MEMORY_NAME_MAX = 30
+
+
+def shared_memory_name(tag: str, owner_pid: int | None = None) -> str:
+    """The name of a shared-memory segment that the daemon ``owner_pid`` (default: this
+    process) creates: ``mongofeed-<pid>-<tag>``, the pattern of its private folder, so a
+    killed daemon's segments are found the same way. ValueError when too long for macOS."""
+    name = f"{RUNTIME_DIR_PREFIX}{owner_pid or os.getpid()}-{tag}"
+    if len(name) > SHARED_MEMORY_NAME_MAX or not re.fullmatch(r"[\w-]+", tag):
+        raise ValueError(f"shared memory name {name!r}: the tag must be letters, digits, _ "
+                         f"or -, and the name at most {SHARED_MEMORY_NAME_MAX} characters")
+    return name
+
+
+SHARED_MEMORY_DIR = Path("/dev/shm")
 SHARED_MEMORY_DIR_ENV = "MONGOFEED_SHM_DIR"  # another folder, or "" for none (tests)
-SHARED_MEMORY_PREFIX = RUNTIME_DIR_PREFIX   # + owner pid + "-": stale once that pid is gone
 
 
-def shared_memory_dir() -> str | None:
-    """The folder for the daemon's shared-memory files, or None where there is none: a
-    memory-backed folder (``/dev/shm``) on a system that can reserve a file's pages
-    (``os.posix_fallocate``). ``MONGOFEED_SHM_DIR`` names another folder, or none if empty."""
+def shared_memory_dir() -> Path | None:
+    """Where the daemon's shared memory lives, as files it can list and remove: a folder in
+    memory, ``/dev/shm`` (Linux), where a file's pages can be reserved up front
+    (``os.posix_fallocate``). None elsewhere: macOS (no such folder, and POSIX segments that
+    cannot be listed, so a killed daemon's would stay) and Windows (no fallocate); there
+    batches travel in messages. ``MONGOFEED_SHM_DIR`` names another folder, or none if
+    empty."""
     folder = os.environ.get(SHARED_MEMORY_DIR_ENV)
-    if folder is None:
-        folder = SHARED_MEMORY_DIR
-    if not folder or not hasattr(os, "posix_fallocate"):
+    folder = SHARED_MEMORY_DIR if folder is None else Path(folder) if folder else None
+    if folder is None or not hasattr(os, "posix_fallocate"):
         return None
-    return folder if os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK) else None
+    return folder if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK) else None
 
 
-def shared_memory_path(folder: str, name: str) -> str:
-    """The path of the shared-memory file ``name`` of this process (its pid in the name)."""
-    return os.path.join(folder, f"{SHARED_MEMORY_PREFIX}{os.getpid()}-{name}")
-
-
-def remove_stale_shared_memory(folder: str | None, owner: int | None = None):
+def remove_stale_shared_memory(folder: Path | None, owner: int | None = None):
     """Remove this user's shared-memory files whose daemon is gone (or, with ``owner``, those
     of that daemon pid: what its workers do when they find it gone). Files of our own pid
     are stale too: a daemon calls this before it creates any."""
@@ -239,23 +409,13 @@ def remove_stale_shared_memory(folder: str | None, owner: int | None = None):
         return
     for entry in os.scandir(folder):
         match = _RUNTIME_DIR_NAME.fullmatch(entry.name)
-        if not (match and entry.is_file(follow_symlinks=False)
-                and entry.stat(follow_symlinks=False).st_uid == os.getuid()):
-            continue
-        pid = int(match[1])
-        if pid == owner or (owner is None and (pid == os.getpid() or not pid_alive(pid))):
-            log.info("removing %s, left behind by a daemon that was killed", entry.path)
-            try:
+        try:
+            if not (match and entry.is_file(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_uid == os.getuid()):
+                continue
+            pid = int(match[1])
+            if pid == owner or (owner is None and (pid == os.getpid() or not pid_alive(pid))):
+                log.info("removing %s, left behind by a daemon that was killed", entry.path)
                 os.unlink(entry.path)
-            except FileNotFoundError:
-                pass  # a sibling removed it first
-
-
-def bind_internal(socket, runtime_dir: str | None, name: str) -> str:
-    """Bind ``socket`` for the daemon's own processes; returns the endpoint to connect to."""
-    if runtime_dir is None:
-        port = socket.bind_to_random_port("tcp://127.0.0.1")
-        return f"tcp://127.0.0.1:{port}"
-    endpoint = f"ipc://{os.path.join(runtime_dir, name)}"
-    socket.bind(endpoint)
-    return endpoint
+        except FileNotFoundError:
+            pass  # a sibling (or another daemon starting) removed it first

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import urllib.request
 from pathlib import Path
 
 from .consumer import daemon_status
-from .portable import pid_alive
+from .portable import INTERNAL_TRANSPORT_ENV, STOP_REQUESTS, pid_alive, stoppable
 
 READY_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 20.0
@@ -36,8 +35,8 @@ FERRETDB_ACCEPTS = "ferretdb_client_accepts_total"
 FERRETDB_REQUESTS = "ferretdb_client_requests_total"
 QUERY_COMMANDS = ("find", "getMore", "aggregate")
 
-__all__ = ["Daemon", "MemorySource", "ServerCounters", "free_port_pair", "parse_prometheus",
-           "pid_alive", "wait_until", "write_documents"]
+__all__ = ["Daemon", "MemorySource", "ServerCounters", "free_port_pair", "internal_transport",
+           "parse_prometheus", "pid_alive", "wait_until", "write_documents"]
 
 
 def free_port_pair() -> int:
@@ -59,6 +58,12 @@ def free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
+def internal_transport() -> str:
+    """The ``serve.internal_transport`` that tests ask for: $MONGOFEED_INTERNAL_TRANSPORT, or
+    ``auto``. ``Daemon`` passes it on; a test that builds a config sets it there."""
+    return os.environ.get(INTERNAL_TRANSPORT_ENV) or "auto"
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` seconds pass; its last value."""
     deadline = time.monotonic() + timeout
@@ -73,7 +78,9 @@ class Daemon:
     """``mongofeed serve`` as a child process on free loopback ports; a context manager.
 
     ``documents`` (a BSON file) serves those documents instead of the config's database.
-    Its stderr goes to ``stderr_path`` (next to the config unless given).
+    Its stderr goes to ``stderr_path`` (next to the config unless given). Its internal
+    sockets use ``internal_transport()``. ``stop`` asks it to stop as a user would
+    (SIGTERM; Ctrl-Break on Windows), ``kill`` ends it at once.
     """
 
     def __init__(self, config_path, workers: int = 2, args=(), env=None,
@@ -84,7 +91,8 @@ class Daemon:
         program = ["-m", "mongofeed", "serve"] if documents is None else [
             "-m", "mongofeed.testing", str(documents)]
         self.command = [sys.executable, *program, "--config", str(config_path),
-                        "--workers", str(workers), "--bind", self.bind, *args]
+                        "--workers", str(workers), "--bind", self.bind,
+                        "--internal-transport", internal_transport(), *args]
         self.env = {**os.environ, **(env or {})}
         self.stderr_path = Path(stderr_path or Path(config_path).with_suffix(
             f".{self.port}.stderr"))
@@ -94,14 +102,15 @@ class Daemon:
     def start(self) -> Daemon:
         self.stderr = open(self.stderr_path, "w")
         self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=self.stderr,
-                                        text=True, cwd=PACKAGE_ROOT, env=self.env)
+                                        text=True, cwd=PACKAGE_ROOT, env=self.env,
+                                        **stoppable())
         lines = []
         reader = threading.Thread(target=lambda: lines.append(self.process.stdout.readline()),
                                   daemon=True)
         reader.start()
         reader.join(READY_TIMEOUT_S)
         if not lines or not lines[0].startswith("mongofeed ready"):
-            self.stop(signal.SIGKILL)
+            self.kill()
             raise RuntimeError(f"daemon did not become ready: {lines!r}\n"
                                f"{self.stderr_path.read_text()}")
         self.ready_line = lines[0]
@@ -110,16 +119,24 @@ class Daemon:
     def status(self) -> dict:
         return daemon_status(self.control, timeout=10)
 
-    def stop(self, sig=signal.SIGTERM) -> int:
-        """Stop the daemon; returns its exit code (waits at most STOP_TIMEOUT_S)."""
+    def stop(self, sig=STOP_REQUESTS[0]) -> int:
+        """Ask the daemon to stop with ``sig`` (one of ``portable.STOP_REQUESTS``); returns its
+        exit code (waits at most STOP_TIMEOUT_S)."""
+        return self._end(lambda: self.process.send_signal(sig), repr(sig))
+
+    def kill(self) -> int:
+        """Kill the daemon at once (SIGKILL; TerminateProcess on Windows); its exit code."""
+        return self._end(self.process.kill, "a kill")
+
+    def _end(self, send, what: str) -> int:
         if self.process.poll() is None:
-            self.process.send_signal(sig)
+            send()
         try:
             return self.process.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-            raise AssertionError(f"daemon ignored {sig!r} for {STOP_TIMEOUT_S} s") from None
+            raise AssertionError(f"daemon ignored {what} for {STOP_TIMEOUT_S} s") from None
         finally:
             self.process.stdout.close()
             self.stderr.close()
@@ -207,13 +224,21 @@ class MemorySource:
     def connect(self, appname: str) -> _Documents:
         return _Documents(self.path)
 
-    def list_ids(self, documents: _Documents, query: dict) -> list:
-        from .daemon.planner import sort_key
+    def list_ids(self, documents: _Documents, query: dict):
+        from .daemon.planner import Ids
 
-        if any(key.startswith("$") or isinstance(value, dict) for key, value in query.items()):
-            raise ValueError(f"MemorySource filters test fields for equality only: {query}")
-        return sorted((i for i, doc in documents.docs.items()
-                       if all(doc.get(k) == v for k, v in query.items())), key=sort_key)
+        return Ids.from_values(documents.select(query))
+
+    def list_splits(self, documents: _Documents, query: dict, range_docs: int):
+        """As ``daemon.source.list_splits``, for ``_id``s of one type."""
+        import bson
+
+        from .daemon.planner import SplitsBuilder
+
+        builder = SplitsBuilder(range_docs)
+        builder.add_reply(b"".join(bson.encode({"_id": i}) for i in sorted(
+            documents.select(query))))
+        return builder.finish()
 
     def reader(self, documents: _Documents, sample_bytes: int,
                projection: dict | None = None) -> _Documents:
@@ -228,6 +253,25 @@ class _Documents:
 
         with open(path, "rb") as f:
             self.docs = {doc["_id"]: doc for doc in bson.decode_file_iter(f)}
+
+    def select(self, query: dict) -> list:
+        if any(key.startswith("$") or isinstance(value, dict) for key, value in query.items()):
+            raise ValueError(f"MemorySource filters test fields for equality only: {query}")
+        return [i for i, doc in self.docs.items()
+                if all(doc.get(k) == v for k, v in query.items())]
+
+    def read_window(self, window, query: dict):
+        """As ``BatchReader.read_window``: the window's documents, sorted by ``_id``."""
+        import bson
+
+        from .daemon.source import Window, expect_count
+
+        def inside(doc_id):
+            return any(low <= doc_id and (doc_id <= high if inclusive else doc_id < high)
+                       for low, high, inclusive in window.ranges)
+
+        found = sorted(i for i in self.select(query) if inside(i))
+        return expect_count(window, Window([b"".join(bson.encode(self.docs[i]) for i in found)]))
 
     def read(self, ids: list) -> list:
         """One entry per id, in order: its document, or None if there is none (as
@@ -263,8 +307,10 @@ def serve_documents(argv: list[str] | None = None):
     parser.add_argument("--config", required=True)
     parser.add_argument("--workers", type=int)
     parser.add_argument("--bind")
+    parser.add_argument("--internal-transport")
     args = parser.parse_args(argv)
-    config = load_config(args.config, {"serve.workers": args.workers, "serve.bind": args.bind})
+    config = load_config(args.config, {"serve.workers": args.workers, "serve.bind": args.bind,
+                                       "serve.internal_transport": args.internal_transport})
     supervisor = Supervisor(config, source=MemorySource(args.documents))
     supervisor.serve(on_ready=lambda: announce_ready(supervisor))
 

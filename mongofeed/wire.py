@@ -4,47 +4,68 @@ makes before trusting one.
 ::
 
   public (tcp or ipc; CurveZMQ off loopback)
-    consumer DEALER ──hello / status / bye──▶ control ROUTER
-                    ◀──reply──────────────────
-    consumer DEALER ──credit───────────────▶ data ROUTER
-                    ◀──[header, array...]─────
+    consumer DEALER ──hello / heartbeat / status / bye──▶ control ROUTER
+                    ◀──reply──────────────────────────────
+    consumer DEALER ──credit (and slab releases)──▶ data ROUTER
+                    ◀──[header, array...] or [header naming a slab]──
 
   internal (ipc:// in the daemon's private folder; loopback tcp where ipc is missing)
-    supervisor ROUTER ──task / stop──▶ worker DEALER
+    supervisor ROUTER ──task / warm / stop──▶ worker DEALER
                       ◀──ready / event──
-    worker PUSH ──[meta, header, array...]──▶ sink PULL (in the supervisor)
+    worker PUSH ──[meta, header] (arrays in a slab) or [meta, header, array...]──▶ sink PULL
 
 Public messages (what a consumer, or a stranger, can send or receive):
 
-1. control request/reply: one frame, a JSON object (``{"op": "hello", ...}``), at most
-   ``MAX_CONTROL_BYTES``; replies carry ``"ok"`` and, when false, ``"error"``.
-2. credit: one frame, ``{"credit": n}``; the consumer grants the daemon n more batches.
-   ``n = 0`` is a heartbeat.
-3. batch: frame 0 is the header, a JSON object ``{"v", "kind": "batch", "feed", "epoch",
-   "index", "count", "arrays": [[name, dtype, shape], ...]}``; then one frame per array with
-   its raw C-order bytes. ``kind = "error"`` carries ``"message"`` and no array frames. A
-   hello reply may announce a dimension as null (padded per batch, up to a fourth element,
-   the bound) and ``convert``: the casts the consumer applies on receipt.
+1. control request/reply: one frame, a JSON object, at most ``MAX_CONTROL_BYTES``:
+   ``{"op": "hello", "protocol", "feed", "start_epoch", "shard": [r, R], "shared_memory"}``
+   opens a session; its reply names the session (``"session"``, public) and gives its
+   secret ``"token"``, which only the peer that said hello knows: it is the identity of that
+   consumer's data socket and what ``{"op": "bye", "token"}`` and ``{"op": "heartbeat",
+   "token"}`` (every second) need. With ``"shared_memory": true`` the reply names the
+   session's region (``SharedMemoryOffer``). ``{"op": "status"}`` never shows a token.
+   Replies carry ``"ok"`` and, when false, ``"error"``.
+2. credit: one frame, ``{"credit": n, "release": [slab...], "attached": bool}`` (``Credit``),
+   on the data socket whose identity is the session's token; the consumer grants the daemon
+   n more batches, within a window: the daemon keeps at most ``credit_window`` (from the
+   hello reply) granted and unsent, and drops the rest. ``release`` gives back shared-memory
+   slabs the consumer no longer reads; ``attached`` (first message only) says whether it
+   mapped the region.
+3. batch: frame 0 is the header (``BatchHeader``): 36 bytes, epoch, index, sample count,
+   slab (or none) and the lengths of the variable dimensions; the arrays' names, dtypes and
+   shapes are the hello reply's. Then either nothing (the arrays lie in that slab of the
+   session's shared memory) or the arrays' raw C-order bytes, one frame per array, cut into
+   frames of at most ``FRAME_MAX_BYTES``. An error is one JSON frame ``{"v", "kind":
+   "error", "message"}``. A hello reply may announce a dimension as null (padded per batch,
+   up to a fourth element, the bound) and ``convert``: the casts the consumer applies on
+   receipt.
 
 Internal messages (supervisor, workers and sink; the peers are our own processes, but every
 frame is still checked, so a bug shows as a counted rejection, not a crash):
 
-4. task (supervisor → worker): ``[b"task", BSON {task, feed, epoch, index, ids}]``; ``[b"stop"]``
-   asks the worker to exit.
+4. task (supervisor → worker): ``[b"task", BSON {task, feed, epoch, index, ids, attempt,
+   region, slab}]``; ``[b"warm", ...]`` reads a window ahead; ``[b"stop"]`` asks the worker
+   to exit.
 5. ready / event (worker → supervisor): ``[b"ready", {slot, pid}]`` once the worker's client
    and sockets exist; ``[b"event", {slot, waiting, error}]`` when it starts or stops waiting
    for the database.
-6. batch (worker → sink): ``[meta, header, array...]``: ``meta`` (JSON) names the task and
-   carries the worker's counts or an ``error``; the rest goes on to the consumer unchanged.
+6. batch (worker → sink): ``[meta, header]`` when the arrays were written into the task's
+   slab, else ``[meta, header, array...]``: ``meta`` (JSON) names the task and its attempt
+   and carries the worker's counts or an ``error``; the rest goes on to the consumer.
 
-Nothing received is ever unpickled: headers are JSON, arrays are raw bytes of plain numeric
-dtypes, and every length is checked against dtype x shape before ``np.frombuffer``.
+Nothing received is ever unpickled: headers are a fixed binary layout or JSON, arrays are
+raw bytes of plain numeric dtypes, and every length is checked against dtype x shape before
+``np.frombuffer``. Every message from outside is parsed here, once, into a checked value
+(``HelloRequest``, ``ByeRequest``, ``HeartbeatRequest``, ``StatusRequest``, ``Credit``,
+``BatchHeader``) or a ``ProtocolError`` that says why: JSON nested deeper than
+``MAX_JSON_DEPTH``, numbers longer than ``MAX_NUMBER_CHARS`` or not finite, and every wrong
+type are refused before any handler sees them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -55,9 +76,16 @@ from bson.codec_options import CodecOptions, DatetimeConversion
 
 from .errors import ConfigError, ProtocolError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3           # 2: the hello reply's secret token is the data identity;
+#                                3: binary batch headers, shared memory, frames cut at 16 MiB
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 32            # our messages nest at most 6 deep (the status reply)
+MAX_NUMBER_CHARS = 40          # a JSON number's text; ours are counts, sizes and seconds
+MAX_CREDIT = 1_000_000         # per credit message; the daemon caps a session's total lower
+MAX_NAME_CHARS = 256           # a feed name in a hello
+MAX_SHARD_WORLD = 2**20
+TOKEN_CHARS = 32               # a session token: 128 random bits as hex
 ALLOWED_DTYPES = frozenset((
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
     "float16", "float32", "float64",
@@ -154,6 +182,8 @@ def convert(array: np.ndarray, dtype: str, scale: float | None = None,
 
 
 def _is_count(value) -> bool:
+    """A non-negative integer that every part of the pipeline can hold (numpy, BSON, JSON):
+    epochs, batch indices, sample counts, credit."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**40
 
 
@@ -162,17 +192,58 @@ def encode_json(obj) -> bytes:
 
 
 def decode_json(frame, limit: int, what: str) -> dict:
-    """Parse one frame as a JSON object, refusing anything too long or not an object."""
+    """Parse one frame as a JSON object; anything else, and anything ``json`` would choke on
+    (too long, nested too deep, a number of thousands of digits, NaN), is a ProtocolError."""
     data = _bytes_of(frame)
     if len(data) > limit:
         raise ProtocolError(f"{what} of {len(data)} bytes exceeds the limit of {limit}")
+    depth = _json_depth(data)
+    if depth > MAX_JSON_DEPTH:
+        raise ProtocolError(f"{what} nests {depth} levels deep, more than {MAX_JSON_DEPTH}")
     try:
-        value = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"{what} is not JSON: {exc}") from None
+        value = json.loads(data.decode(), parse_int=_parse_int, parse_float=_parse_float,
+                           parse_constant=_refuse_constant)
+    except ProtocolError as exc:
+        raise ProtocolError(f"{what}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever json raises, the peer sent garbage
+        raise ProtocolError(f"{what} is not JSON: {type(exc).__name__}: {exc}"[:300]) from None
     if not isinstance(value, dict):
         raise ProtocolError(f"{what} must be a JSON object, got {type(value).__name__}")
     return value
+
+
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_STRING = re.compile(rb'"[^"]*"')
+_BRACKET_STEP = np.zeros(256, np.int32)
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
+
+
+def _json_depth(data: bytes) -> int:
+    """How deep the brackets of a JSON text nest, outside its strings; linear time, so a
+    peer cannot make the check itself slow (escapes go first, then whole strings)."""
+    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
+        return 0
+    bare = _STRING.sub(b"", _ESCAPE.sub(b"", data))
+    steps = _BRACKET_STEP[np.frombuffer(bare, np.uint8)]
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise ProtocolError(f"a number of {len(text)} digits")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text) if len(text) <= MAX_NUMBER_CHARS else math.inf
+    if not math.isfinite(value):
+        raise ProtocolError(f"number {text[:20]}... is too long or not finite")
+    return value
+
+
+def _refuse_constant(text: str):
+    raise ProtocolError(f"{text} is not a number JSON allows")
 
 
 # -- endpoints -----------------------------------------------------------------------------
@@ -457,8 +528,9 @@ def unpack_credit(frames: list) -> Credit:
         raise ProtocolError(f"credit message of {len(frames)} frames, expected 1")
     body = decode_json(frames[0], MAX_CONTROL_BYTES, "credit")
     credit, release, attached = body.get("credit"), body.get("release", []), body.get("attached")
-    if not _is_count(credit) or credit > 1_000_000:
-        raise ProtocolError(f"credit must be a small non-negative integer, got {credit!r:.50}")
+    if not _is_count(credit) or credit > MAX_CREDIT:
+        raise ProtocolError(f"credit must be an integer from 0 to {MAX_CREDIT}, got "
+                            f"{credit!r:.50}")
     if not (isinstance(release, list) and len(release) <= MAX_RELEASES
             and all(_is_count(slab) for slab in release)):
         raise ProtocolError(f"release must be a list of slab numbers, got {release!r:.50}")
@@ -467,14 +539,112 @@ def unpack_credit(frames: list) -> Credit:
     return Credit(credit, tuple(release), attached)
 
 
-def unpack_request(frames: list) -> dict:
-    """A control request: one JSON object with a string 'op'."""
+@dataclass(frozen=True)
+class HelloRequest:
+    """Open a session: its own stream of ``feed`` from epoch ``start_epoch``, part
+    ``shard[0]`` of ``shard[1]`` of every epoch; ``shared_memory``: the consumer offers to
+    map the session's shared memory (it may be on the daemon's host)."""
+
+    feed: str
+    start_epoch: int = 0
+    shard: tuple[int, int] = (0, 1)
+    shared_memory: bool = False
+
+    def pack(self) -> bytes:
+        return encode_json({"op": "hello", "protocol": PROTOCOL_VERSION, "feed": self.feed,
+                            "start_epoch": self.start_epoch, "shard": list(self.shard),
+                            "shared_memory": self.shared_memory})
+
+    @classmethod
+    def from_json(cls, body: dict) -> HelloRequest:
+        protocol = body.get("protocol")
+        if protocol != PROTOCOL_VERSION or isinstance(protocol, bool):
+            raise ProtocolError(f"consumer speaks protocol {protocol!r:.20}, the daemon speaks "
+                                f"{PROTOCOL_VERSION}: upgrade one of them")
+        feed = body.get("feed")
+        if not (isinstance(feed, str) and 0 < len(feed) <= MAX_NAME_CHARS):
+            raise ProtocolError(f"hello needs a feed name (a string of 1 to {MAX_NAME_CHARS} "
+                                f"characters), got {feed!r:.60}")
+        start_epoch = body.get("start_epoch", 0)
+        if not _is_count(start_epoch):
+            raise ProtocolError(f"start_epoch must be an integer from 0 to {2**40 - 1}, got "
+                                f"{start_epoch!r:.60}")
+        shard = body.get("shard", [0, 1])
+        if not (isinstance(shard, list) and len(shard) == 2 and all(map(_is_count, shard))
+                and shard[0] < shard[1] <= MAX_SHARD_WORLD):
+            raise ProtocolError(f"shard must be [r, R] with 0 <= r < R <= {MAX_SHARD_WORLD}, "
+                                f"got {shard!r:.60}")
+        shared_memory = body.get("shared_memory", False)
+        if not isinstance(shared_memory, bool):
+            raise ProtocolError(f"shared_memory must be true or false, got "
+                                f"{shared_memory!r:.20}")
+        return cls(feed, start_epoch, (shard[0], shard[1]), shared_memory)
+
+
+@dataclass(frozen=True)
+class ByeRequest:
+    """End the session whose secret token this is (only its owner knows it)."""
+
+    token: str
+
+    def pack(self) -> bytes:
+        return encode_json({"op": "bye", "token": self.token})
+
+    @classmethod
+    def from_json(cls, body: dict) -> ByeRequest:
+        return cls(_token(body, "bye"))
+
+
+@dataclass(frozen=True)
+class HeartbeatRequest:
+    """The consumer of the session whose token this is is alive (sent every second, also
+    while it takes no batch)."""
+
+    token: str
+
+    def pack(self) -> bytes:
+        return encode_json({"op": "heartbeat", "token": self.token})
+
+    @classmethod
+    def from_json(cls, body: dict) -> HeartbeatRequest:
+        return cls(_token(body, "heartbeat"))
+
+
+def _token(body: dict, op: str) -> str:
+    token = body.get("token")
+    if not (isinstance(token, str) and len(token) == TOKEN_CHARS):
+        raise ProtocolError(f"{op} needs the session's token ({TOKEN_CHARS} characters), "
+                            f"as the hello reply gave it")
+    return token
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    """What ``mongofeed status`` shows."""
+
+    def pack(self) -> bytes:
+        return encode_json({"op": "status"})
+
+    @classmethod
+    def from_json(cls, body: dict) -> StatusRequest:
+        return cls()
+
+
+ControlRequest = HelloRequest | ByeRequest | HeartbeatRequest | StatusRequest
+_REQUESTS = {"hello": HelloRequest, "bye": ByeRequest, "heartbeat": HeartbeatRequest,
+             "status": StatusRequest}
+
+
+def unpack_request(frames: list) -> ControlRequest:
+    """A control request, checked field by field; keys it does not know are ignored."""
     if len(frames) != 1:
         raise ProtocolError(f"control request of {len(frames)} frames, expected 1")
-    request = decode_json(frames[0], MAX_CONTROL_BYTES, "control request")
-    if not isinstance(request.get("op"), str):
-        raise ProtocolError("control request needs a string 'op'")
-    return request
+    body = decode_json(frames[0], MAX_CONTROL_BYTES, "control request")
+    op = body.get("op")
+    kind = _REQUESTS.get(op) if isinstance(op, str) else None
+    if kind is None:
+        raise ProtocolError(f"unknown op {op!r:.40}; known: {', '.join(_REQUESTS)}")
+    return kind.from_json(body)
 
 
 def hello_schema(reply: dict) -> Schema:
@@ -485,6 +655,9 @@ def hello_schema(reply: dict) -> Schema:
     size = reply.get("batch_size")
     if not _is_count(size) or size < 1 or not isinstance(reply.get("feed"), str):
         raise ProtocolError("hello reply lacks feed or batch_size")
+    token = reply.get("token")
+    if not (isinstance(token, str) and len(token) == TOKEN_CHARS and token.isascii()):
+        raise ProtocolError("hello reply lacks the session's token")
     specs = reply.get("arrays")
     if not isinstance(specs, list) or not specs:
         raise ProtocolError("hello reply lacks arrays")
@@ -531,22 +704,26 @@ class SharedMemoryOffer:
 
 # -- internal: supervisor <-> workers -> sink ------------------------------------------------
 
-TASK, STOP, READY, EVENT = b"task", b"stop", b"ready", b"event"
+TASK, STOP, READY, EVENT, WARM = b"task", b"stop", b"ready", b"event", b"warm"
 # Ids travel as the source read them: a date beyond Python's range stays a DatetimeMS.
 TASK_CODEC_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 
 
 @dataclass(frozen=True)
 class TaskMessage:
-    """One batch to make: the ``_id``s of batch ``index`` of ``epoch`` of ``feed``; its
-    ``attempt`` (1 + the times it was re-issued) and, when the session has shared memory,
-    the region file and the slab to write it into."""
+    """One batch to make: the ``_id``s of batch ``index`` of ``epoch`` of ``feed`` (a list,
+    or the planner's compact rows, a numpy array sent as bytes and received as a list), or,
+    in the windowed order, its ``window`` (the read spec: the window's ``_id`` ranges and
+    the batch's slice of it, ``planner.BatchWindow.to_wire``) and no ids; its ``attempt``
+    (1 + the times it was re-issued) and, when the session has shared memory, the region
+    file and the slab to write it into."""
 
     task: int
     feed: str
     epoch: int
     index: int
     ids: list
+    window: dict | None = None
     attempt: int = 1
     region: str | None = None
     slab: int | None = None
@@ -554,26 +731,75 @@ class TaskMessage:
     def pack(self) -> list:
         body = {"task": self.task, "feed": self.feed, "epoch": self.epoch, "index": self.index,
                 "ids": self.ids, "attempt": self.attempt}
+        if isinstance(self.ids, np.ndarray):  # the planner's compact rows: bytes on the wire
+            body["ids"] = []
+            body["rows"] = {"kind": ROW_KINDS[self.ids.dtype.kind], "bytes": self.ids.tobytes()}
+        if self.window is not None:
+            body["window"] = self.window
         if self.region is not None:
             body.update(region=self.region, slab=self.slab)
         return [TASK, bson.encode(body)]
 
 
-def unpack_worker_command(frames: list) -> TaskMessage | None:
-    """What the supervisor asks of a worker: a task, or None for stop."""
+ROW_KINDS = {"S": "objectid", "i": "int64"}  # numpy dtype kinds of compact id rows
+
+
+def _rows_to_ids(rows) -> list:
+    """A task's compact rows as ``_id`` values: ObjectIds of 12 bytes each, or int64s."""
+    if not (isinstance(rows, dict) and rows.get("kind") in ("objectid", "int64")
+            and isinstance(rows.get("bytes"), bytes)):
+        raise ProtocolError("malformed task ids")
+    data = rows["bytes"]
+    if rows["kind"] == "objectid":
+        if len(data) % 12:
+            raise ProtocolError("malformed task ids")
+        return [bson.ObjectId(data[i:i + 12]) for i in range(0, len(data), 12)]
+    if len(data) % 8:
+        raise ProtocolError("malformed task ids")
+    return np.frombuffer(data, "<i8").tolist()
+
+
+@dataclass(frozen=True)
+class WarmMessage:
+    """Read ``window`` (``planner.BatchWindow.to_wire``) of ``epoch`` of ``feed`` ahead of its
+    tasks, into the worker's memory: the next window of the windowed order is read while the
+    current one's batches are made. No batch comes back."""
+
+    feed: str
+    epoch: int
+    window: dict
+
+    def pack(self) -> list:
+        return [WARM, bson.encode({"feed": self.feed, "epoch": self.epoch,
+                                   "window": self.window})]
+
+
+def unpack_worker_command(frames: list) -> TaskMessage | WarmMessage | None:
+    """What the supervisor asks of a worker: a task, a window to read ahead, or None for
+    stop."""
+    frames = [_bytes_of(f) for f in frames]
     if frames == [STOP]:
         return None
-    if len(frames) != 2 or frames[0] != TASK:
+    if len(frames) != 2 or frames[0] not in (TASK, WARM):
         raise ProtocolError(f"unknown worker command {frames[:1]!r:.50}")
     try:
         body = bson.decode(frames[1], TASK_CODEC_OPTIONS)
-    except bson.errors.BSONError as exc:
-        raise ProtocolError(f"task is not BSON: {exc}") from None
-    task = TaskMessage(*(body.get(key) for key in ("task", "feed", "epoch", "index", "ids",
-                                                   "attempt", "region", "slab")))
-    if not (isinstance(task.task, int) and isinstance(task.feed, str) and _is_count(task.epoch)
+    except Exception as exc:  # noqa: BLE001 - InvalidBSON, but also what a C decoder raises
+        raise ProtocolError(f"task is not BSON: {type(exc).__name__}: {exc}"[:300]) from None
+    if frames[0] == WARM:
+        warm = WarmMessage(body.get("feed"), body.get("epoch"), body.get("window"))
+        if not (isinstance(warm.feed, str) and _is_count(warm.epoch)
+                and isinstance(warm.window, dict)):
+            raise ProtocolError("malformed warm command")
+        return warm
+    ids = body.get("ids") if "rows" not in body else _rows_to_ids(body["rows"])
+    task = TaskMessage(body.get("task"), body.get("feed"), body.get("epoch"), body.get("index"),
+                       ids, body.get("window"), body.get("attempt"), body.get("region"),
+                       body.get("slab"))
+    if not (isinstance(task.task, int) and not isinstance(task.task, bool)
+            and isinstance(task.feed, str) and _is_count(task.epoch)
             and _is_count(task.index) and isinstance(task.ids, list)
-            and _is_count(task.attempt)
+            and isinstance(task.window, (dict, type(None))) and _is_count(task.attempt)
             and ((task.region, task.slab) == (None, None)
                  or (isinstance(task.region, str) and _is_count(task.slab)))):
         raise ProtocolError("malformed task")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass
 
@@ -20,6 +22,11 @@ import pytest
 
 from mongofeed.dev import server as ferretdb
 from mongofeed.testing import ServerCounters
+
+# Daemons started by the tests keep their plan caches here, not in the user's cache folder.
+PLAN_CACHE_HOME = tempfile.mkdtemp(prefix="mongofeed-test-cache-")
+os.environ["XDG_CACHE_HOME"] = PLAN_CACHE_HOME
+atexit.register(shutil.rmtree, PLAN_CACHE_HOME, ignore_errors=True)
 
 
 @dataclass(frozen=True)

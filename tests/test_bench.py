@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from mongofeed.bench.command import bench
 
 EXPECTED_ROWS = {
-    ("digits", "mongofeed-w1"), ("digits", "mongofeed-w2"), ("digits", "keras-forum-posted"),
+    ("digits", "mongofeed-w1"), ("digits", "mongofeed-w2"), ("digits", "mongofeed-window-w2"),
+    ("digits", "keras-forum-posted"),
     ("digits", "keras-forum-intended"), ("digits", "keras-best-practice"),
     ("digits", "tensorpack"), ("digits", "raw-drain"), ("digits", "ceiling-w2"),
     ("digits", "ceiling-tcp-w2"), ("digits", "memcpy"), ("synthetic64-mem", "ceiling-w2"),
@@ -35,3 +36,17 @@ def test_quick_bench_runs_every_row(mongo_uri, tmp_path):
         assert row["batches"] > 0, key
     assert (tmp_path / "results.png").exists() or "matplotlib" in result.output
     assert "| data | loader |" in result.output
+
+
+def test_planner_bench_runs_without_a_database(tmp_path):
+    """``mongofeed bench --planner N``: a real supervisor plans N synthetic ids through the
+    daemon's listing code and serves 8 consumers; the figures come back per id type."""
+    result = CliRunner().invoke(bench, ["--planner", "20000", "--seconds", "1",
+                                        "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = {r["kind"]: r for r in json.loads((tmp_path / "planner.json").read_text())}
+    assert set(rows) == {"objectid", "int64"}, result.output
+    assert rows["objectid"]["bytes_per_id"] == 12 and rows["int64"]["bytes_per_id"] == 8
+    for row in rows.values():
+        assert row["loop_iterations"] > 0 and row["batches_per_s"] > 0, row
+        assert row["loop_longest_cpu_ms"] <= row["loop_longest_ms"] + 1

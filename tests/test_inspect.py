@@ -98,3 +98,18 @@ def test_missing_collection_is_named(mongo_uri, db, tmp_path):
     path = write_toml(tmp_path / "c.toml", sample_config(mongo_uri, db.name, "nothing"))
     result = run_inspect("--config", str(path))
     assert result.exit_code == 1 and f"{db.name}.nothing does not exist" in result.output
+
+
+def test_which_order_suits_the_server_and_a_windowed_dry_run(mongo_uri, db, mongo_client):
+    insert_samples(db.samples, 30)
+    config = sample_config(mongo_uri, db.name, feeds={"all": {"filter": {},
+                                                              "shuffle": "window"}})
+    report = inspect_source(parse_config(config))
+    order = report["order"]
+    ferretdb = "ferretdbVersion" in mongo_client.admin.command("buildInfo")
+    # FerretDB reads the collection for every $in; 30 documents fit in any MongoDB's cache
+    assert order["recommended"] == ("window" if ferretdb else True), order
+    assert report["dry_run"]["documents"] == 8  # the first batch, cut from its window
+    text = format_report(report)
+    expected = '"window"' if ferretdb else "true"
+    assert f"order: shuffle = {expected} suits" in text

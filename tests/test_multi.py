@@ -1,6 +1,7 @@
 """Beyond one machine: one daemon per host, each with `serve --shard r/R`, and one
 `MultiConsumer` (or an adapter given a list of endpoints) that reads their union, epoch by
-epoch, with every document at most once and only the remainder of an uneven split left out."""
+epoch, with every document at most once and only the batches left over by an uneven split
+(fewer than R) left out."""
 
 from __future__ import annotations
 
@@ -31,11 +32,11 @@ def start_shards(stack: ExitStack, mongo_uri, db, tmp_path, count: int) -> list[
 
 
 def test_multi_consumer_reads_the_union_of_shards_each_epoch(mongo_uri, db, tmp_path):
-    count = 45  # odd on purpose: one document is the remainder of the split
+    count = 45  # 12 global batches of 4, the last of one document: 6 per shard
     with ExitStack() as stack:
         endpoints = start_shards(stack, mongo_uri, db, tmp_path, count)
         with MultiConsumer(endpoints, timeout=30) as feed:
-            assert feed.batches_per_epoch == 2 * 6  # 22 documents per shard, batches of 4
+            assert feed.batches_per_epoch == 2 * 6
             assert (feed.inputs, feed.targets) == (["idx", "x"], ["label"])
             for epoch in range(2):
                 batches = list(feed.epoch())
@@ -43,7 +44,7 @@ def test_multi_consumer_reads_the_union_of_shards_each_epoch(mongo_uri, db, tmp_
                     (epoch, i) for i in range(feed.batches_per_epoch)]
                 ids = Counter(i for b in batches for i in b.arrays["idx"].tolist())
                 assert max(ids.values()) == 1, f"epoch {epoch}: a document came twice"
-                assert set(ids) <= set(range(count)) and count - len(ids) <= WORLD - 1
+                assert set(ids) == set(range(count))  # no batch left over
 
 
 def test_daemons_with_different_schemas_are_refused(mongo_uri, db, tmp_path):
@@ -119,6 +120,12 @@ def test_plans_are_compared_setting_by_setting():
                                                      "ids_digest": "cd"})])
     with pytest.raises(FeedError, match="B do not announce the plan"):
         check_same_plan("val", [("A", plan), ("B", None)])
+    windowed = {**plan, "shuffle": "window", "order": "feistel6-splitmix64",
+                "window": [1024, 64]}
+    with pytest.raises(FeedError, match=re.escape(
+            "window shape (documents per range, ranges per window: batch.window_bytes): "
+            "[1024, 64] at A, [512, 64] at B")):
+        check_same_plan("val", [("A", windowed), ("B", {**windowed, "window": [512, 64]})])
 
 
 # Keras learns the length of a dataset of unknown cardinality by running out of it, and warns.

@@ -1,7 +1,7 @@
 """Sharding with real daemons: `serve --shard r/R` (one daemon per trainer host) and
 `Consumer(shard=(r, R))` (several consumers of one daemon) both split every epoch into
-disjoint parts with equal batch counts that together cover it, but for the remainder of an
-uneven split (fewer than R documents)."""
+disjoint parts with equal batch counts (rank r takes global batches r, r + R, ...) that
+together cover it, but for the batches left over by an uneven split (fewer than R)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from mongofeed import Consumer
 from mongofeed.testing import Daemon
 from tests.support import insert_samples, sample_config, write_toml
 
-COUNT, WORLD = 45, 2  # odd on purpose: one document is the remainder
+COUNT, WORLD, BATCH = 45, 2, 4  # 12 global batches, the last of one document
 
 
 def one_epoch(consumer: Consumer) -> tuple[int, list[int]]:
@@ -23,13 +23,14 @@ def check_shards(parts: list[tuple[int, list[int]]]):
     seen = [i for _, ids in parts for i in ids]
     assert len(seen) == len(set(seen)), "shards overlap"
     assert set(seen) <= set(range(COUNT))
-    assert COUNT - len(seen) <= WORLD - 1
+    assert COUNT - len(seen) <= (WORLD - 1) * BATCH  # at most R - 1 batches sit out
 
 
 def config_path(mongo_uri, db, tmp_path):
     insert_samples(db.samples, COUNT)
     return write_toml(tmp_path / "c.toml", sample_config(
-        mongo_uri, db.name, batch={"size": 4}, feeds={"train": {"filter": {}, "shuffle": True}}))
+        mongo_uri, db.name, batch={"size": BATCH},
+        feeds={"train": {"filter": {}, "shuffle": True}}))
 
 
 def test_daemons_with_shards_split_the_epoch(mongo_uri, db, tmp_path):

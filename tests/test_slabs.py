@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import zmq
 
-from mongofeed.daemon.planner import Shard
+from mongofeed.daemon.planner import Plan, Shard
 from mongofeed.daemon.sessions import SessionTable
 from mongofeed.daemon.slabs import SessionSlabs
 from mongofeed.leases import JoinBuffers, Slabs
-from mongofeed.portable import remove_stale_shared_memory, shared_memory_path
+from mongofeed.portable import remove_stale_shared_memory, shared_memory_name
 from mongofeed.region import (
     ARRAY_ALIGN_BYTES,
     HEADER_BYTES,
@@ -86,8 +86,8 @@ def test_a_consumer_attaches_only_to_the_region_its_daemon_announced(region, tmp
 
 
 def test_slabs_go_free_task_lent_released_and_never_to_two_owners(tmp_path):
-    slabs = SessionSlabs.create(str(tmp_path), "s", 3, SlabLayout.of(SPECS, 4))
-    assert os.path.basename(slabs.path) == f"mongofeed-{os.getpid()}-s"
+    slabs = SessionSlabs.create(tmp_path, 3, SlabLayout.of(SPECS, 4))
+    assert os.path.basename(slabs.path).startswith(f"mongofeed-{os.getpid()}-")
     taken = [slabs.acquire() for _ in range(3)]
     assert taken == [0, 1, 2] and slabs.acquire() is None
     slabs.lend(0)
@@ -105,7 +105,7 @@ def test_slabs_sent_without_a_copy_are_free_once_zeromq_is_done(tmp_path, monkey
     monkeypatch.setattr("mongofeed.wire.FRAME_MAX_BYTES", zmq.COPY_THRESHOLD)
     specs = (ArraySpec("x", "uint8", (100_000,)),)
     layout = SlabLayout.of(specs, 2)
-    slabs = SessionSlabs.create(str(tmp_path), "t", 2, layout)
+    slabs = SessionSlabs.create(tmp_path, 2, layout)
     slab = slabs.acquire()
     Region.open(slabs.path).write(slab, layout, [np.full((2, 100_000), 5, np.uint8)])
     placements = Schema("f", 2, specs).placements(BatchHeader(0, 0, 2))
@@ -170,22 +170,14 @@ def test_join_buffers_are_reused_once_their_arrays_are_gone():
 
 
 def test_a_reissued_task_is_a_new_attempt_and_the_old_one_is_dropped():
-    class OnePlan:
-        batch_size = 4
-
-        def batches_per_epoch(self, shard):
-            return 3
-
-        def batch_ids(self, epoch, index, shard):
-            return [index]
-
-    table = SessionTable({"train": OnePlan()}, max_pending=2)
+    table = SessionTable({"train": Plan(list(range(12)), 4, seed=0)}, max_pending=2,
+                         max_sessions=4)
     session = table.open("train", Shard(0, 1), 0, True, SCHEMA)
     session.active = True
     table.plan_tasks()
-    first = table.next_pending()
+    first = table.take_pending()
     table.requeue([first.id])  # its worker died
-    assert first.attempt == 2 and table.next_pending() is first
+    assert first.attempt == 2 and table.take_pending() is first
     assert table.finish(first.id, 1) == (None, None)  # the dead worker's batch: dropped
     assert table.finish(first.id, 2) == (first, session)
     assert table.finish(first.id, 2) == (None, None)  # a duplicate of the delivered one
@@ -196,11 +188,11 @@ def test_stale_region_files_are_removed_only_when_their_daemon_is_gone(tmp_path)
                           capture_output=True, text=True, check=True)
     stale = tmp_path / f"mongofeed-{int(dead.stdout)}-abc"
     live = tmp_path / f"mongofeed-{os.getppid()}-abc"
-    mine = shared_memory_path(str(tmp_path), "old")  # our own pid: a previous incarnation's
+    mine = tmp_path / shared_memory_name("old")  # our own pid: a previous incarnation's
     other = tmp_path / "not-ours-1-abc"
     for path in (stale, live, mine, other):
         open(path, "w").close()
-    remove_stale_shared_memory(str(tmp_path))
+    remove_stale_shared_memory(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
-    remove_stale_shared_memory(str(tmp_path), owner=os.getppid())  # its workers, once it died
+    remove_stale_shared_memory(tmp_path, owner=os.getppid())  # its workers, once it died
     assert [p.name for p in tmp_path.iterdir()] == [other.name]

@@ -1,6 +1,7 @@
 """The supervisor's loop, stepped one iteration at a time by the test, with a stub worker
 process that speaks the internal protocol and no database: tasks go out, batches come back
-and are delivered once, in plan order, also after the worker is killed mid-epoch."""
+and are delivered once, in plan order, also after the worker is killed mid-epoch. Over the
+internal transport that $MONGOFEED_INTERNAL_TRANSPORT asks for (the test runner's tcp pass)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from mongofeed.daemon.config import parse_config
 from mongofeed.daemon.pool import WorkerState
 from mongofeed.daemon.supervisor import Supervisor
 from mongofeed.daemon.worker import worker_identity
-from mongofeed.testing import MemorySource, write_documents
+from mongofeed.portable import resolve_internal_transport
+from mongofeed.testing import MemorySource, free_port_pair, internal_transport, write_documents
 from mongofeed.wire import (
     PROTOCOL_VERSION,
     READY,
@@ -60,7 +62,8 @@ def supervisor(tmp_path):
         "source": {"database": "none", "collection": "none"},
         "batch": {"size": BATCH, "seed": 3},
         "fields": {"idx": {"path": "i", "decode": "scalar", "dtype": "int64"}},
-        "serve": {"workers": 1, "bind": f"ipc://{tmp_path}/data", "max_pending": 2},
+        "serve": {"workers": 1, "bind": f"tcp://127.0.0.1:{free_port_pair()}",
+                  "max_pending": 2, "internal_transport": internal_transport()},
     })
     running = Supervisor(config, source=MemorySource(documents), worker_main=stub_worker)
     running.start()
@@ -90,7 +93,7 @@ class RawConsumer:
         self.reply = decode_json(control.recv(), 2**20, "reply")
         self.schema = hello_schema(self.reply)
         self.data = self.context.socket(zmq.DEALER)
-        self.data.identity = self.reply["session"].encode()
+        self.data.identity = self.reply["token"].encode()
         self.data.connect(supervisor.config.serve.bind)
         self.data.send(pack_credit(1000))
         self.surplus = []
@@ -103,6 +106,7 @@ class RawConsumer:
             while self.data.poll(0):
                 head, arrays = unpack_batch(self.data.recv_multipart(), self.schema)
                 batches.append((head.epoch, head.index, arrays["idx"].tolist()))
+                self.data.send(pack_credit(1))  # credit is a window: one more per batch
             return len(batches) >= count
 
         step_until(self.supervisor, received)
@@ -123,6 +127,15 @@ def consumer(supervisor):
     raw = RawConsumer(supervisor)
     yield raw
     raw.close()
+
+
+def test_workers_are_reached_over_the_requested_internal_transport(supervisor):
+    endpoints = supervisor.pool.endpoints
+    if resolve_internal_transport(internal_transport()) == "ipc":
+        assert all(e.startswith(f"ipc://{supervisor.runtime_dir}") for e in endpoints)
+    else:  # as on Windows: loopback only, and no folder
+        assert all(e.startswith("tcp://127.0.0.1:") for e in endpoints), endpoints
+        assert supervisor.runtime_dir is None
 
 
 def test_stepped_loop_delivers_each_batch_once_in_plan_order(supervisor, consumer):

@@ -292,7 +292,7 @@ def test_the_example_config_augments_train_only():
 # -- wire and consumer ---------------------------------------------------------------------------
 
 def test_variable_arrays_and_conversions_on_the_wire():
-    reply = {"protocol": PROTOCOL_VERSION, "feed": "f", "batch_size": 4,
+    reply = {"protocol": PROTOCOL_VERSION, "feed": "f", "batch_size": 4, "token": "t" * 32,
              "arrays": [["t", "int32", [None], [6]], ["image", "uint8", [2]]],
              "convert": [["image", "float32", 0.5]]}
     schema = hello_schema(reply)

@@ -16,14 +16,22 @@ from mongofeed.wire import (
     BATCH_HEADER,
     BATCH_MAGIC,
     MAX_CONTROL_BYTES,
+    MAX_CREDIT,
+    MAX_JSON_DEPTH,
     PROTOCOL_VERSION,
+    TOKEN_CHARS,
     ArraySpec,
     BatchHeader,
     BatchMeta,
+    ByeRequest,
     Credit,
+    HeartbeatRequest,
+    HelloRequest,
     Schema,
     SharedMemoryOffer,
+    StatusRequest,
     TaskMessage,
+    decode_json,
     hello_schema,
     pack_batch,
     pack_credit,
@@ -155,20 +163,35 @@ def test_fuzz_raw_frames(frames):
             pass
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(["op", "credit", "feed", "start_epoch", "release",
-                                        "attached"]), json_values))
+@settings(max_examples=500, deadline=None)
+@given(st.fixed_dictionaries({}, optional={
+    "op": st.sampled_from(["hello", "bye", "heartbeat", "status"]) | json_values,
+    "protocol": st.just(PROTOCOL_VERSION) | json_values,
+    "feed": st.just("train") | json_values, "start_epoch": st.integers() | json_values,
+    "shard": st.lists(st.integers(-2, 2**21), max_size=3) | json_values,
+    "token": st.text(min_size=TOKEN_CHARS, max_size=TOKEN_CHARS) | json_values,
+    "credit": st.integers() | json_values, "release": st.lists(st.integers()) | json_values,
+    "attached": st.booleans() | json_values, "shared_memory": st.booleans() | json_values}))
 def test_fuzz_control_and_credit(message):
+    """Whatever the fields hold, a request parses into a checked value or is refused."""
     frames = [json.dumps(message).encode()]
     try:
-        assert isinstance(unpack_request(frames)["op"], str)
+        request = unpack_request(frames)
     except ProtocolError:
-        pass
+        request = None
+    if isinstance(request, HelloRequest):
+        assert isinstance(request.feed, str) and 0 <= request.start_epoch < 2**40
+        assert 0 <= request.shard[0] < request.shard[1]
+        assert isinstance(request.shared_memory, bool)
+    elif isinstance(request, (ByeRequest, HeartbeatRequest)):
+        assert isinstance(request.token, str) and len(request.token) == TOKEN_CHARS
+    else:
+        assert request is None or isinstance(request, StatusRequest)
     try:
         credit = unpack_credit(frames)
     except ProtocolError:
         return
-    assert 0 <= credit.credit <= 1_000_000 and credit.attached in (None, True, False)
+    assert 0 <= credit.credit <= MAX_CREDIT and credit.attached in (None, True, False)
     assert all(isinstance(slab, int) and slab >= 0 for slab in credit.release)
 
 
@@ -215,3 +238,98 @@ def test_shared_memory_offer_in_the_hello_reply():
                 [1]):
         with pytest.raises(ProtocolError, match="malformed shared_memory"):
             SharedMemoryOffer.from_reply({"shared_memory": bad})
+
+
+# -- what crashed the daemon (issue 9, item 4): refused with a reason, not by luck ---------------
+
+@pytest.mark.parametrize("text, reason", [
+    (b"[" * 30_000 + b"]" * 30_000, "nests 30000 levels deep"),
+    (b'{"a":' * 40 + b"1" + b"}" * 40, f"more than {MAX_JSON_DEPTH}"),
+    (b'{"credit": ' + b"9" * 5_000 + b"}", "a number of 5000 digits"),
+    (b'{"credit": 1' + b"0" * 400 + b'.5}', "too long or not finite"),
+    (b'{"credit": 1e999}', "not finite"),
+    (b'{"credit": NaN}', "NaN is not a number JSON allows"),
+    (b'{"credit": -Infinity}', "-Infinity is not a number JSON allows"),
+    (b'{"op": "st\xffatus"}', "not JSON"),
+    (b'{"op": "status"', "not JSON"),
+    (b'"just a string"', "must be a JSON object"),
+])
+def test_json_that_json_would_choke_on_is_refused(text, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        decode_json(text, MAX_CONTROL_BYTES, "request")
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting():
+    deep_looking = json.dumps({"op": "status", "note": "[" * 1000 + '\\"{' * 500}).encode()
+    assert decode_json(deep_looking, MAX_CONTROL_BYTES, "request")["op"] == "status"
+    # Escaped quotes cannot hide brackets from the check, nor make it slow.
+    sneaky = b'{"a": "\\\\", "b": ' + b"[" * 100 + b"]" * 100 + b"}"
+    with pytest.raises(ProtocolError, match="nests 101 levels"):
+        decode_json(sneaky, MAX_CONTROL_BYTES, "request")
+    decode_json(b'{"a": "' + b'\\"' * 20_000 + b'"}', MAX_CONTROL_BYTES, "request")
+
+
+def hello(**fields) -> list:
+    body = {"op": "hello", "protocol": PROTOCOL_VERSION, "feed": "train", **fields}
+    return [json.dumps({k: v for k, v in body.items() if v is not ...}).encode()]
+
+
+def test_a_good_hello_bye_and_status_parse_into_typed_requests():
+    assert unpack_request(hello()) == HelloRequest("train", 0, (0, 1))
+    assert unpack_request(hello(start_epoch=7, shard=[1, 4])) == HelloRequest("train", 7, (1, 4))
+    assert unpack_request([HelloRequest("val", 2, (0, 2)).pack()]) == HelloRequest("val", 2,
+                                                                                   (0, 2))
+    token = "a" * TOKEN_CHARS
+    assert unpack_request([ByeRequest(token).pack()]) == ByeRequest(token)
+    assert unpack_request([HeartbeatRequest(token).pack()]) == HeartbeatRequest(token)
+    assert unpack_request(hello(shared_memory=True)).shared_memory
+    with pytest.raises(ProtocolError, match="shared_memory must be true or false"):
+        unpack_request(hello(shared_memory=1))
+    assert unpack_request([StatusRequest().pack()]) == StatusRequest()
+
+
+WRONG = [None, True, -1, 2**63, 1.5, "x", [], {}, [0], [[0, 1]], {"a": 1}]
+
+
+@pytest.mark.parametrize("field", ["protocol", "feed", "start_epoch", "shard"])
+@pytest.mark.parametrize("value", WRONG + [..., "", "f" * 1000, [1, 1], [0, 2**21], [-1, 2]])
+def test_every_wrong_hello_field_is_refused_with_its_name(field, value):
+    frames = hello(**{field: value})
+    good = {"start_epoch": (..., 0), "shard": (..., [0, 1], [0, 1])}
+    if value in good.get(field, ()) or (field == "feed" and value == "x"):
+        assert isinstance(unpack_request(frames), HelloRequest)
+        return
+    with pytest.raises(ProtocolError, match=field.replace("protocol", "speaks protocol")
+                       .replace("feed", "feed name")):
+        unpack_request(frames)
+
+
+@pytest.mark.parametrize("body", [
+    {"op": "bye"}, {"op": "bye", "token": None}, {"op": "bye", "token": 5},
+    {"op": "bye", "token": "short"}, {"op": "bye", "token": ["a" * TOKEN_CHARS]},
+    {"op": "bye", "session": "s1"},
+    {"op": None}, {"op": ["status"]}, {"op": "shutdown"}, {},
+])
+def test_wrong_bye_and_unknown_ops_are_refused(body):
+    with pytest.raises(ProtocolError, match="token|op"):
+        unpack_request([json.dumps(body).encode()])
+
+
+@pytest.mark.parametrize("frames", [
+    [b"task", b"\x05\x00\x00\x00"], [b"task", b"\xff" * 40], [b"task"], [],
+    [b"task", b"\x0c\x00\x00\x00\x10task\x00\x01\x00\x00\x00"],  # lacks the rest
+    [b"stop", b""], [b"task", bytes(TaskMessage(1, "f", 0, 0, []).pack()[1])[:-1]],
+])
+def test_worker_commands_are_parsed_or_refused(frames):
+    with pytest.raises(ProtocolError):
+        unpack_worker_command(frames)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_fuzz_worker_command(body):
+    try:
+        task = unpack_worker_command([b"task", body])
+    except ProtocolError:
+        return
+    assert isinstance(task.ids, list) and task.epoch >= 0

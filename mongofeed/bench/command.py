@@ -13,7 +13,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import click
 
+from ..portable import kill_process_group, own_process_group
 from .report import (
     MEMORY_LOADERS,
     OTHER_LOADERS,
@@ -48,9 +48,11 @@ def shape_option(text: str) -> tuple[int, ...]:
 
 @click.command(epilog="Example:\n\n\b\n  make bench\n"
                "  mongofeed bench --uri mongodb://127.0.0.1:27017 --quick\n"
+               "  mongofeed bench --planner 1000000 --planner 10000000\n"
                "  mongofeed bench --uri mongodb://... --only digits --only mongofeed-w*")
-@click.option("--uri", envvar="MONGOFEED_URI", required=True,
-              help="MongoDB (or FerretDB) to benchmark against; nothing is started.")
+@click.option("--uri", envvar="MONGOFEED_URI",
+              help="MongoDB (or FerretDB) to benchmark against; nothing is started. "
+              "Required but with --planner.")
 @click.option("--database", default="mongofeed_bench", show_default=True,
               help="Database the bench loads its collections into (dropped and reloaded).")
 @click.option("--metrics-url", envvar="MONGOFEED_METRICS_URL",
@@ -74,11 +76,46 @@ def shape_option(text: str) -> tuple[int, ...]:
               "[default: 12, --quick 1].")
 @click.option("--fit-epochs", type=int, help="Epochs of the Keras fit comparison "
               "(0: skip) [default: 8, --quick 0].")
+@click.option("--scale-count", type=int, help="Small documents (8x8 pixels and a label) in "
+              "the large collection, read by one raw cursor and by mongofeed in each order "
+              "(0: skip) [default: 200000, --quick 0].")
+@click.option("--scale-seconds", type=float, help="Steady-state seconds of the large "
+              "collection's rows, long enough to cross epochs [default: 60].")
+@click.option("--planner", "planner_counts", multiple=True, type=int, metavar="N",
+              help="Instead of the loaders: the planner at N synthetic ids (repeatable), "
+              "no database: bytes per id, listing, sort, order, the loop's longest "
+              "iteration under 8 consumers.")
+@click.option("--planner-kinds", default="objectid,int64", show_default=True,
+              help="Id types of --planner.")
+@click.option("--planner-legacy", is_flag=True,
+              help="With --planner: also mongofeed 0.1's planner at the same N.")
+@click.option("--mixing", is_flag=True, help="Instead of the loaders: how well the full and "
+              "the windowed order mix 1,000,000 class-sorted documents (no database).")
 
 
 def bench(uri, database, metrics_url, output, quick, only, workers, batch_size,
-          synthetic_count, synthetic_shape, large_shape, large_count, seconds, fit_epochs):
+          synthetic_count, synthetic_shape, large_shape, large_count, seconds, fit_epochs,
+          scale_count, scale_seconds, planner_counts, planner_kinds, planner_legacy, mixing):
     """Benchmark mongofeed against the usual Keras loaders on the same server and data."""
+    if mixing:
+        from .planner import format_mixing
+        from .planner import mixing as measure_mixing
+
+        click.echo(format_mixing(measure_mixing()))
+        if not planner_counts:
+            return
+    if planner_counts:
+        from .planner import KINDS, run_planner_bench
+
+        kinds = planner_kinds.split(",")
+        if not set(kinds) <= set(KINDS):
+            raise click.BadParameter(f"id types are {', '.join(KINDS)}",
+                                     param_hint="--planner-kinds")
+        run_planner_bench(list(planner_counts), kinds, seconds or 10.0, 1000, planner_legacy,
+                          output, click.echo)
+        return
+    if not uri:
+        raise click.UsageError("--uri (or MONGOFEED_URI) is required but with --planner")
     import pymongo
 
     cpus = os.cpu_count() or 1
@@ -89,6 +126,8 @@ def bench(uri, database, metrics_url, output, quick, only, workers, batch_size,
     seconds = seconds if seconds is not None else (1.0 if quick else 12.0)
     fit_epochs = fit_epochs if fit_epochs is not None else (0 if quick else 8)
     synthetic_count = synthetic_count or (200 if quick else 2000)
+    scale_count = scale_count if scale_count is not None else (0 if quick else 200_000)
+    scale_seconds = scale_seconds if scale_seconds is not None else 60.0
     if quick:
         large_shape, large_count = (64, 64, 3), 64
     client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000)
@@ -99,6 +138,8 @@ def bench(uri, database, metrics_url, output, quick, only, workers, batch_size,
     datasets = load_datasets(client, database, synthetic_count, synthetic_shape)
     if quick:
         datasets = datasets[:1]  # digits; the large-batch rows below run from memory
+    if scale_count:
+        datasets.append(load_scale(client, database, scale_count, scale_seconds))
     client.close()
     datasets.append({"name": f"synthetic{large_shape[0]}-mem", "database": None,
                      "collection": None, "x_path": "image", "y_path": "label",
@@ -114,7 +155,7 @@ def bench(uri, database, metrics_url, output, quick, only, workers, batch_size,
         label = f"[{i:>2}/{len(rows)}] {data['name']:<18} {row_name(loader, w):<22}"
         click.echo(label, nl=False)
         spec = {**base, "loader": loader, "workers": w, "data": data,
-                "max_batches": 10**9,
+                "max_batches": 10**9, "seconds": data.get("seconds", seconds),
                 "reply_docs": max(1, min(1000, 4_000_000 // (4 * max(1, _prod(data["shape"])))))}
         if data["database"] is None or loader in MEMORY_LOADERS:
             spec.update(uri=None, metrics_url=None)
@@ -139,7 +180,8 @@ def bench(uri, database, metrics_url, output, quick, only, workers, batch_size,
               "options": {"quick": quick, "workers": worker_counts, "batch_size": batch_size,
                           "seconds": seconds, "synthetic_count": synthetic_count,
                           "synthetic_shape": synthetic_shape, "large_shape": large_shape,
-                          "large_count": large_count, "database": database},
+                          "large_count": large_count, "scale_count": scale_count,
+                          "scale_seconds": scale_seconds, "database": database},
               "datasets": datasets, "rows": results, "fit": fit, "targets": targets}
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,14 +217,31 @@ def load_datasets(client, database: str, synthetic_count: int, shape) -> list:
     ]
 
 
+def load_scale(client, database: str, count: int, seconds: float) -> dict:
+    """The large collection: ``count`` small documents (8x8x1 pixels and a label), every one
+    in the feed (an empty filter, so the listing is index-only)."""
+    from ..tools.load import load_synthetic
+
+    name = f"scale{count // 1000}k"
+    click.echo(f"loading {count} small documents into {database}.{name} ... ", nl=False)
+    started = time.perf_counter()
+    loaded = load_synthetic(client[database][name], count, shape=(8, 8, 1), drop=True)
+    click.echo(f"{time.perf_counter() - started:.1f} s")
+    return {"name": name, "database": database, "collection": name, "x_path": "image",
+            "y_path": "label", "shape": [8, 8, 1], "scale": 1 / 255, "filter": {},
+            "count": loaded["total"], "seconds": seconds}
+
+
 def plan_rows(datasets: list, worker_counts: list, n: int, only) -> list:
     rows = []
     for data in datasets:
         if data["database"] is None:
             loaders = [("ceiling", n), ("ceiling-tcp", n), ("zmq-loopback", 1), ("memcpy", 1)]
+        elif data.get("seconds"):  # the large collection: the two orders and the server
+            loaders = [("mongofeed", n), ("mongofeed-window", n), ("raw-drain", 1)]
         else:
             loaders = [("mongofeed", w) for w in worker_counts] + [
-                (name, n) for name in OTHER_LOADERS] + [
+                ("mongofeed-window", n)] + [(name, n) for name in OTHER_LOADERS] + [
                 ("raw-drain", 1), ("ceiling", n), ("ceiling-tcp", n), ("memcpy", 1)]
             if data["name"].startswith("synthetic"):  # images worth cropping
                 loaders += [("mongofeed-augment", n), ("keras-augment", n)]
@@ -195,7 +254,8 @@ def plan_rows(datasets: list, worker_counts: list, n: int, only) -> list:
 
 
 def row_name(loader: str, workers: int) -> str:
-    daemon = loader in ("mongofeed", "ceiling", "ceiling-tcp", "mongofeed-augment")
+    daemon = loader in ("mongofeed", "mongofeed-window", "ceiling", "ceiling-tcp",
+                        "mongofeed-augment")
     return f"{loader}-w{workers}" if daemon else loader
 
 
@@ -217,7 +277,7 @@ def run_process(spec: dict, entry: str, timeout: float) -> dict:
     process = subprocess.Popen(
         [sys.executable, "-c", f"from mongofeed.bench.rows import {entry}; {entry}()",
          json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=env, start_new_session=True)
+        env=env, **own_process_group())
     memory = MemorySampler(process.pid)
     result, tail = None, []
 
@@ -242,10 +302,7 @@ def run_process(spec: dict, entry: str, timeout: float) -> dict:
         pass
     finally:
         memory.stop()
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # its Keras pool, tensorpack runner, ...
-        except ProcessLookupError:
-            pass
+        kill_process_group(process)  # its Keras pool, tensorpack runner, ...
         process.wait()
         reader.join(5)
     if result is None:

@@ -15,13 +15,13 @@ OTHER_LOADERS = ("keras-forum-posted", "keras-forum-intended", "keras-best-pract
 
 
 def reference_rate(results: list, data: str, loader: str = "") -> float | None:
-    """The best mongofeed rate of a data set (the ceiling where no database is involved); for
-    an augment row, the best ``mongofeed-augment``."""
-    references = (("mongofeed-augment",) if loader.endswith("-augment") else
-                  ("mongofeed", "ceiling"))
-    for prefix in references:
+    """The best mongofeed rate of a data set, either order (the ceiling where no database is
+    involved); for an augment row, the best ``mongofeed-augment``."""
+    references = ((("mongofeed-augment",),) if loader.endswith("-augment") else
+                  (("mongofeed", "mongofeed-window"), ("ceiling",)))
+    for loaders in references:
         rates = [r["samples_per_s"] for r in results
-                 if r["data"] == data and r["loader"] == prefix and "samples_per_s" in r]
+                 if r["data"] == data and r["loader"] in loaders and "samples_per_s" in r]
         if rates:
             return max(rates)
     return None
@@ -100,6 +100,15 @@ def evaluate_targets(results: list, fit: dict | None) -> list:
                 add(f"{data}: connections per epoch, {r['name']}", r["conns_per_epoch"],
                     f"<= W + {CONNS_CONSTANT}", extra <= CONNS_CONSTANT,
                     f"W + {extra} (startup {r['conns_startup']}, steady {r['conns_steady']})")
+    for data in dict.fromkeys(r["data"] for r in results):
+        windowed = max(rows(data, "mongofeed-window"), key=lambda r: r["samples_per_s"],
+                       default=None)
+        raw = next(iter(rows(data, "raw-drain")), None)
+        if windowed and raw and data.startswith("scale"):
+            ratio = windowed["samples_per_s"] / raw["samples_per_s"]
+            add(f"{data}: windowed order vs one raw cursor", ratio, ">= 0.5x", ratio >= 0.5,
+                f"{windowed['name']} {windowed['samples_per_s']:,.0f}/s, raw-drain "
+                f"{raw['samples_per_s']:,.0f}/s")
     if fit and "slowdown" in fit:
         add("digits: Keras fit slowdown from mongofeed vs in-memory numpy", fit["slowdown"],
             "<= 10%", fit["slowdown"] <= 0.10,
@@ -189,7 +198,7 @@ def write_chart(results: list, path: Path) -> Path | None:
         mine = [r for r in results if r["data"] == data and "samples_per_s" in r]
         names = [r["name"] for r in mine]
         rates = [r["samples_per_s"] for r in mine]
-        colors = ["tab:green" if r["loader"] in ("mongofeed", "mongofeed-augment") else
+        colors = ["tab:green" if r["loader"].startswith("mongofeed") else
                   "tab:gray" if r["loader"] in MEMORY_LOADERS + ("raw-drain",) else
                   "tab:orange" for r in mine]
         ax.barh(names, rates, color=colors)

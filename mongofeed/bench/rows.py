@@ -111,8 +111,8 @@ uri = {q(spec.get("uri") or "mongodb://127.0.0.1:1")}
 database = {q(data["database"] or "memory")}
 collection = {q(data["collection"] or "memory")}
 [feeds.train]
-filter = {{ split = "train" }}
-shuffle = true
+filter = {toml_table(data["filter"])}
+shuffle = {'"window"' if spec["loader"] == "mongofeed-window" else "true"}
 [batch]
 size = {spec["batch_size"]}
 [fields.image]
@@ -133,6 +133,11 @@ targets = ["label"]
     with open(path, "w") as f:
         f.write(text)
     return path
+
+
+def toml_table(table: dict) -> str:
+    """A flat filter as a TOML inline table (string values only, as the bench's are)."""
+    return "{" + ", ".join(f"{key} = {json.dumps(value)}" for key, value in table.items()) + "}"
 
 
 def start_daemon(spec: dict, tmp: str, memory_docs: str | None = None) -> Daemon:

@@ -10,18 +10,24 @@ and meaning; the configuration reference in the docs is generated from it.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote_plus
 
+import bson
 import numpy as np
 
+from .. import portable
 from ..errors import ConfigError
+from ..portable import has_ipc, ipc_path_max
 from ..security import check_exposure
-from ..wire import ArraySpec, Conversion, check_endpoint, next_port
+from ..wire import MAX_NAME_CHARS, ArraySpec, Conversion, check_endpoint, next_port
 from .planner import Shard
 
 REQUIRED = object()
@@ -44,6 +50,14 @@ MAX_TASKS_PER_WORKER = 16
 READ_AHEAD_BYTES_PER_WORKER = 64 * 2**20
 MAX_WORKERS = 64
 TEXT_SAMPLE_NBYTES = 1024  # a guess at a text field's size, to size the server's replies
+MAX_PENDING = 10_000
+MAX_SESSIONS = 1_024
+MAX_BATCH_BYTES = 2**30        # one batch is one message and several copies in the pipeline
+MAX_SEED = 2**63               # numpy's generator takes any; BSON and JSON peers take int64
+MAX_SAMPLE_DIMS = 31           # numpy arrays have at most 32 dimensions, one is the batch
+MIN_SESSION_TIMEOUT_S = 3.0    # three consumer heartbeats (one a second)
+MIN_STALL_TIMEOUT_S = 1.0
+DEFAULT_STALL_TIMEOUT_S = 20.0  # well under a consumer's default timeout (60 s)
 
 
 @dataclass(frozen=True)
@@ -64,13 +78,22 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "feeds.*": {
         "filter": Key(dict, {}, "MongoDB query that selects this feed's documents."),
-        "shuffle": Key(bool, True, "Shuffle the order anew each epoch (deterministic from "
-                       "batch.seed and the epoch number)."),
+        "shuffle": Key((bool, str), True, "The order of each epoch (deterministic from "
+                       "batch.seed and the epoch number): true shuffles all documents (one "
+                       "$in query per batch, random reads), \"window\" shuffles ranges of "
+                       "_id and documents within windows of ranges (one query per window, "
+                       "sequential reads; see batch.window_bytes), false is _id order."),
     },
     "batch": {
         "size": Key(int, 32, "Samples per batch."),
-        "seed": Key(int, 0, "Seed of the per-epoch order: same seed, same batches."),
+        "seed": Key(int, 0, "Seed of the per-epoch order: same seed, same batches "
+                    "(0 to 2**63 - 1)."),
         "drop_last": Key(bool, False, "Drop the last, short batch of each epoch."),
+        "window_bytes": Key(int, 64 * 2**20, "With shuffle = \"window\": the bytes of "
+                            "documents in one window (counted from the fields' dtype x shape "
+                            "plus 64 bytes each), which a worker reads with one query and "
+                            "holds while it makes the window's batches (at most two windows "
+                            "per worker)."),
         "on_error": Key(str, "fail", "What a document that does not fit the schema does: "
                         "'fail' reports it to the consumer, 'skip' leaves it out and counts "
                         "it in status.", ON_ERROR),
@@ -153,18 +176,33 @@ SCHEMA: dict[str, dict[str, Key]] = {
                            "64 MiB per worker)."),
         "shard": Key(str, "0/1", "Serve only part r of R of every epoch (\"r/R\"): one daemon "
                      "per trainer host, disjoint and equal, no coordinator (env MONGOFEED_SHARD)."),
-        "stall_timeout": Key((int, float), 120.0, "Seconds a worker may hold a task without any "
-                             "sign of life before it is killed and its tasks re-issued."),
+        "stall_timeout": Key((int, float), DEFAULT_STALL_TIMEOUT_S, "Seconds a worker may hold "
+                             "a task without any sign of life before it is killed and its "
+                             "tasks re-issued; keep it well under the consumers' timeout "
+                             "(60 s by default) so they wait out the recovery."),
         "session_timeout": Key((int, float), 15.0, "Seconds without a heartbeat after "
-                               "which a consumer's session ends."),
+                               "which a consumer's session ends (at least 3)."),
+        "max_sessions": Key(int, 16, "Consumer sessions served at once (memory bound: see "
+                            "memory_bound_bytes in status). When all are taken, a new hello "
+                            "replaces the session silent longest if it has sent nothing for "
+                            "3 s; a consumer that heartbeats is never replaced."),
         "insecure": Key(bool, False, "Allow binding a non-loopback address without "
                         "CurveZMQ keys."),
         "server_key": Key(str, None, "CurveZMQ secret key file of the daemon "
                           "(from 'mongofeed keygen')."),
         "client_keys": Key(str, None, "Folder of accepted client public key files "
                            "(*.key)."),
+        "plan_cache": Key(str, None, "Folder of the plan cache, which spares a restarted "
+                          "daemon the listing of the _ids when the feed's count and first and "
+                          "last _id are unchanged (default: $XDG_CACHE_HOME/mongofeed/plans or "
+                          "~/.cache/mongofeed/plans; \"off\" lists at every start)."),
         "metrics_port": Key(int, None, "Serve Prometheus metrics on 127.0.0.1:PORT "
                             "(env MONGOFEED_METRICS_PORT; needs the 'metrics' extra)."),
+        "internal_transport": Key(str, "auto", "How the daemon's own processes talk: "
+                                  "'ipc' (a private folder; not on Windows), 'tcp' (loopback, "
+                                  "random ports) or 'auto' (ipc where ZeroMQ has it) "
+                                  "(env MONGOFEED_INTERNAL_TRANSPORT).",
+                                  portable.INTERNAL_TRANSPORTS),
     },
 }
 
@@ -180,7 +218,7 @@ class SourceConfig:
 class FeedConfig:
     name: str
     filter: dict
-    shuffle: bool
+    shuffle: bool | str  # True, False or "window"
 
 
 @dataclass(frozen=True)
@@ -189,6 +227,7 @@ class BatchConfig:
     seed: int
     drop_last: bool
     on_error: str
+    window_bytes: int = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -326,10 +365,13 @@ class ServeConfig:
     shard: Shard
     session_timeout: float
     stall_timeout: float
+    max_sessions: int
     insecure: bool
     server_key: str | None
     client_keys: str | None
     metrics_port: int | None = None
+    plan_cache: str | None = None
+    internal_transport: str = "tcp"  # resolved: "ipc" or "tcp"
 
 
 @dataclass(frozen=True)
@@ -347,6 +389,18 @@ class Config:
     @property
     def batch_nbytes(self) -> int:
         return batch_nbytes(self.batch.size, self.arrays)
+
+    @property
+    def session_memory_bound(self) -> int:
+        """Bytes of batches the daemon holds for one session at most: ``max_pending``
+        produced ahead (in production or waiting at the sink) and ``max_pending`` sent but
+        not yet read (credit and the data socket's queue are capped at that)."""
+        return 2 * self.serve.max_pending * self.batch_nbytes
+
+    @property
+    def memory_bound(self) -> int:
+        """Bytes of batches the daemon holds for all its sessions together at most."""
+        return self.serve.max_sessions * self.session_memory_bound
 
 
 def batch_nbytes(size: int, arrays: dict[str, ArrayConfig]) -> int:
@@ -404,14 +458,21 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
         return value
 
     source = SourceConfig(**_section(table("source"), "source", SCHEMA["source"], where))
+    _check_source(source, where)
     batch = BatchConfig(**_section(table("batch"), "batch", SCHEMA["batch"], where))
     if batch.size < 1:
         raise ConfigError(f"{where}: batch.size must be at least 1, not {batch.size}")
+    if not 0 <= batch.seed < MAX_SEED:
+        raise ConfigError(f"{where}: batch.seed must be from 0 to 2**63 - 1, not {batch.seed}")
+    if batch.window_bytes < 1:
+        raise ConfigError(f"{where}: batch.window_bytes must be positive")
 
     feeds = {
         name: FeedConfig(name=name, **_section(body, f"feeds.{name}", SCHEMA["feeds.*"], where))
         for name, body in _entries(table("feeds"), "feeds", where)
     }
+    for feed in feeds.values():
+        _check_feed(feed, where)
     if not feeds:
         feeds = {"train": FeedConfig(name="train", filter={}, shuffle=True)}
 
@@ -422,8 +483,14 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
     transform = _transform(_section(table("transform"), "transform", SCHEMA["transform"],
                                     where), where)
     arrays = _arrays(table("arrays"), fields, transform, where)
+    if batch_nbytes(batch.size, arrays) > MAX_BATCH_BYTES:
+        raise ConfigError(f"{where}: batch.size {batch.size} makes batches of "
+                          f"{batch_nbytes(batch.size, arrays)} bytes, more than "
+                          f"{MAX_BATCH_BYTES} (1 GiB): lower batch.size")
 
     out = _section(table("output"), "output", SCHEMA["output"], where)
+    if out["inputs"] == []:
+        raise ConfigError(f"{where}: output.inputs is empty: a model needs at least one input")
     output = OutputConfig(
         inputs=_array_list(out["inputs"] if out["inputs"] is not None else list(arrays),
                            "output.inputs", arrays, where),
@@ -444,8 +511,9 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
     if not 1 <= workers <= MAX_WORKERS:
         raise ConfigError(f"{where}: serve.workers must be between 1 and {MAX_WORKERS}, "
                           f"not {workers}")
-    bind = check_endpoint(serve["bind"], "serve.bind", where)
-    control = check_endpoint(serve["control"] or next_port(bind), "serve.control", where)
+    bind = _bindable(check_endpoint(serve["bind"], "serve.bind", where), "serve.bind", where)
+    control = _bindable(check_endpoint(serve["control"] or next_port(bind), "serve.control",
+                                       where), "serve.control", where)
     if control == bind:
         raise ConfigError(f"{where}: serve.control must differ from serve.bind ({bind})")
     read_ahead = READ_AHEAD_BYTES_PER_WORKER // batch_nbytes(batch.size, arrays)
@@ -453,18 +521,35 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
     max_pending = serve["max_pending"]
     if max_pending is None:
         max_pending = workers * tasks_per_worker
-    if max_pending < 1:
-        raise ConfigError(f"{where}: serve.max_pending must be at least 1, not {max_pending}")
+    if not 1 <= max_pending <= MAX_PENDING:
+        raise ConfigError(f"{where}: serve.max_pending must be from 1 to {MAX_PENDING}, "
+                          f"not {max_pending}")
+    if not 1 <= serve["max_sessions"] <= MAX_SESSIONS:
+        raise ConfigError(f"{where}: serve.max_sessions must be from 1 to {MAX_SESSIONS}, "
+                          f"not {serve['max_sessions']}")
     try:
         shard = Shard.parse(serve["shard"])
     except ValueError as exc:
         raise ConfigError(f"{where}: serve.shard: {exc}") from None
-    for key in ("session_timeout", "stall_timeout"):
-        if serve[key] <= 0:
-            raise ConfigError(f"{where}: serve.{key} must be positive")
+    for key, least in (("session_timeout", MIN_SESSION_TIMEOUT_S),
+                       ("stall_timeout", MIN_STALL_TIMEOUT_S)):
+        if not (math.isfinite(serve[key]) and serve[key] >= least):
+            raise ConfigError(f"{where}: serve.{key} must be a number of seconds, at least "
+                              f"{least:g}, not {serve[key]}")
+    if serve["server_key"] is not None and not os.path.isfile(serve["server_key"]):
+        raise ConfigError(f"{where}: serve.server_key {serve['server_key']} is not a file "
+                          f"(create a key pair with 'mongofeed keygen')")
+    if serve["client_keys"] is not None and not os.path.isdir(serve["client_keys"]):
+        raise ConfigError(f"{where}: serve.client_keys {serve['client_keys']} is not a folder "
+                          f"(of client public keys, *.key)")
     if serve["metrics_port"] is not None and not 0 < serve["metrics_port"] < 65536:
         raise ConfigError(f"{where}: serve.metrics_port must be a port (1 to 65535), "
                           f"not {serve['metrics_port']}")
+    if serve["metrics_port"] is not None and importlib.util.find_spec("prometheus_client") is None:
+        raise ConfigError(f"{where}: serve.metrics_port needs prometheus-client: "
+                          f"pip install 'mongofeed[metrics]'")
+    serve["internal_transport"] = _internal_transport(serve["internal_transport"], where)
+    _refuse_missing_ipc({"serve.bind": bind, "serve.control": control}, where)
     serve_config = ServeConfig(**{**serve, "workers": workers, "bind": bind,
                                   "control": control, "max_pending": max_pending,
                                   "tasks_per_worker": tasks_per_worker,
@@ -474,6 +559,86 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
     check_exposure(serve_config, where)
     return Config(source=source, feeds=feeds, batch=batch, fields=fields, output=output,
                   serve=serve_config, transform=transform, arrays=arrays, path=where)
+
+
+def _check_source(source: SourceConfig, where: str):
+    """What the driver would only refuse once the daemon plans or a worker starts."""
+    uri = source.uri
+    if not uri.startswith(("mongodb://", "mongodb+srv://")):
+        raise ConfigError(f"{where}: source.uri must start with mongodb:// or mongodb+srv://, "
+                          f"not {redact_uri(uri)!r}")
+    if uri.startswith("mongodb+srv://"):  # the rest needs DNS; the driver checks it at start
+        host = re.split("[/?]", uri[len("mongodb+srv://"):])[0].rpartition("@")[2]
+        if not host or "," in host or ":" in host:
+            raise ConfigError(f"{where}: source.uri {redact_uri(uri)!r}: a mongodb+srv:// URI "
+                              f"names exactly one host, without a port")
+    else:
+        from pymongo.uri_parser import parse_uri
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # options the driver ignores, it ignores
+                parse_uri(uri, warn=True)
+        except Exception as exc:  # noqa: BLE001 - InvalidURI, ValueError, ConfigurationError
+            raise ConfigError(f"{where}: source.uri {redact_uri(uri)!r} is not a valid "
+                              f"MongoDB URI: {redact_uri(str(exc))}") from None
+    database, collection = source.database, source.collection
+    if not database or len(database.encode()) > 63 or any(c in database for c in '/\\. "$\0'):
+        raise ConfigError(f"{where}: source.database {database!r} is not a MongoDB database "
+                          f"name (1 to 63 bytes, none of / \\ . space \" $)")
+    _check_collection(collection, "source.collection", where)
+
+
+def _check_collection(name: str, key: str, where: str):
+    if not name or "$" in name or "\0" in name or name.startswith(".") or name.endswith("."):
+        raise ConfigError(f"{where}: {key} {name!r} is not a MongoDB collection name (not "
+                          f"empty, no $, not starting or ending with a dot)")
+
+
+def _check_feed(feed: FeedConfig, where: str):
+    if isinstance(feed.shuffle, str) and feed.shuffle != "window":
+        raise ConfigError(f"{where}: feeds.{feed.name}.shuffle must be true, false or "
+                          f"\"window\", not {feed.shuffle!r}")
+    if len(feed.name) > MAX_NAME_CHARS:
+        raise ConfigError(f"{where}: feed name {feed.name[:40]!r}... is longer than "
+                          f"{MAX_NAME_CHARS} characters")
+    try:
+        bson.encode(feed.filter)
+    except Exception as exc:  # noqa: BLE001 - InvalidDocument, OverflowError, ...
+        raise ConfigError(f"{where}: feeds.{feed.name}.filter cannot be sent to MongoDB "
+                          f"({type(exc).__name__}: {exc}); TOML dates and times without a "
+                          f"date or offset have no BSON type") from None
+
+
+def _bindable(endpoint: str, key: str, where: str) -> str:
+    """An endpoint the daemon can bind: an ipc:// path must fit a socket address and its
+    folder must exist."""
+    if not endpoint.startswith("ipc://"):
+        return endpoint
+    path = endpoint[len("ipc://"):]
+    if not has_ipc():
+        raise ConfigError(f"{where}: {key} = {endpoint!r}: this ZeroMQ has no ipc://; use "
+                          f"tcp://127.0.0.1:PORT")
+    if len(path.encode()) > ipc_path_max():
+        raise ConfigError(f"{where}: {key} = {endpoint!r}: the path is longer than the "
+                          f"{ipc_path_max()} bytes a socket address holds; use a shorter one")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ConfigError(f"{where}: {key} = {endpoint!r}: its folder does not exist")
+    return endpoint
+
+
+def _internal_transport(setting: str, where: str) -> str:
+    try:
+        return portable.resolve_internal_transport(setting)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: serve.internal_transport = {exc}") from None
+
+
+def _refuse_missing_ipc(endpoints: dict[str, str], where: str):
+    for key, endpoint in endpoints.items():
+        if endpoint.startswith("ipc://") and not portable.has_ipc():
+            raise ConfigError(f"{where}: {key} = {endpoint!r}, but the ZeroMQ here has no "
+                              f"ipc:// transport (as on Windows); use tcp://127.0.0.1:PORT")
 
 
 def _entries(value: dict[str, Any], name: str, where: str):
@@ -513,7 +678,16 @@ def _field(name: str, values: dict[str, Any], where: str) -> FieldConfig:
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
         raise ConfigError(f"{where}: {key}.shape must be a list of positive integers, "
                           f"not {shape!r}")
-    values = {**values, "shape": tuple(shape), "path": values["path"] or name}
+    if len(shape) > MAX_SAMPLE_DIMS:
+        raise ConfigError(f"{where}: {key}.shape has {len(shape)} dimensions, at most "
+                          f"{MAX_SAMPLE_DIMS}")
+    path = values["path"] if values["path"] is not None else name
+    if not all(part and not part.startswith("$") for part in path.split(".")):
+        raise ConfigError(f"{where}: {key}.path {path!r} is not a dotted path of field names "
+                          f"(no empty part, none starting with $)")
+    if values["gridfs"]:
+        _check_collection(values["bucket"], f"{key}.bucket", where)
+    values = {**values, "shape": tuple(shape), "path": path}
     decode, dtype = values["decode"], values["dtype"]
     if decode in TEXT_DECODERS:
         given = [k for k in ("dtype", "cast", "scale", "one_hot") if values[k] is not None]
@@ -648,6 +822,7 @@ def _array(name: str, values: dict[str, Any], given: set, where: str) -> ArrayCo
     _check_scale(key, values["scale"], values["cast"] or dtype, where)
     return ArrayConfig(name=name, **{**values, "shape": tuple(shape)})
 
+
 def _pillow_imports() -> bool:
     """Whether Pillow imports: checked with the config so that a missing Pillow stops
     ``serve`` at once instead of failing the first batch of every session."""
@@ -659,6 +834,8 @@ def _pillow_imports() -> bool:
 
 
 def _array_list(names: list, key: str, arrays: dict, where: str) -> tuple[str, ...]:
+    if not all(isinstance(name, str) for name in names) or len(set(names)) != len(names):
+        raise ConfigError(f"{where}: {key} must list array names, each once, not {names!r}")
     for name in names:
         if name not in arrays:
             raise ConfigError(f"{where}: {key} names {name!r}, which is not an array of the "
@@ -667,12 +844,56 @@ def _array_list(names: list, key: str, arrays: dict, where: str) -> tuple[str, .
 
 
 def redact_uri(text: str) -> str:
-    """``text`` with the password of every URI in it replaced by ***, for logs, status and
-    error messages (a driver's message may embed the whole connection string)."""
-    return _URI_PASSWORD.sub(r"\1:***@", text)
+    """``text`` with the secrets of every URI in it replaced by ***, for logs, status and
+    error messages (a driver's message may embed the whole connection string): the
+    password, the options that carry secrets (``SECRET_URI_OPTIONS``) and the values of
+    ``authMechanismProperties`` other than the harmless ones (``AWS_SESSION_TOKEN`` is not)."""
+    return _URI.sub(lambda match: _redact_one(match[0]), text)
 
 
-_URI_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:@/\s]*):[^@/\s]*@")
+# The URI options spec's sensitive options (pymongo.common.SENSITIVE_OPTIONS_FOR_REPR, which
+# a test compares with this) and older drivers' names for the key file password.
+SECRET_URI_OPTIONS = frozenset((
+    "tlscertificatekeyfilepassword", "proxyusername", "proxypassword",
+    "sslpemkeypassword", "ssl_pem_passphrase",
+))
+# authMechanismProperties that name things rather than prove identity (pymongo's list).
+PUBLIC_MECHANISM_PROPERTIES = frozenset((
+    "ALLOWED_HOSTS", "CANONICALIZE_HOST_NAME", "ENVIRONMENT", "SERVICE_HOST", "SERVICE_NAME",
+    "SERVICE_REALM", "TOKEN_RESOURCE",
+))
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def _redact_one(uri: str) -> str:
+    scheme, _, rest = uri.partition("://")
+    # The user information ends at the last @ before the options (or, for a password with a
+    # ? in it, before the first /); when unsure, more is hidden rather than less.
+    before_query = rest.split("?", 1)[0]
+    at = before_query.rfind("@")
+    if at < 0:
+        at = rest.split("/", 1)[0].rfind("@")
+    userinfo, hosts = (rest[:at], rest[at:]) if at >= 0 else ("", rest)
+    if ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    path, question, query = hosts.partition("?")
+    if question:
+        query = "&".join(_redact_option(option) for option in query.split("&"))
+    return f"{scheme}://{userinfo}{path}{question}{query}"
+
+
+def _redact_option(option: str) -> str:
+    name, equals, value = option.partition("=")
+    if name.lower() in SECRET_URI_OPTIONS:
+        return f"{name}{equals}***"
+    if name.lower() == "authmechanismproperties":
+        properties = []
+        for prop in unquote_plus(value).split(","):
+            key, colon, prop_value = prop.partition(":")
+            public = key.upper() in PUBLIC_MECHANISM_PROPERTIES
+            properties.append(f"{key}{colon}{prop_value if public else '***'}")
+        return f"{name}{equals}{','.join(properties)}"
+    return option
 
 
 def _as_tuple(t) -> tuple:

@@ -4,7 +4,10 @@ Like a pre-fork server's arbiter, the pool owns one record per worker slot. A wo
 started with ``spawn`` (never forking a process that holds a MongoClient); one that dies is
 reaped and restarted, after a growing delay when it keeps dying early; one that holds a task
 without a sign of life for ``serve.stall_timeout`` is killed and handled like any other
-death. The tasks a dead worker had not delivered go back to the caller to be re-issued.
+death. The tasks a dead worker had not delivered go back to the caller to be re-issued; a
+task that already outlived a worker is sent to an idle worker and nothing joins it there
+until it is done, so a second death names the task that causes it. The tasks of one window
+of the windowed order go to the worker that reads the window.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from ..wire import READY, STOP, WorkerEvent
+from ..portable import end_process
+from ..wire import READY, STOP, WarmMessage, WorkerEvent
 from .config import Config
 from .sessions import Task
-from .worker import run_worker, worker_identity
+from .worker import WINDOWS_KEPT, run_worker, worker_identity
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,9 @@ class WorkerRecord:
     started_at: float = 0.0
     restart_at: float = 0.0
     inflight: list = field(default_factory=list)  # task ids, in the order they were sent
+    windows: list = field(default_factory=list)   # windows it was given, most recent last
+    alone: bool = False        # holds one task that outlived a worker; gets no other
+    stalled: bool = False      # killed for holding a task without a sign of life
     crashes: int = 0           # consecutive early deaths, for the backoff
     restarts: int = 0
     batches: int = 0
@@ -123,14 +130,16 @@ class WorkerPool:
         """A batch of ``record``'s came back: the task is no longer in its hands."""
         if task_id in record.inflight:
             record.inflight.remove(task_id)
+        record.alone = record.alone and bool(record.inflight)
         if record.state in (WorkerState.STARTING, WorkerState.READY, WorkerState.BUSY):
             record.state = WorkerState.BUSY if record.inflight else WorkerState.READY
 
-    def check(self) -> list[int]:
+    def check(self) -> list[tuple[list[int], str]]:
         """Reap dead workers, restart those whose backoff is over, kill stalled ones;
-        returns the ids of the tasks the dead had not delivered."""
+        returns, for each worker that died, the ids of the tasks it had not delivered and
+        how it died."""
         now = time.monotonic()
-        orphaned = []
+        deaths = []
         for record in self.records:
             if record.state == WorkerState.BACKOFF:
                 if now >= record.restart_at:
@@ -143,24 +152,31 @@ class WorkerPool:
                 self.kill_if_stalled(record, now)
                 continue
             record.process.join()
-            orphaned += record.inflight
+            deaths.append((record.inflight, self.back_off(record, now)))
             record.inflight = []
-            self.back_off(record, now)
-        return orphaned
+            record.alone = False
+            record.windows = []
+        return deaths
 
-    def back_off(self, record: WorkerRecord, now: float):
+    def back_off(self, record: WorkerRecord, now: float) -> str:
+        """Schedule the restart of a dead worker; returns how it died."""
         early = now - record.started_at < CRASH_WINDOW_S
         record.crashes = record.crashes + 1 if early else 0
         delay = min(RESTART_MAX_DELAY_S, RESTART_FIRST_DELAY_S * 2 ** record.crashes) if early \
             else 0.0
-        message = (f"worker {record.slot} (pid {record.process.pid}) exited with code "
-                   f"{record.process.exitcode}")
+        death = (f"worker {record.slot} (pid {record.process.pid}) exited with code "
+                 f"{record.process.exitcode}")
+        if record.stalled:
+            death += " after it was killed for a stall"
+            record.stalled = False
+        message = death
         if record.crashes >= CRASHES_REPORTED:
             message += f"; it keeps dying, next start in {delay:.0f} s"
         log.warning(message)
         self.on_error(message)
         record.state = WorkerState.BACKOFF
         record.restart_at = now + delay
+        return death
 
     def kill_if_stalled(self, record: WorkerRecord, now: float):
         """A hung worker would stall its tasks forever: kill it, so it is reaped, its tasks
@@ -171,13 +187,56 @@ class WorkerPool:
                        f"without a sign of life; killing it")
             log.warning(message)
             self.on_error(message)
+            record.stalled = True
             record.process.kill()
 
-    def least_loaded(self) -> WorkerRecord | None:
-        """The worker with the fewest tasks in hand that can take one more, if any."""
-        limit = self.config.serve.tasks_per_worker
-        free = [r for r in self.records if r.accepts_tasks and len(r.inflight) < limit]
+    def least_loaded(self, alone: bool = False) -> WorkerRecord | None:
+        """The worker with the fewest tasks in hand that can take one more, if any; with
+        ``alone``, an idle one (for a task that must be made by itself)."""
+        limit = 1 if alone else self.config.serve.tasks_per_worker
+        free = [r for r in self.records
+                if r.accepts_tasks and not r.alone and len(r.inflight) < limit]
         return min(free, key=lambda r: len(r.inflight)) if free else None
+
+    def worker_for(self, task: Task) -> WorkerRecord | None:
+        """Who makes ``task``: the least loaded worker with room, or for a task of the
+        windowed order the worker that was given its window, which holds the window's
+        documents (a window is read once, whatever the tasks in hand: the session's
+        ``max_pending`` bounds them). A task that outlived a worker goes to an idle one
+        (which then holds its window)."""
+        key = task.window_key
+        if key is not None and not task.deaths:
+            return self.window_holder(key)[0]
+        record = self.least_loaded(alone=task.deaths > 0)
+        if record is not None and key is not None:
+            record.windows = [*record.windows, key][-WINDOWS_KEPT:]
+        return record
+
+    def window_holder(self, key: tuple) -> tuple[WorkerRecord | None, bool]:
+        """The worker that holds window ``key``, or the one it is now given (the worker
+        given the fewest windows, then the least loaded); and whether it is new there."""
+        able = [r for r in self.records if r.accepts_tasks and not r.alone]
+        holder = next((r for r in able if key in r.windows), None)
+        if holder is not None or not able:
+            return holder, False
+        holder = min(able, key=lambda r: (len(r.windows), len(r.inflight)))
+        holder.windows = [*holder.windows, key][-WINDOWS_KEPT:]  # as the worker keeps them
+        return holder, True
+
+    def warm(self, key: tuple, spec) -> bool:
+        """Have a worker read window ``key`` (``spec``, a BatchWindow) ahead of its tasks;
+        whether one was asked to (not if one holds it already or none can take it: then its
+        tasks read it)."""
+        holder, new = self.window_holder(key)
+        if not new:
+            return False
+        feed, epoch, _ = key
+        try:
+            self.task_socket.send_multipart([worker_identity(holder.slot)] + WarmMessage(
+                feed, epoch, spec.to_wire()).pack(), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
 
     def send(self, record: WorkerRecord, task: Task) -> bool:
         """Hand ``task`` to ``record``'s worker; False if it cannot be reached (yet)."""
@@ -190,6 +249,7 @@ class WorkerPool:
         if not record.inflight:
             record.last_heard = time.monotonic()  # the stall clock starts with the work
         record.inflight.append(task.id)
+        record.alone = task.deaths > 0
         record.state = WorkerState.BUSY
         return True
 
@@ -208,11 +268,7 @@ class WorkerPool:
                 record.process.join(max(0.0, deadline - time.monotonic()))
         for record in self.records:
             if record.process is not None and record.process.is_alive():
-                record.process.terminate()
-                record.process.join(KILL_GRACE_S)
-                if record.process.is_alive():
-                    record.process.kill()
-                    record.process.join()
+                end_process(record.process, KILL_GRACE_S)
 
     def status(self) -> list[dict]:
         return [r.status() for r in self.records]

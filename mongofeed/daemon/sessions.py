@@ -4,43 +4,79 @@ A session is one consumer's own stream of one feed, from a full epoch boundary, 
 position in the deterministic plan. For each session the table keeps up to
 ``serve.max_pending`` batches ahead of delivery (tasks in production plus batches waiting at
 the sink), and every task until its batch is delivered, so that a task whose worker died
-can be re-issued and a late duplicate recognised. A session with shared memory
-(``slabs.SessionSlabs``) gives each task a slab when it is planned; the task keeps it through
-re-issues, and each issue is a new ``attempt``, so a batch of an earlier one is known.
+can be re-issued and a late duplicate recognised.
+
+A session belongs to the peer that said hello: its secret ``token`` (only that peer got it)
+is the identity of its data socket and what ``bye`` needs; everyone else sees its public
+``name``. The table holds at most ``serve.max_sessions``; when it is full, a new hello
+takes the place of the session that has been silent longest, if that one has sent nothing
+for ``EVICT_SILENCE_S`` (a consumer heartbeats every second, so one that lives is never
+evicted, and hellos nobody follows up cannot keep trainers out).
+
+A task whose worker died is re-issued, but alone to an idle worker (a worker reads the tasks
+it holds together, so the first death cannot tell which one killed it); a task held by a
+worker that died ``MAX_TASK_DEATHS`` times is not re-issued again: its session fails.
+
+A session with shared memory (``slabs.SessionSlabs``) gives each task a slab when it is
+planned; the task keeps it through re-issues, and each issue is a new ``attempt``, so that a
+batch of an earlier attempt (sent by a worker before it died) is known and dropped: only
+the worker of the current attempt writes the slab.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from itertools import zip_longest
+from typing import TYPE_CHECKING
 
-from ..wire import Schema, TaskMessage
-from .planner import Plan, Shard
+from ..wire import TOKEN_CHARS, Schema, TaskMessage
+from .planner import BatchWindow, Plan, Shard
 from .slabs import SessionSlabs
+
+if TYPE_CHECKING:
+    import numpy as np
+
+WINDOWS_REMEMBERED = 256  # windows already read ahead, so sessions at one epoch ask once
+
+EVICT_SILENCE_S = 3.0     # three missed heartbeats: a session this silent may be evicted
+MAX_TASK_DEATHS = 2       # a task in the hands of this many dying workers fails its session
 
 
 @dataclass
 class Task:
     id: int
-    session: bytes
+    session: bytes            # the session's token
     feed: str
     epoch: int
-    index: int
-    ids: list
-    attempt: int = 1
+    index: int                         # the session's batch number in the epoch
+    ids: list | np.ndarray             # the batch's _ids (full order: compact rows), or
+    window: BatchWindow | None = None  # its window and slice of it (windowed order)
+    deaths: int = 0           # workers that died holding it; from 1 on it is made alone
+    attempt: int = 1          # 1 + the times it was re-issued
     slab: int | None = None   # the slab its batch is written into (shared memory)
     region: str | None = None
 
+    @property
+    def window_key(self) -> tuple | None:
+        """The window this task reads, which every session at this epoch shares."""
+        return None if self.window is None else (self.feed, self.epoch, self.window.window)
+
+    def describe(self) -> str:
+        return f"feed {self.feed!r}, epoch {self.epoch}, batch {self.index}"
+
     def message(self) -> TaskMessage:
-        return TaskMessage(self.id, self.feed, self.epoch, self.index, self.ids, self.attempt,
-                           self.region, self.slab)
+        return TaskMessage(self.id, self.feed, self.epoch, self.index, self.ids,
+                           None if self.window is None else self.window.to_wire(),
+                           self.attempt, self.region, self.slab)
 
 
 @dataclass
 class Session:
-    id: bytes
+    token: bytes              # secret: the data socket's identity, needed by bye
+    name: str                 # public: status, logs, metrics
     feed: str
     shard: Shard
     batches_per_epoch: int
@@ -62,10 +98,6 @@ class Session:
 
     def __post_init__(self):
         self.plan_epoch = self.deliver_epoch = self.start_epoch
-
-    @property
-    def name(self) -> str:
-        return self.id.decode()
 
     @property
     def transport(self) -> str:
@@ -108,43 +140,51 @@ class Session:
 class SessionTable:
     """The live sessions, their tasks, and the queue of tasks waiting for a worker."""
 
-    def __init__(self, plans: dict[str, Plan], max_pending: int):
+    def __init__(self, plans: dict[str, Plan], max_pending: int, max_sessions: int):
         self.plans = plans
         self.max_pending = max_pending
-        self.sessions: dict[bytes, Session] = {}
+        self.max_sessions = max_sessions
+        self.sessions: dict[bytes, Session] = {}  # by token
         self.tasks: dict[int, Task] = {}
         self.pending: deque[int] = deque()
+        self.warmed: OrderedDict[tuple, BatchWindow] = OrderedDict()  # windows read ahead
+        self.warm: list[tuple] = []  # of those, the ones not yet handed to a worker
+        self.opened = 0
 
     def __len__(self) -> int:
         return len(self.sessions)
 
-    def get(self, session_id: bytes) -> Session | None:
-        return self.sessions.get(session_id)
+    def get(self, token: bytes) -> Session | None:
+        return self.sessions.get(token)
+
+    def full(self) -> bool:
+        return len(self.sessions) >= self.max_sessions
+
+    def evictable(self, now: float) -> Session | None:
+        """The session silent longest, if it has been silent for ``EVICT_SILENCE_S``."""
+        quietest = min(self.sessions.values(), key=lambda s: s.last_seen, default=None)
+        if quietest is not None and now - quietest.last_seen > EVICT_SILENCE_S:
+            return quietest
+        return None
 
     def open(self, feed: str, shard: Shard, start_epoch: int, ordered: bool,
              schema: Schema) -> Session:
-        session = Session(secrets.token_hex(8).encode(), feed, shard,
-                          self.plans[feed].batches_per_epoch(shard), start_epoch, ordered,
-                          schema)
-        self.sessions[session.id] = session
+        self.opened += 1
+        session = Session(secrets.token_hex(TOKEN_CHARS // 2).encode(), f"s{self.opened}",
+                          feed, shard, self.plans[feed].batches_per_epoch(shard), start_epoch,
+                          ordered, schema)
+        self.sessions[session.token] = session
         return session
 
     def end(self, session: Session):
         """Forget a session and its tasks; those in flight are dropped when they come back.
         Its region file is removed (the mappings of workers and consumer outlive it)."""
-        self.sessions.pop(session.id, None)
-        for task_id in [t.id for t in self.tasks.values() if t.session == session.id]:
+        self.sessions.pop(session.token, None)
+        for task_id in [t.id for t in self.tasks.values() if t.session == session.token]:
             del self.tasks[task_id]
         session.ready.clear()
         if session.slabs is not None:
             session.slabs.close()
-
-    def memory_bound(self, batch_bytes: int) -> int:
-        """Bytes of batches the daemon may hold for its sessions: each session's region, or
-        ``max_pending`` batches for one without; one session's worth when there is none."""
-        bounds = [s.slabs.nbytes if s.slabs else batch_bytes * self.max_pending
-                  for s in list(self.sessions.values())]
-        return sum(bounds) if bounds else batch_bytes * self.max_pending
 
     def poll_sent(self):
         """Free the slabs that ZeroMQ has finished sending."""
@@ -158,26 +198,63 @@ class SessionTable:
 
     def plan_tasks(self):
         """Give every active session tasks until it has ``max_pending`` batches ahead (and,
-        with shared memory, while it has a free slab)."""
-        hungry = [s for s in self.sessions.values() if s.active and s.ahead() < self.max_pending]
-        while hungry:
-            for session in list(hungry):
-                slab = region = None
-                if session.slabs is not None:
-                    slab, region = session.slabs.acquire(), session.slabs.path
-                    if slab is None:
-                        hungry.remove(session)
-                        continue
-                epoch, index = session.next_task()
-                plan = self.plans[session.feed]
-                task = Task(secrets.randbits(62), session.id, session.feed, epoch, index,
-                            plan.batch_ids(epoch, index, session.shard), slab=slab,
-                            region=region)
-                self.tasks[task.id] = task
-                self.pending.append(task.id)
-                session.in_production += 1
-                if session.ahead() >= self.max_pending:
-                    hungry.remove(session)
+        with shared memory, while it has free slabs). Each session's new batches are planned
+        together (one vectorised call per epoch), then queued taking turns between
+        sessions."""
+        planned = []
+        for session in self.sessions.values():
+            need = self.max_pending - session.ahead() if session.active else 0
+            if session.slabs is not None:
+                need = min(need, len(session.slabs.free))
+            if need > 0:
+                planned.append(self.plan_session(session, need))
+        for turn in zip_longest(*planned):
+            for task in turn:
+                if task is not None:
+                    self.tasks[task.id] = task
+                    self.pending.append(task.id)
+
+    def plan_session(self, session: Session, count: int) -> list[Task]:
+        """The session's next ``count`` tasks."""
+        plan = self.plans[session.feed]
+        positions = [session.next_task() for _ in range(count)]
+        session.in_production += count
+        tasks = []
+        for epoch in dict.fromkeys(epoch for epoch, _ in positions):
+            indices = [index for e, index in positions if e == epoch]
+            batches = [plan.global_index(session.shard, 0, index) for index in indices]
+            if plan.windowed:
+                reads = [{"ids": [], "window": plan.batch_window(epoch, g)} for g in batches]
+                if plan.window_batches // session.shard.world > self.max_pending:
+                    self.read_ahead(session.feed, plan, epoch, reads[-1]["window"].window)
+            else:
+                reads = [{"ids": rows} for rows in plan.batch_rows(epoch, batches)]
+            tasks += [Task(secrets.randbits(62), session.token, session.feed, epoch, index,
+                           **read)
+                      for index, read in zip(indices, reads, strict=True)]
+        if session.slabs is not None:
+            for task in tasks:
+                task.slab, task.region = session.slabs.acquire(), session.slabs.path
+        return tasks
+
+    def read_ahead(self, feed: str, plan, epoch: int, window: int):
+        """Once a session has tasks in a window, the next window is read ahead (by a worker
+        without the current one), so its read overlaps the current window's batches. Once
+        per window, whatever the sessions; only for windows of more batches than a session
+        plans ahead (in smaller ones its tasks already reach into the next window, and a
+        worker keeps two windows)."""
+        key = (feed, *plan.next_window(epoch, window))
+        if key not in self.warmed:
+            self.warmed[key] = plan.window_read(*key[1:])
+            self.warm.append(key)
+            while len(self.warmed) > WINDOWS_REMEMBERED:
+                self.warmed.popitem(last=False)
+
+    def take_warm(self) -> list[tuple[tuple, BatchWindow]]:
+        """The windows to read ahead, (key, spec) each, since the last call."""
+        taken = [(key, self.warmed[key]) for key in self.warm if key in self.warmed]
+        self.warm.clear()
+        return taken
 
     def finish(self, task_id: int, attempt: int) -> tuple[Task | None, Session | None]:
         """A batch came back: its task (None for a late duplicate, a batch of an earlier
@@ -189,21 +266,41 @@ class SessionTable:
         return task, self.sessions.get(task.session)
 
     def requeue(self, task_ids: list[int]):
-        """Tasks whose worker died (or could not be reached): first in line again, in their
-        order, each as a new attempt (a batch of the old one is dropped when it comes)."""
+        """Tasks a worker could not be sent, or whose worker died: first in line again, in
+        their order, each as a new attempt (a batch of the old one is dropped if it comes)."""
         for task_id in reversed(task_ids):
             task = self.tasks.get(task_id)
             if task is not None:
                 task.attempt += 1
                 self.pending.appendleft(task_id)
 
+    def orphaned(self, task_ids: list[int]) -> list[Task]:
+        """Tasks of a worker that died: each counts the death and goes first in line again,
+        to be made alone; returns those that reached ``MAX_TASK_DEATHS`` instead (poison:
+        their sessions must fail rather than kill workers forever)."""
+        poison = []
+        for task_id in task_ids:
+            task = self.tasks.get(task_id)
+            if task is not None:
+                task.deaths += 1
+                if task.deaths >= MAX_TASK_DEATHS:
+                    poison.append(task)
+        self.requeue([i for i in task_ids if i in self.tasks
+                      and self.tasks[i].deaths < MAX_TASK_DEATHS])
+        return poison
+
     def next_pending(self) -> Task | None:
-        """The next task waiting for a worker (skipping those of ended sessions)."""
+        """The next task waiting for a worker (skipping those of ended sessions); it stays
+        first in line until ``take_pending``."""
         while self.pending:
-            task = self.tasks.get(self.pending.popleft())
+            task = self.tasks.get(self.pending[0])
             if task is not None:
                 return task
+            self.pending.popleft()
         return None
+
+    def take_pending(self) -> Task:
+        return self.tasks[self.pending.popleft()]
 
     def status(self, now: float) -> list[dict]:
         # A copy: the metrics thread also calls this while the loop changes sessions.

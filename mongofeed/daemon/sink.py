@@ -15,7 +15,12 @@ batch goes out depends on the consumer:
   place (no copy in this process), the slab freed once ZeroMQ has sent them.
 
 Memory per session is bounded by ``max_pending`` batches produced ahead (tasks in flight
-plus batches waiting here) and by the consumer's credit for those in transit or held.
+plus batches waiting here) and ``max_pending`` more sent but not yet read: a session's credit
+is capped at that, and so is the data socket's send queue per connection (its high-water
+mark), so a consumer that grants credit without ever reading cannot make batches pile up in
+ZeroMQ's queue. ``Config.session_memory_bound`` is the sum in bytes. A session's region has
+exactly that many slabs: ``max_pending`` for production, ``max_pending`` lent or being sent
+(a consumer that keeps more slabs than that only stalls its own session).
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ class SlabBatch:
 class Sink:
     """Sends each session's batches on the data socket, in order and within its credit."""
 
-    def __init__(self, socket: zmq.Socket):
+    def __init__(self, socket: zmq.Socket, credit_limit: int):
         self.socket = socket
+        self.credit_limit = credit_limit  # also the socket's sndhwm (set by the supervisor)
 
     def accept(self, session: Session, epoch: int, index: int, batch) -> bool:
         """A worker's batch for ``session`` (a ``SlabBatch`` or frames); sends what has
@@ -54,7 +60,7 @@ class Sink:
         return self.flush(session)
 
     def grant(self, session: Session, credit: int) -> bool:
-        session.credit += credit
+        session.credit = min(session.credit + credit, self.credit_limit)
         session.active = True
         session.last_seen = time.monotonic()
         return self.flush(session)
@@ -76,13 +82,12 @@ class Sink:
                     batch.slab, session.schema.placements(batch.header))
                 parts = [batch.header.pack(), *frames]
             try:
-                self.socket.send_multipart([session.id] + parts, copy=False, flags=zmq.NOBLOCK)
+                self.socket.send_multipart([session.token] + parts, copy=False,
+                                           flags=zmq.NOBLOCK)
             except zmq.Again:
-                return True  # the transport is full; the next credit retries
+                return True  # its queue is full; the next credit or heartbeat retries
             except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:
-                    raise
-                log.info("session %s: consumer disconnected", session.name)
+                log.info("session %s: consumer disconnected (%s)", session.name, exc)
                 return False
             if trackers is not None:
                 session.slabs.sent(batch.slab, trackers)
@@ -100,6 +105,7 @@ class Sink:
     def fail(self, session: Session, message: str):
         """Tell the consumer why its session ends; it raises this as a FeedError."""
         try:
-            self.socket.send_multipart([session.id] + pack_error(message), flags=zmq.NOBLOCK)
+            self.socket.send_multipart([session.token] + pack_error(message),
+                                       flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # already gone: nobody to tell

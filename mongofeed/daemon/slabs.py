@@ -22,10 +22,12 @@ production never waits for a slab that the consumer is entitled to hold.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 
 import zmq
 
-from ..portable import shared_memory_path
+from ..portable import shared_memory_name
 from ..region import Region, RegionError, SlabLayout
 from ..wire import Placement, frame_sizes
 
@@ -44,10 +46,13 @@ class SessionSlabs:
         self.shared = False  # the consumer maps the region (said so in its first credit)
 
     @classmethod
-    def create(cls, folder: str, name: str, slabs: int, layout: SlabLayout) -> SessionSlabs:
-        """A new region of ``slabs`` slabs in ``folder``; RegionError if it cannot be made."""
+    def create(cls, folder, slabs: int, layout: SlabLayout) -> SessionSlabs:
+        """A new region of ``slabs`` slabs in ``folder``, named ``mongofeed-<pid>-<random>``
+        (never after the session's token: file names are visible to every local user);
+        RegionError if it cannot be made."""
+        path = os.path.join(folder, shared_memory_name(secrets.token_hex(4)))
         try:
-            region = Region.create(shared_memory_path(folder, name), slabs, layout.slab_bytes)
+            region = Region.create(path, slabs, layout.slab_bytes)
         except OSError as exc:
             raise RegionError(f"cannot create a region in {folder}: {exc.strerror}") from None
         return cls(region, layout)

@@ -1,16 +1,23 @@
 """Everything that talks to MongoDB: the one client per process, listing ids, batch reads.
 
 A worker calls ``connect`` once, after it has started, and keeps the client for its whole
-life; the supervisor uses a client only while it lists the ``_id``s of each feed.
-``MongoSource`` bundles the three for the supervisor and the workers; a stand-in with the
-same methods (the benchmark's documents in memory) serves without a database.
+life; the supervisor uses a client only while it plans each feed (``plan_feed``: the
+listing, streamed into the planner's compact arrays, or the plan cache after a cheap check
+of the collection). Workers read a batch's ids with one ``$in`` (``BatchReader.read``) or a
+window of the windowed order with one query over its ``_id`` ranges (``read_window``).
+``MongoSource`` bundles them for the supervisor and the workers; a stand-in with the same
+methods (``testing.MemorySource``: documents in memory) serves without a database.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import threading
+import time
 
 import bson
+import numpy as np
 import pymongo
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.raw_bson import RawBSONDocument
@@ -18,13 +25,21 @@ from pymongo.errors import ConnectionFailure, OperationFailure, ProtocolError, P
 
 from ..errors import DecodeError, SourceError
 from .config import Config, FeedConfig, SourceConfig, redact_uri
-from .planner import Plan, sort_key
+from .planner import BatchWindow, Ids, IdsBuilder, Plan, SplitsBuilder, WindowPlan
+from .planner.cache import PlanCache, cache_key
+from .planner.ids import MixedIdTypes, UnorderableIds
+from .planner.order import window_order
+from .planner.plans import DOCUMENT_OVERHEAD_BYTES, window_shape
 
 log = logging.getLogger(__name__)
 
 SERVER_SELECTION_TIMEOUT_MS = 5_000
 REPLY_TARGET_BYTES = 8 * 1024 * 1024  # well under the 16 MiB (MongoDB) / 48 MB (FerretDB) caps
 ID_QUERY_MAX_BYTES = 8 * 1024 * 1024  # the ids of one $in: half MongoDB's 16 MiB command cap
+LISTING_REPLY_DOCS = 100_000  # {_id} documents per reply of a listing (2.2 MB of ObjectIds)
+PLAN_WAIT_STEP_S = 0.2
+CHECKED = {"documents": "documents in the collection", "bytes": "bytes of data",
+           "ends": "first and last _id", "selected": "documents the filter selects"}
 
 # Dates outside Python's years 1-9999 decode as bson.DatetimeMS instead of failing the whole
 # reply (pymongo's own answer to them); used for documents, _id lists and tasks alike.
@@ -75,40 +90,184 @@ def describe_failure(source: SourceConfig, exc: Exception) -> str:
     return f"MongoDB error at {where}: {redact_uri(str(exc))[:300]}"
 
 
-def list_ids(client: pymongo.MongoClient, source: SourceConfig, query: dict) -> list:
-    """The sorted ``_id``s of the documents that ``query`` selects (projection ``_id`` only).
+def _ids_cursor(client: pymongo.MongoClient, source: SourceConfig, query: dict,
+                sort: bool = False):
+    """Raw replies of ``{_id: value}`` documents of ``query``. An empty filter is hinted to
+    the ``_id`` index: an index-only plan (the projection is covered) instead of a read of
+    every document; ``sort`` asks the server for ``_id`` order (the index's, then)."""
+    db = client[source.database]
+    if source.collection not in db.list_collection_names():
+        raise SourceError(f"collection {source.database}.{source.collection} does not exist "
+                          f"on {redact_uri(source.uri)}: check source.database and "
+                          f"source.collection, or load data with 'mongofeed load'")
+    options = {"batch_size": LISTING_REPLY_DOCS}
+    if not query:
+        options["hint"] = [("_id", 1)]
+    if sort:
+        options["sort"] = [("_id", 1)]
+    return db[source.collection].find_raw_batches(query, {"_id": 1}, **options)
 
-    Sorted here rather than by the server so the plan is the same on every server and the
-    server needs no index for the sort.
-    """
+
+def list_ids(client: pymongo.MongoClient, source: SourceConfig, query: dict) -> Ids:
+    """The sorted ``_id``s of the documents that ``query`` selects, streamed from the raw
+    replies into compact arrays (``planner.ids``) and sorted here, so the plan is the same on
+    every server and the server needs no index for the sort."""
+    builder = IdsBuilder()
     try:
-        db = client[source.database]
-        if source.collection not in db.list_collection_names():
-            raise SourceError(f"collection {source.database}.{source.collection} does not exist "
-                              f"on {redact_uri(source.uri)}: check source.database and "
-                              f"source.collection, or load data with 'mongofeed load'")
-        ids = [doc["_id"] for doc in db[source.collection].find(query, {"_id": 1})]
+        for raw in _ids_cursor(client, source, query):
+            builder.add_reply(raw)
     except PyMongoError as exc:
         raise SourceError(describe_failure(source, exc)) from None
     try:
-        ids.sort(key=sort_key)
-    except TypeError:
-        raise SourceError(f"{source.database}.{source.collection}: _id values of types that "
-                          f"cannot be ordered (e.g. documents as _id) are not supported") from None
-    return ids
+        return builder.finish()
+    except UnorderableIds as exc:
+        raise SourceError(f"{source.database}.{source.collection}: {exc}") from None
 
 
-def plan_feed(source, client, config: Config, feed: FeedConfig) -> Plan:
-    """The feed's plan from its ``_id``s as ``source`` lists them; refused when it cannot
-    fill one batch."""
-    ids = source.list_ids(client, feed.filter)
+def list_splits(client: pymongo.MongoClient, source: SourceConfig, query: dict,
+                range_docs: int) -> tuple[Ids, object, int, str]:
+    """What the windowed order keeps of the listing, in the server's ``_id`` order (the order
+    its range queries use): every ``range_docs``-th ``_id``, the last, the count and the
+    digest (``planner.ids.SplitsBuilder``). Refuses ``_id``s of more than one type."""
+    builder = SplitsBuilder(range_docs)
+    try:
+        for raw in _ids_cursor(client, source, query, sort=True):
+            builder.add_reply(raw)
+    except PyMongoError as exc:
+        raise SourceError(describe_failure(source, exc)) from None
+    except MixedIdTypes as exc:
+        raise SourceError(f"{source.database}.{source.collection}: shuffle = 'window' reads "
+                          f"ranges of _id, which hold one type of value, but the feed's "
+                          f"_ids are {exc}: give the feed shuffle = true") from None
+    return builder.finish()
+
+
+def fingerprint(client: pymongo.MongoClient, source: SourceConfig, query: dict) -> dict:
+    """What the plan cache is checked against at start, as cheap as the server allows: the
+    collection's document count and data size (``collStats``: metadata, on every server),
+    and where the server answers them from its indexes (MongoDB), the first and last
+    ``_id`` (the ``_id`` index) and the number of documents a filter selects. FerretDB 1.x
+    reads the whole collection for a sort or a filtered count, as for a listing, so there
+    the check is the count and size alone (README, Limits, says what that misses)."""
+    db = client[source.database]
+    collection = db[source.collection]
+    try:
+        indexed = "ferretdbVersion" not in client.admin.command("buildInfo")
+        try:
+            stats = db.command("collStats", source.collection)
+            check = {"documents": stats["count"], "bytes": stats["size"]}
+        except OperationFailure:  # a server without collStats: the count alone
+            check = {"documents": collection.estimated_document_count()}
+        if indexed:
+            ends = [collection.find_one({}, {"_id": 1}, sort=[("_id", direction)],
+                                        hint=[("_id", 1)]) for direction in (1, -1)]
+            check["ends"] = [end and end["_id"] for end in ends]
+            if query:
+                check["selected"] = collection.count_documents(query)
+    except PyMongoError as exc:
+        raise SourceError(describe_failure(source, exc)) from None
+    return check
+
+
+def document_bytes(config: Config) -> int:
+    """What the windowed order counts per document against ``batch.window_bytes``: its
+    fields' stored values (dtype x shape; a GridFS file id for a GridFS field; the guess the
+    workers use for a text field) and a fixed allowance for ``_id`` and the keys."""
+    def stored(field) -> int:
+        if field.gridfs:
+            return 16
+        if field.is_text:
+            return field.out_nbytes
+        return math.prod(field.shape) * np.dtype(field.dtype).itemsize
+    return DOCUMENT_OVERHEAD_BYTES + sum(stored(f) for f in config.fields.values())
+
+
+def plan_feed(source, client, config: Config, feed: FeedConfig):
+    """The feed's plan (``Plan``, or ``WindowPlan`` for ``shuffle = "window"``) from its
+    ``_id``s as ``source`` lists them, or from the plan cache when the server's count and
+    ends of the feed are those stored; refused when it cannot fill one batch. The listing
+    runs in a thread while this one waits in short steps, so a stop signal is handled at once
+    (a sort of 100 million ids holds no lock that a signal handler needs, but it does keep
+    the thread that runs it busy for seconds)."""
     batch, shard = config.batch, config.serve.shard
-    plan = Plan(ids, batch.size, batch.seed, feed.shuffle, batch.drop_last)
+    started = time.monotonic()
+    if feed.shuffle == "window":
+        range_docs, window_ranges = window_shape(
+            batch.size, batch.window_bytes // document_bytes(config))
+        order = {"order": "window", "range_docs": range_docs}
+    else:
+        order = {"order": "full"}
+    cache = plan_cache(source, config)
+    check = hit = None
+    if cache is not None:
+        check = wait_aside(source.fingerprint, client, feed.filter)
+        key = cache_key(redact_uri(config.source.uri), config.source.database,
+                        config.source.collection, feed.filter, order)
+        hit = cache.load(key, check)
+    if hit is not None:
+        ids, digest, count, last = hit["ids"], hit["digest"], hit["count"], hit.get("last")
+        origin = {"from_cache": hit["path"]}
+    elif feed.shuffle == "window":
+        ids, last, count, digest = wait_aside(source.list_splits, client, feed.filter,
+                                              range_docs)
+        origin = {"listed": True}
+    else:
+        ids = wait_aside(source.list_ids, client, feed.filter)
+        count, last, digest = len(ids), None, wait_aside(ids.digest)
+        origin = {"listed": True}
+    if hit is None and cache is not None:
+        if wait_aside(source.fingerprint, client, feed.filter) == check:
+            stored = cache.store(key, {"check": check, "digest": digest, "count": count,
+                                       "last": last}, ids)
+            if stored:
+                origin["stored"] = stored
+        else:
+            log.warning("feed %s: the collection changed while it was listed; the plan is "
+                        "not cached", feed.name)
+    if feed.shuffle == "window":
+        plan = WindowPlan(ids, last, count, batch.size, batch.seed, batch.drop_last,
+                          range_docs, window_ranges, digest)
+    else:
+        plan = Plan(ids, batch.size, batch.seed, feed.shuffle, batch.drop_last, digest)
     if plan.batches_per_epoch(shard) == 0:
-        raise SourceError(f"feed {feed.name!r}: filter {feed.filter} selects {len(ids)} "
+        raise SourceError(f"feed {feed.name!r}: filter {feed.filter} selects {count} "
                           f"documents of {config.source.database}.{config.source.collection}, "
                           f"not enough for one batch of {batch.size} in shard {shard}")
+    if check is not None:
+        origin["checked"] = ", ".join(f"{CHECKED[k]} {v}" for k, v in check.items())
+    plan.origin = {**origin, "seconds": round(time.monotonic() - started, 3),
+                   "resident_bytes": plan.resident_bytes}
+    log.info("feed %s: %d documents, %s", feed.name, count, plan.origin)
     return plan
+
+
+def plan_cache(source, config: Config) -> PlanCache | None:
+    """The plan cache, unless ``serve.plan_cache = "off"`` or ``source`` has no cheap check
+    (an in-memory source lists faster than it would read a file)."""
+    if config.serve.plan_cache == "off" or not hasattr(source, "fingerprint"):
+        return None
+    return PlanCache(config.serve.plan_cache)
+
+
+def wait_aside(function, *args):
+    """``function(*args)`` run in a daemon thread while this thread waits in steps of
+    ``PLAN_WAIT_STEP_S``: a signal handler (which runs only in the main thread, between its
+    bytecodes) is not held up by a long C call such as a sort, and may raise to abandon it."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = function(*args)
+        except BaseException as exc:  # handed to the waiting thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, name="mongofeed-planner", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(PLAN_WAIT_STEP_S)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def reply_batch_docs(sample_bytes: int) -> int:
@@ -196,6 +355,21 @@ class BatchReader:
                                                 WHOLE_DOCUMENT, "BSON that pymongo decodes", why)
                 for doc in present}
 
+    def read_window(self, window: BatchWindow, query: dict) -> Window:
+        """The documents of ``window`` (the feed's ``query`` within the window's ``_id``
+        ranges) with one query, kept as the raw replies, sorted by ``_id``. Refused when the
+        ranges no longer hold the documents the plan counted in them."""
+        selector = window.query() if not query else {"$and": [query, window.query()]}
+        try:
+            replies = self._find_raw(selector, self.docs_per_reply)
+        except ProtocolError:
+            replies = self._find_raw(selector, 1)  # as in _read: far larger documents
+        return expect_count(window, Window(replies))
+
+    def _find_raw(self, selector: dict, docs_per_reply: int) -> list[bytes]:
+        return list(self.collection.find_raw_batches(selector, self.projection,
+                                                     batch_size=docs_per_reply))
+
     def read_gridfs(self, bucket: str, file_id) -> bytes:
         import gridfs
 
@@ -203,6 +377,106 @@ class BatchReader:
             self._buckets[bucket] = gridfs.GridFSBucket(self.db, bucket_name=bucket)
         with self._buckets[bucket].open_download_stream(file_id) as stream:
             return stream.read()
+
+
+class WindowChanged(Exception):
+    """A window's ``_id`` ranges hold other documents than when the plan was made."""
+
+
+def expect_count(window: BatchWindow, found: Window) -> Window:
+    """``found`` if it holds the documents the plan counted in ``window``'s ranges: any
+    other number would move documents between batches, so none of them is made."""
+    if len(found) != window.count:
+        raise WindowChanged(
+            f"the documents of window {window.window} changed since the daemon planned: "
+            f"its _id ranges held {window.count} when they were listed and hold "
+            f"{len(found)} now (documents were inserted or deleted). Restart the daemon "
+            f"to plan again; if the collection kept its count and its first and last "
+            f"_id, delete its plan cache (serve.plan_cache) first")
+    return found
+
+
+class Window:
+    """One window's documents: the raw replies as read, and each document's place in them,
+    sorted by ``_id``. Documents are decoded one at a time, when a batch takes them, so the
+    window costs its BSON bytes and three integers per document."""
+
+    def __init__(self, replies: list[bytes]):
+        self.replies = replies
+        reply_of, offsets, sizes, keys = [], [], [], []
+        for number, raw in enumerate(replies):
+            offset = 0
+            while offset < len(raw):
+                size = int.from_bytes(raw[offset:offset + 4], "little")
+                reply_of.append(number)
+                offsets.append(offset)
+                sizes.append(size)
+                keys.append(raw_id_key(raw, offset, size))
+                offset += size
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        self.reply_of = np.array(reply_of, np.int32)[order]
+        self.offsets = np.array(offsets, np.int64)[order]
+        self.sizes = np.array(sizes, np.int64)[order]
+        self.nbytes = sum(len(raw) for raw in replies)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def batch(self, spec: BatchWindow, seed: int, epoch: int, collection: str):
+        """The ``_id``s and documents of the batch ``spec`` slices from this window: its
+        positions of the window's order, which is keyed by seed, epoch and window."""
+        order = window_order(seed, epoch, spec.window, spec.count)
+        return self.documents(order.at(np.arange(spec.start, spec.stop)), collection)
+
+    def documents(self, positions, collection: str) -> tuple[list, list]:
+        """The ``_id``s and documents at ``positions`` of the sorted window: each document
+        decoded, or the DecodeError of one that pymongo cannot decode."""
+        ids, docs = [], []
+        for p in np.asarray(positions).tolist():
+            offset, size = int(self.offsets[p]), int(self.sizes[p])
+            raw = memoryview(self.replies[self.reply_of[p]])[offset:offset + size]
+            try:
+                doc = bson.decode(raw, CODEC_OPTIONS)
+            except Exception as exc:  # bson raises several kinds of errors for bad bytes
+                doc_id = raw_id_value(raw)
+                doc = DecodeError(collection, doc_id, WHOLE_DOCUMENT, WHOLE_DOCUMENT,
+                                  "BSON that pymongo decodes",
+                                  f"a document that pymongo cannot decode "
+                                  f"({type(exc).__name__}: {exc})")
+                ids.append(doc_id)
+            else:
+                ids.append(doc["_id"])
+            docs.append(doc)
+        return ids, docs
+
+
+# _id as a document's first element, by BSON type: its value's width and how to read it
+_ID_READERS = {
+    0x07: (12, bytes),                                                      # ObjectId
+    0x10: (4, lambda b: int.from_bytes(b, "little", signed=True)),          # int32
+    0x12: (8, lambda b: int.from_bytes(b, "little", signed=True)),          # int64
+}
+
+
+def raw_id_key(raw: bytes, offset: int, size: int):
+    """A sort key of a raw document's ``_id`` that orders one type as MongoDB does (bytes
+    of an ObjectId, an integer's value), read without decoding the document where ``_id``
+    is its first element of a common type (as MongoDB stores it); decoded otherwise."""
+    element = raw[offset + 4]
+    reader = _ID_READERS.get(element)
+    if reader is not None and raw[offset + 5:offset + 9] == b"_id\x00":
+        width, read = reader
+        return read(raw[offset + 9:offset + 9 + width])
+    value = raw_id_value(memoryview(raw)[offset:offset + size])
+    return value.binary if isinstance(value, bson.ObjectId) else value
+
+
+def raw_id_value(raw) -> object:
+    """The ``_id`` of a raw document, also of one that does not decode as a whole."""
+    try:
+        return bson.decode(raw, CODEC_OPTIONS)["_id"]
+    except Exception:  # noqa: BLE001 - pymongo cannot decode it: say so
+        return "(an _id pymongo cannot decode)"
 
 
 class MongoSource:
@@ -215,8 +489,14 @@ class MongoSource:
     def connect(self, appname: str) -> pymongo.MongoClient:
         return connect(self.config, appname)
 
-    def list_ids(self, client: pymongo.MongoClient, query: dict) -> list:
+    def list_ids(self, client: pymongo.MongoClient, query: dict) -> Ids:
         return list_ids(client, self.config, query)
+
+    def list_splits(self, client: pymongo.MongoClient, query: dict, range_docs: int):
+        return list_splits(client, self.config, query, range_docs)
+
+    def fingerprint(self, client: pymongo.MongoClient, query: dict) -> dict:
+        return fingerprint(client, self.config, query)
 
     def reader(self, client: pymongo.MongoClient, sample_bytes: int,
                projection: dict | None = None) -> BatchReader:

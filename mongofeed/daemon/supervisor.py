@@ -2,12 +2,18 @@
 
 The supervisor binds the public sockets (control and data) and the internal ones (tasks to
 workers, batches from workers), plans each feed, and starts the worker pool. Signal handlers
-only set a flag; ``loop_once`` does the work, so a test can step it. Per iteration:
+only set a flag (while it plans, the one long step that does not loop here, they also
+interrupt it); ``loop_once`` does the work, so a test can step it. Per iteration:
 
 1. read finished batches (sink), worker announcements, consumer credit and heartbeats, and
    control requests (hello/status/bye);
-2. reap and restart workers, re-issue the tasks of the dead, end silent sessions;
+2. reap and restart workers, re-issue the tasks of the dead (a task that dies with its
+   worker twice fails its session instead), end silent sessions;
 3. plan new tasks for sessions that have room and hand them to workers with free slots.
+
+No message can stop the loop: whatever a handler raises, the message is refused and
+counted (``rejected_messages``), logged with its reason (a traceback for the unexpected, at
+most one warning per ``REJECT_LOG_INTERVAL_S``), and the loop goes on.
 
 The roles live in their own modules: the worker pool [pool], sessions and tasks [sessions],
 delivery to consumers [sink], control requests [control].
@@ -17,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import signal
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +33,7 @@ from ..errors import ProtocolError, SourceError
 from ..portable import (
     bind_internal,
     make_runtime_dir,
+    on_stop_signals,
     remove_stale_shared_memory,
     shared_memory_dir,
 )
@@ -55,11 +61,48 @@ from .worker import run_worker
 log = logging.getLogger(__name__)
 
 LOOP_POLL_MS = 100
+LOOP_WINDOW_S = 60.0           # status reports the longest iteration of this last window
 DRAIN_LIMIT = 100              # messages per socket per iteration, so no socket starves
 READY_TIMEOUT_S = 60.0
 ERRORS_KEPT = 20
 SOCKET_LINGER_MS = 0
-DATA_SNDHWM = 10_000           # consumer credit is the real bound
+REJECT_LOG_INTERVAL_S = 10.0   # one warning per interval; the others at debug level
+
+
+class StopRequested(BaseException):
+    """SIGTERM or SIGINT arrived while the daemon was planning (which does not loop here to
+    look at the stop flag): raised by the signal handler to abandon the plan."""
+
+
+class LoopClock:
+    """How long the loop's iterations take, poll wait excluded: the longest since start and
+    in the last ``LOOP_WINDOW_S`` (a slow iteration delays every consumer's traffic), and the
+    longest in CPU time of the loop's thread (its own work, without the time the machine gave
+    to other processes meanwhile)."""
+
+    def __init__(self):
+        self.iterations = 0
+        self.longest_s = self.longest_cpu_s = 0.0
+        self.recent = deque()  # (when, seconds) of the longest iterations of the window
+
+    def record(self, seconds: float, cpu_seconds: float):
+        now = time.monotonic()
+        self.iterations += 1
+        self.longest_s = max(self.longest_s, seconds)
+        self.longest_cpu_s = max(self.longest_cpu_s, cpu_seconds)
+        while self.recent and now - self.recent[0][0] > LOOP_WINDOW_S:
+            self.recent.popleft()
+        while self.recent and self.recent[-1][1] <= seconds:  # never the longest again
+            self.recent.pop()
+        self.recent.append((now, seconds))
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        recent = [s for when, s in self.recent if now - when <= LOOP_WINDOW_S]
+        return {"iterations": self.iterations, "longest_ms": round(self.longest_s * 1e3, 2),
+                "longest_cpu_ms": round(self.longest_cpu_s * 1e3, 2),
+                "longest_recent_ms": round(max(recent, default=0.0) * 1e3, 2),
+                "recent_window_s": LOOP_WINDOW_S}
 
 
 class Supervisor:
@@ -72,12 +115,17 @@ class Supervisor:
         self.source = source or MongoSource(config.source)
         self.worker_main = worker_main
         self.plans: dict[str, Plan] = {}
-        self.sessions = SessionTable(self.plans, config.serve.max_pending)
+        self.sessions = SessionTable(self.plans, config.serve.max_pending,
+                                     config.serve.max_sessions)
         self.control_handlers = Control(self)
         self.errors: deque[str] = deque(maxlen=ERRORS_KEPT)
-        self.counters = {"rejected_messages": 0, "dropped_batches": 0, "sessions_opened": 0}
+        self.counters = {"rejected_messages": 0, "dropped_batches": 0, "sessions_opened": 0,
+                         "evicted_sessions": 0, "poison_tasks": 0, "windows_read_ahead": 0}
+        self.loop_clock = LoopClock()
         self.started_at = time.time()
         self.stopping = False
+        self.planning = False  # while true, a stop signal raises StopRequested
+        self.last_reject_log = -REJECT_LOG_INTERVAL_S
         self.context = None
         self.curve = None  # CurveServer when serve.server_key is set
         self.runtime_dir = None
@@ -88,61 +136,86 @@ class Supervisor:
     # -- start and stop ---------------------------------------------------------------------
 
     def plan_feeds(self):
-        """List each feed's ``_id``s once, with the only client the supervisor ever opens."""
-        client = self.source.connect("mongofeed-supervisor")
+        """List each feed's ``_id``s once, with the only client the supervisor ever opens.
+        A stop signal meanwhile raises ``StopRequested`` (see ``install_signal_handlers``)."""
+        self.planning = True
         try:
-            for feed in self.config.feeds.values():
-                self.plans[feed.name] = plan_feed(self.source, client, self.config, feed)
+            if self.stopping:
+                raise StopRequested
+            client = self.source.connect("mongofeed-supervisor")
+            try:
+                for feed in self.config.feeds.values():
+                    log.info("planning feed %s", feed.name)
+                    self.plans[feed.name] = plan_feed(self.source, client, self.config, feed)
+            finally:
+                client.close()
         finally:
-            client.close()
+            self.planning = False
 
     def start(self):
-        """Plan, bind every socket and start the workers; raises before leaving anything."""
+        """Bind every socket, plan, start the workers; raises before leaving anything. The
+        user's functions, sockets and keys come first, so a bad function reference, a port in
+        use or a bad key is refused at once, not after a long listing."""
         load_functions(self.config.transform, self.config.path)  # a ConfigError stops us here
-        self.plan_feeds()
         self.context = zmq.Context()
         serve = self.config.serve
         try:
             if serve.server_key:
                 self.curve = CurveServer(self.context, serve.server_key, serve.client_keys)
+            # Replies keep ZeroMQ's default queue: with a small one, replies to a peer that
+            # reads every one were dropped now and then (seen in the fuzz test; a ROUTER
+            # counts a queue's fill from the reader's lagging reports, and drops beyond it).
             self.control = self._bind(zmq.ROUTER, serve.control, MAX_CONTROL_BYTES)
-            self.data = self._bind(zmq.ROUTER, serve.bind, MAX_CONTROL_BYTES)
+            # Batches sent but not read stay in this queue: at most max_pending per consumer.
+            self.data = self._bind(zmq.ROUTER, serve.bind, MAX_CONTROL_BYTES, serve.max_pending)
             self.data.router_mandatory = 1
-            self.data.sndhwm = DATA_SNDHWM
-            self.runtime_dir = make_runtime_dir()
+            task_endpoint, sink_endpoint = self._bind_internal()
             self.shared_memory_dir = shared_memory_dir()
             remove_stale_shared_memory(self.shared_memory_dir)
-            self.task_socket = self._socket(zmq.ROUTER)
-            task_endpoint = bind_internal(self.task_socket, self.runtime_dir, "tasks")
-            self.task_socket.router_mandatory = 1
-            self.task_socket.router_handover = 1  # a restarted worker reuses its slot's identity
-            self.sink_socket = self._socket(zmq.PULL)
-            sink_endpoint = bind_internal(self.sink_socket, self.runtime_dir, "sink")
+            self.plan_feeds()
             self.pool = WorkerPool(self.config, self.source, self.task_socket, task_endpoint,
                                    sink_endpoint, self.log_level, self.record_error,
                                    self.worker_main)
             if serve.metrics_port is not None:
                 from .metrics import start_metrics_server
 
-                self.metrics_server = start_metrics_server(
-                    serve.metrics_port, lambda: self.control_handlers.op_status({}))
+                self.metrics_server = start_metrics_server(serve.metrics_port,
+                                                           self.control_handlers.status)
         except BaseException:
             self.close()
             raise
-        self.sink = Sink(self.data)
+        self.sink = Sink(self.data, serve.max_pending)
         self.poller = zmq.Poller()
         for socket in (self.control, self.data, self.task_socket, self.sink_socket):
             self.poller.register(socket, zmq.POLLIN)
         self.pool.start_all()
+
+    def _bind_internal(self) -> tuple[str, str]:
+        """Bind the sockets to the workers (tasks, sink) over serve.internal_transport: ipc in
+        a private folder, or loopback tcp [portable]; their endpoints for the workers."""
+        if self.config.serve.internal_transport == "ipc":
+            self.runtime_dir = make_runtime_dir()
+        self.task_socket = self._socket(zmq.ROUTER)
+        task_endpoint = bind_internal(self.task_socket, self.runtime_dir, "tasks")
+        self.task_socket.router_mandatory = 1
+        self.task_socket.router_handover = 1  # a restarted worker reuses its slot's identity
+        self.sink_socket = self._socket(zmq.PULL)
+        sink_endpoint = bind_internal(self.sink_socket, self.runtime_dir, "sink")
+        return task_endpoint, sink_endpoint
 
     def _socket(self, kind: int) -> zmq.Socket:
         socket = self.context.socket(kind)
         socket.linger = SOCKET_LINGER_MS
         return socket
 
-    def _bind(self, kind: int, endpoint: str, max_message: int) -> zmq.Socket:
+    def _bind(self, kind: int, endpoint: str, max_message: int,
+              sndhwm: int | None = None) -> zmq.Socket:
+        """A public socket; its limits are set before the bind, because every connection
+        takes them from the listener, which copies them when it binds."""
         socket = self._socket(kind)
         socket.maxmsgsize = max_message
+        if sndhwm is not None:
+            socket.sndhwm = sndhwm
         if self.curve is not None:
             self.curve.apply(socket)
         try:
@@ -162,20 +235,29 @@ class Supervisor:
             self.loop_once()
 
     def install_signal_handlers(self):
+        """SIGINT, SIGTERM and, on Windows, SIGBREAK (Ctrl-Break) ask for a stop [portable]."""
         def request_stop(signum, frame):
             self.stopping = True
+            if self.planning:  # a listing can take minutes and does not look at the flag
+                self.planning = False
+                raise StopRequested
 
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
+        on_stop_signals(request_stop)
 
     def serve(self, on_ready: Callable[[], None]):
         """Start, call ``on_ready`` once the workers are up, run until a stop is asked for,
-        and stop; what ``mongofeed serve`` does."""
+        and stop; what ``mongofeed serve`` does. A stop asked for before the daemon is ready
+        ends it without ``on_ready``."""
         self.install_signal_handlers()
-        self.start()
+        try:
+            self.start()
+        except StopRequested:
+            log.info("stopped while planning")
+            return
         try:
             self.wait_ready()
-            on_ready()
+            if not self.stopping:
+                on_ready()
             while not self.stopping:
                 self.loop_once()
         finally:
@@ -214,6 +296,15 @@ class Supervisor:
             if exc.errno == zmq.EINTR:
                 return
             raise
+        started, started_cpu = time.perf_counter(), time.thread_time()
+        try:
+            self.step(events)
+        finally:
+            self.loop_clock.record(time.perf_counter() - started,
+                                   time.thread_time() - started_cpu)
+
+    def step(self, events: dict):
+        """One iteration's work, after the poll: what every consumer's traffic waits for."""
         if self.sink_socket in events:
             self.drain(self.sink_socket, self.on_batch)
         if self.task_socket in events:
@@ -222,36 +313,51 @@ class Supervisor:
             self.drain(self.data, self.on_consumer_message)
         if self.control in events:
             self.drain(self.control, self.on_control)
-        self.sessions.requeue(self.pool.check())
+        for task_ids, death in self.pool.check():
+            self.reissue(task_ids, death)
         self.sessions.poll_sent()
         self.expire_sessions()
         self.sessions.plan_tasks()
         self.dispatch()
 
     def drain(self, socket: zmq.Socket, handler, limit: int = DRAIN_LIMIT):
+        """Handle up to ``limit`` messages of ``socket``; one that makes its handler raise is
+        refused and counted, and the next one is handled."""
         for _ in range(limit):
             try:
                 frames = socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            handler(frames)
+            try:
+                handler(frames)
+            except Exception as exc:  # noqa: BLE001 - no message may stop the daemon
+                self.reject(handler.__name__, exc)
+
+    def reject(self, where: str, exc: Exception):
+        """Count a refused message and log why: a ProtocolError is a peer's fault (its
+        reason), anything else our bug (a traceback); one warning per interval, so a flood
+        of bad messages cannot flood the log."""
+        self.counters["rejected_messages"] += 1
+        now = time.monotonic()
+        level = logging.DEBUG
+        if now - self.last_reject_log >= REJECT_LOG_INTERVAL_S:
+            self.last_reject_log, level = now, logging.WARNING
+        unexpected = not isinstance(exc, ProtocolError)
+        log.log(level, "%s: refused a message (%d so far): %s%s", where,
+                self.counters["rejected_messages"], type(exc).__name__ + ": " if unexpected
+                else "", exc, exc_info=exc if unexpected else None)
 
     def on_worker_message(self, frames):
-        try:
-            event = WorkerEvent.unpack(frames)
-        except ProtocolError:
-            self.counters["rejected_messages"] += 1
-            return
-        if event.slot < len(self.pool.records):
-            self.pool.on_event(event)
+        event = WorkerEvent.unpack(frames)
+        if event.slot >= len(self.pool.records):
+            raise ProtocolError(f"worker message from slot {event.slot}, which does not exist")
+        self.pool.on_event(event)
 
     def on_batch(self, frames):
-        try:
-            meta = BatchMeta.unpack(frames[0])
-            record = self.pool.heard(meta.slot)
-        except (ProtocolError, IndexError):
-            self.counters["rejected_messages"] += 1
-            return
+        meta = BatchMeta.unpack(frames[0])
+        if meta.slot >= len(self.pool.records):
+            raise ProtocolError(f"batch from slot {meta.slot}, which does not exist")
+        record = self.pool.heard(meta.slot)
         self.pool.delivered(record, meta.task)
         task, session = self.sessions.finish(meta.task, meta.attempt)
         if session is None:
@@ -268,9 +374,8 @@ class Supervisor:
                     raise ProtocolError("an error in place of a batch header")
                 session.schema.placements(header)  # its counts fit the schema
             except ProtocolError as exc:
-                meta = BatchMeta(meta.task, meta.slot, error=f"feed {task.feed!r}, epoch "
-                                 f"{task.epoch}, batch {task.index}: a bad batch from worker "
-                                 f"{meta.slot}: {exc}")
+                meta = BatchMeta(meta.task, meta.slot, error=f"{task.describe()}: a bad batch "
+                                 f"from worker {meta.slot}: {exc}")
             else:
                 batch = SlabBatch(meta.slab, header)
         elif task.slab is not None:
@@ -292,43 +397,52 @@ class Supervisor:
             self.end_session(session)
 
     def dispatch(self):
-        """Hand pending tasks to ready workers, the least loaded first."""
-        while self.sessions.pending:
-            record = self.pool.least_loaded()
+        """Hand pending tasks to ready workers, the least loaded first (a window's tasks to
+        the worker that reads the window), and windows to read ahead; a task that outlived
+        a worker waits, first in line, for an idle worker to make it alone."""
+        for key, spec in self.sessions.take_warm():
+            self.counters["windows_read_ahead"] += self.pool.warm(key, spec)
+        while (task := self.sessions.next_pending()) is not None:
+            record = self.pool.worker_for(task)
             if record is None:
                 return
-            task = self.sessions.next_pending()
-            if task is None:
-                return
+            self.sessions.take_pending()
             if not self.pool.send(record, task):
                 self.sessions.requeue([task.id])
                 return
 
+    def reissue(self, task_ids: list[int], death: str):
+        """A worker died with these tasks in hand: make them again, except those that have
+        now outlived ``MAX_TASK_DEATHS`` workers, which fail their sessions."""
+        for task in self.sessions.orphaned(task_ids):
+            self.counters["poison_tasks"] += 1
+            message = (f"{task.describe()}: the worker making it died {task.deaths} times "
+                       f"(last: {death}); it is not made again")
+            self.record_error(message)
+            session = self.sessions.get(task.session)
+            if session is not None:
+                self.end_session(session, message)
+
     def on_consumer_message(self, frames):
         identity = frames[0].bytes
+        message = unpack_credit(frames[1:])
         session = self.sessions.get(identity)
-        try:
-            message = unpack_credit(frames[1:])
-        except ProtocolError as exc:
-            self.counters["rejected_messages"] += 1
-            log.info("data socket: rejected a message: %s", exc)
-            return
         if session is None:
-            self.counters["rejected_messages"] += 1
             try:
                 self.data.send_multipart([identity] + pack_error(
-                    "unknown session: the daemon was restarted or the session expired; "
+                    "unknown session: the daemon was restarted or the session ended; "
                     "create a new consumer"), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
-            return
+            raise ProtocolError("credit for an unknown session")
         if session.slabs is not None:
             if message.attached is not None and not session.active:
                 session.slabs.shared = message.attached  # its first message says
                 log.info("session %s: %s", session.name, session.transport)
             if message.release and not session.slabs.release(message.release):
-                self.counters["rejected_messages"] += 1
-                log.info("session %s: released a slab it did not hold", session.name)
+                self.reject("on_consumer_message",
+                            ProtocolError(f"session {session.name} released a slab it did "
+                                          f"not hold"))
         if not self.sink.grant(session, message.credit):
             self.end_session(session)
 
@@ -349,9 +463,11 @@ class Supervisor:
         identity = frames[0].bytes
         try:
             reply = self.control_handlers.handle(unpack_request(frames[1:]))
-        except ProtocolError as exc:
-            self.counters["rejected_messages"] += 1
-            reply = {"ok": False, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - refused with the reason, counted, logged
+            self.reject("control request", exc)
+            reply = {"ok": False, "error": str(exc) if isinstance(exc, ProtocolError) else
+                     f"the daemon could not handle this request ({type(exc).__name__}); "
+                     f"its log has the details"}
         try:
             self.control.send_multipart([identity, encode_json(reply)], flags=zmq.NOBLOCK)
         except zmq.ZMQError:

@@ -13,6 +13,10 @@ sockets are created here, in the child, never inherited. The loop:
    ``[meta, header, array...]`` (the header and arrays go on to the consumer unchanged).
    ``meta`` tells the supervisor which task and attempt it was.
 
+A task of the windowed order names its window instead of ids: the worker reads the whole
+window with ONE query over its ``_id`` ranges (or takes it from the two it keeps, read for
+an earlier task or ahead on a ``warm`` command) and cuts the batch from the window's order.
+
 A worker never dies from data. Every failure while producing a batch is one of three kinds:
 
 - about one document (``DecodeError``: a misfit, a document deleted since the plan was made,
@@ -33,14 +37,18 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import signal
 import time
+from collections import OrderedDict
 
 import zmq
 from pymongo.errors import PyMongoError
 
 from ..errors import DecodeError, ProtocolError
-from ..portable import remove_stale_shared_memory, shared_memory_dir
+from ..portable import (
+    ignore_console_interrupts,
+    remove_stale_shared_memory,
+    shared_memory_dir,
+)
 from ..region import Region, SlabLayout
 from ..wire import (
     EVENT,
@@ -48,11 +56,13 @@ from ..wire import (
     BatchHeader,
     BatchMeta,
     TaskMessage,
+    WarmMessage,
     WorkerEvent,
     pack_batch,
     unpack_worker_command,
 )
 from .config import Config
+from .planner import BatchWindow
 from .source import describe_failure, is_transient
 from .transform import BatchFunctionError, BatchMaker, projection
 
@@ -64,6 +74,7 @@ RETRY_MAX_DELAY_S = 5.0
 SKIP_MESSAGES_SENT = 5  # per batch; the rest are counted only
 MESSAGE_MAX_CHARS = 2_000  # per error message: a long _id must not overflow the batch meta
 SOCKET_LINGER_MS = 0
+WINDOWS_KEPT = 2  # windows of the windowed order a worker holds: the current and the next
 
 
 class Worker:
@@ -84,6 +95,7 @@ class Worker:
         self.batches = BatchMaker(config, read_gridfs=self._read_gridfs)  # imports the functions
         self.reader = source.reader(self.client, self.batches.sample_nbytes(),
                                     projection(config))
+        self.windows = OrderedDict()  # (feed, epoch, window) -> source.Window, recent last
         self.parent = multiprocessing.parent_process()
         self.specs = [a.spec() for a in config.arrays.values()]
         self.names = list(config.arrays)
@@ -136,7 +148,9 @@ class Worker:
             if task is None:
                 stop = True
                 break
-            if task:
+            if isinstance(task, WarmMessage):
+                self.warm(task)
+            elif task:
                 tasks.append(task)
             if not self.tasks.poll(0):
                 break
@@ -153,7 +167,12 @@ class Worker:
 
     def produce(self, tasks: list[TaskMessage]):
         """The sink message of each task, in order: its batch, or its error. All the tasks'
-        documents are read with ONE query (more only if their ids do not fit in one)."""
+        documents are read with ONE query (more only if their ids do not fit in one); tasks
+        of the windowed order are made from their window (``produce_from_window``)."""
+        for task in tasks:
+            if task.window is not None:
+                yield self.produce_from_window(task)
+        tasks = [task for task in tasks if task.window is None]
         if not tasks:
             return
         try:
@@ -168,11 +187,44 @@ class Worker:
             yield self.produce_one(task, docs[start:start + count])
             start += count
 
-    def produce_one(self, task: TaskMessage, docs: list) -> list:
+    def window(self, feed: str, epoch: int, spec: BatchWindow):
+        """The window's documents: kept from an earlier task or warm command, else read with
+        one query (the ``WINDOWS_KEPT`` most recent are kept)."""
+        key = (feed, epoch, spec.window)
+        window = self.windows.get(key)
+        if window is None:
+            window = self.retrying(self.reader.read_window, spec, self.config.feeds[feed].filter)
+            self.windows[key] = window
+            while len(self.windows) > WINDOWS_KEPT:
+                self.windows.popitem(last=False)
+        else:
+            self.windows.move_to_end(key)
+        return window
+
+    def warm(self, command: WarmMessage):
+        """Read a window ahead of its tasks; a failure is left for its tasks to report."""
+        try:
+            self.window(command.feed, command.epoch, BatchWindow.from_wire(command.window))
+        except Exception as exc:  # noqa: BLE001 - the window's tasks read it again and fail
+            log.info("worker %d: reading a window ahead failed: %s", self.slot, exc)
+
+    def produce_from_window(self, task: TaskMessage) -> list:
+        """A batch of the windowed order: its slice of the window's order, from the window
+        read with one query (kept for the window's other batches)."""
+        try:
+            spec = BatchWindow.from_wire(task.window)
+            window = self.window(task.feed, task.epoch, spec)
+            ids, docs = window.batch(spec, self.config.batch.seed, task.epoch,
+                                     self.config.source.collection)
+        except Exception as exc:
+            return self.failed(task, exc)
+        return self.produce_one(task, docs, ids)
+
+    def produce_one(self, task: TaskMessage, docs: list, ids: list | None = None) -> list:
         """The batch of ``task`` from its documents as read (in plan order), or its error."""
         started = time.perf_counter()
         try:
-            arrays, problems = self.retrying(self.decode, task, docs)
+            arrays, problems = self.retrying(self.decode, task, docs, ids)
             if task.region is None:
                 header_and_arrays = pack_batch(task.epoch, task.index, arrays, self.specs)
             else:
@@ -205,11 +257,13 @@ class Worker:
             log.error("worker %d: %s", self.slot, error, exc_info=exc)
         return [BatchMeta(task.task, self.slot, task.attempt, error=error).pack()]
 
-    def decode(self, task: TaskMessage, docs: list) -> tuple[dict, list]:
+    def decode(self, task: TaskMessage, docs: list, ids: list | None = None) -> tuple[dict, list]:
         """One batch's arrays from its documents as read (GridFS fields are read here), and
-        the documents left out under on_error = "skip"."""
+        the documents left out under on_error = "skip". ``ids``: the documents' ``_id``s
+        where the task does not list them (the windowed order)."""
         readable, problems = [], []
-        for position, (doc_id, doc) in enumerate(zip(task.ids, docs, strict=True)):
+        ids = task.ids if ids is None else ids
+        for position, (doc_id, doc) in enumerate(zip(ids, docs, strict=True)):
             if doc is None:
                 problems.append(self.missing_error(doc_id))
             elif isinstance(doc, DecodeError):  # pymongo cannot decode it
@@ -275,8 +329,7 @@ def worker_identity(slot: int) -> bytes:
 def run_worker(slot: int, config: Config, source, task_endpoint: str, sink_endpoint: str,
                log_level: int = logging.WARNING):
     """Process entry point (must be importable by ``spawn``)."""
-    # Ctrl-C reaches the whole process group; the supervisor decides how to stop us.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_console_interrupts()  # the supervisor decides how to stop us
     logging.basicConfig(level=log_level, format=f"%(asctime)s worker-{slot} %(levelname)s "
                         "%(message)s")
     worker = Worker(slot, config, source, task_endpoint, sink_endpoint)

@@ -2,6 +2,10 @@
 of its own that is always stopped again: on success, on failure, on Ctrl-C (exit 130) and on
 SIGTERM (exit 143).
 
+The whole test suite runs twice over the daemon's internal sockets where it can: everything
+over ipc (what POSIX systems use), then the tests of those sockets (``TCP_PASS``) again over
+loopback tcp, the transport of Windows, which is how that path is exercised on Linux.
+
 Standard library only, like server.py: the runner itself may run with a bare ``python3``;
 pytest, ``mongofeed`` and the example run with the checkout's virtual environment (``.venv``),
 in the checkout, so they use this tree's code.
@@ -19,14 +23,38 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
-from ..portable import exit_status, interrupt, venv_python
+from ..portable import (
+    INTERNAL_TRANSPORT_ENV,
+    STOP_REQUESTS,
+    exit_status,
+    interrupt,
+    stoppable,
+    venv_python,
+)
 from . import server
 
 ROOT = server.ROOT
 ENDING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CHILD_REPORT_S = 3  # a child that got the terminal's Ctrl-C too has this long to report
 CHILD_STOP_S = 5
+
+# The tests of the internal sockets, run again over tcp: exactly once with 1 to 8 workers,
+# the stepped loop, worker kill, crash loop and hang, daemon stop (and its time), stop while
+# planning, daemon kill, hostile peers, garbage on the internal sockets. Chosen tests, not
+# whole modules, to keep the pass near a minute (tests/test_platforms.py checks each exists).
+TCP_PASS = (
+    "tests/test_supervisor_loop.py",
+    "tests/test_serve.py::test_every_document_exactly_once_per_epoch",
+    "tests/chaos/test_workers.py::test_sigkilled_worker_is_replaced_and_its_tasks_reissued",
+    "tests/chaos/test_workers.py::test_crash_loop_is_backed_off_and_reported",
+    "tests/chaos/test_workers.py::test_hung_worker_is_killed_and_its_tasks_reissued",
+    "tests/chaos/test_daemon_stop.py",
+    "tests/chaos/test_hostile_peers.py::"
+    "test_hostile_peers_are_rejected_and_others_keep_being_served",
+    "tests/chaos/test_loop_faults.py::test_garbage_on_the_internal_sockets_is_refused_and_counted",
+)
 
 DEMO_SERVER = "demo"
 DEMO_CONFIG = "configs/digits.toml"
@@ -156,10 +184,11 @@ def _exited(process: subprocess.Popen, timeout_s: float) -> bool:
     return True
 
 
-def _stop_child(process: subprocess.Popen) -> None:
-    """SIGTERM (Windows: terminate), then a kill after CHILD_STOP_S."""
+def _stop_child(process: subprocess.Popen, ask=subprocess.Popen.terminate) -> None:
+    """Ask the child to stop (default: SIGTERM; Windows: terminate), then kill it after
+    CHILD_STOP_S."""
     if process.poll() is None:
-        process.terminate()
+        ask(process)
         if not _exited(process, CHILD_STOP_S):
             process.kill()
             process.wait()
@@ -169,19 +198,66 @@ def _stop_child(process: subprocess.Popen) -> None:
 # the runners
 
 
+class SuitePass(NamedTuple):
+    """One pytest run of ``test``: its name, what it covers, the environment it adds."""
+
+    name: str
+    about: str
+    env: dict[str, str]
+    pytest_args: list[str]
+
+
 @_runner
 def test(pytest_args: list[str]) -> int:
     """pytest with ``pytest_args`` against $MONGOFEED_TEST_URI, or else against a private
-    FerretDB (exported as MONGOFEED_TEST_URI and MONGOFEED_TEST_METRICS_URL); pytest's exit
-    status."""
-    command = [find_python(), "-m", "pytest", *pytest_args]
+    FerretDB (exported as MONGOFEED_TEST_URI and MONGOFEED_TEST_METRICS_URL), in the passes
+    that ``suite_passes`` gives; the first failing pass's exit status, else 0."""
+    python = find_python()
     env = dict(os.environ)
+    passes = suite_passes(pytest_args, env, lambda: _has_ipc(python))
+    statuses = {}
     with _cleanups() as cleanups:
         if not env.get("MONGOFEED_TEST_URI"):
             ferretdb = _private_server(cleanups, "test")
             env["MONGOFEED_TEST_URI"] = ferretdb.uri
             env["MONGOFEED_TEST_METRICS_URL"] = ferretdb.metrics_url
-        return _run(command, env)
+        for run in passes:
+            if len(passes) > 1:
+                log.info("== %s: %s", run.name, run.about)
+            command = [python, "-m", "pytest", *run.pytest_args]
+            statuses[run.name] = _run(command, {**env, **run.env})
+    if len(passes) > 1:
+        log.info("== exit status: %s", ", ".join(f"{k} {v}" for k, v in statuses.items()))
+    return next((status for status in statuses.values() if status), 0)
+
+
+def suite_passes(
+    pytest_args: list[str], environ: dict[str, str], ipc_available: Callable[[], bool]
+) -> list[SuitePass]:
+    """The pytest runs of ``test``. One, as asked, when the arguments name tests or the
+    internal transport is tcp already (set so, or the only one here); else the whole suite
+    over ipc, then ``TCP_PASS`` over tcp."""
+    if any(_names_tests(arg) for arg in pytest_args) or (
+        environ.get(INTERNAL_TRANSPORT_ENV, "auto") == "tcp" or not ipc_available()
+    ):
+        return [SuitePass("pytest", "as asked", {}, pytest_args)]
+    return [
+        SuitePass("ipc pass", "the whole suite, the daemon's internal sockets over ipc",
+                 {INTERNAL_TRANSPORT_ENV: "ipc"}, pytest_args),
+        SuitePass("tcp pass", "the tests of those sockets again over loopback tcp, as on "
+                 "Windows", {INTERNAL_TRANSPORT_ENV: "tcp"}, [*pytest_args, *TCP_PASS]),
+    ]  # fmt: skip
+
+
+def _names_tests(arg: str) -> bool:
+    """Whether a pytest argument selects tests by path (``tests/x.py``, ``tests/x.py::t``)."""
+    return not arg.startswith("-") and (ROOT / arg.split("::")[0]).exists()
+
+
+def _has_ipc(python: str) -> bool:
+    """Whether the ZeroMQ of the checkout's Python has ipc:// (every POSIX system)."""
+    check = "from mongofeed.portable import has_ipc; raise SystemExit(not has_ipc())"
+    return subprocess.run([python, "-c", check], cwd=ROOT, capture_output=True).returncode == 0
 
 
 @_runner
@@ -221,9 +297,9 @@ def demo() -> int:
             daemon = _popen(
                 [python, "-m", "mongofeed", "serve", "--config", DEMO_CONFIG,
                  "--workers", str(DEMO_WORKERS), "--bind", bind],
-                env=env, stdout=output, stderr=subprocess.STDOUT,
+                env=env, stdout=output, stderr=subprocess.STDOUT, **stoppable(),
             )  # fmt: skip
-        cleanups.callback(_stop_child, daemon)
+        cleanups.callback(_stop_child, daemon, _ask_to_stop)
         ready = _wait_for_line(daemon, daemon_log, DEMO_READY_LINE, DEMO_READY_TIMEOUT_S)
         if ready is None:
             print(f"the daemon did not become ready:\n{daemon_log.read_text()}", flush=True)
@@ -235,6 +311,11 @@ def demo() -> int:
             return status
         print(f"demo finished in {time.monotonic() - began:.0f} s", flush=True)
         return 0
+
+
+def _ask_to_stop(daemon: subprocess.Popen) -> None:
+    """What stops ``mongofeed serve`` in order: SIGTERM, or Ctrl-Break on Windows."""
+    daemon.send_signal(STOP_REQUESTS[0])
 
 
 def _wait_for_line(

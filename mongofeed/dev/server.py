@@ -262,13 +262,15 @@ def start(name: str = "default", port: int = 0) -> Server:
             [
                 str(BINARY),
                 "--handler=sqlite",
-                f"--sqlite-url=file:{(folder / 'data').as_posix()}/",
+                # Relative to its working folder: no drive letter (C:) in the URL on Windows.
+                "--sqlite-url=file:data/",
                 f"--listen-addr=127.0.0.1:{port}",
                 f"--debug-addr=127.0.0.1:{debug_port}",
                 f"--state-dir={folder / 'state'}",
                 "--log-level=warn",
                 "--telemetry=disable",
             ],
+            cwd=folder,
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -342,11 +344,13 @@ def _stop_pid(pid: int) -> None:
 
 def _wait_gone(pid: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
-    while pid_alive(pid, "ferretdb"):
+    while True:
+        reap(pid)  # if it is our child: its zombie looks alive where there is no /proc
+        if not pid_alive(pid, "ferretdb"):
+            return True
         if time.monotonic() > deadline:
             return False
         time.sleep(STOP_POLL_S)
-    return True
 
 
 def _free_port() -> int:

@@ -19,6 +19,7 @@ import click
 from .. import __version__
 from ..daemon.config import load_config, load_source, redact_uri
 from ..errors import ConfigError, MongoFeedError
+from ..portable import INTERNAL_TRANSPORT_ENV, INTERNAL_TRANSPORTS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -121,10 +122,14 @@ def main():
               help="Folder of accepted client public keys, *.key (serve.client_keys).")
 @click.option("--insecure", is_flag=True, default=None, envvar="MONGOFEED_INSECURE",
               help="Allow a non-loopback --bind without CurveZMQ keys (serve.insecure).")
+@click.option("--internal-transport", type=click.Choice(INTERNAL_TRANSPORTS),
+              envvar=INTERNAL_TRANSPORT_ENV,
+              help="Sockets between the daemon's own processes (serve.internal_transport; "
+              "default auto: ipc where ZeroMQ has it, else loopback tcp).")
 @log_option
 @user_errors
 def serve(config_path, uri, database, collection, workers, bind, control, shard, ordered,
-          metrics_port, server_key, client_keys, insecure, log_level):
+          metrics_port, server_key, client_keys, insecure, internal_transport, log_level):
     """Serve batches from MongoDB until stopped with Ctrl-C or SIGTERM."""
     from ..daemon.supervisor import Supervisor
 
@@ -133,7 +138,7 @@ def serve(config_path, uri, database, collection, workers, bind, control, shard,
         "serve.bind": bind, "serve.control": control, "serve.ordered": ordered,
         "serve.shard": shard, "serve.metrics_port": metrics_port,
         "serve.server_key": server_key, "serve.client_keys": client_keys,
-        "serve.insecure": insecure,
+        "serve.insecure": insecure, "serve.internal_transport": internal_transport,
     })
     supervisor = Supervisor(config, log_level=log_level)
     supervisor.serve(on_ready=lambda: announce_ready(supervisor))

@@ -11,31 +11,34 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psutil
 import pymongo
 import pytest
 
 from mongofeed.daemon.config import redact_uri
+from mongofeed.portable import port_is_free
 from mongofeed.testing import free_port_pair
-from tests.chaos.support import feed_config, port_free
-from tests.support import REPO, sample_config, write_toml
+from tests.chaos.support import feed_config
+from tests.support import REPO, insert_samples, sample_config, write_toml
 
 SERVE_TIMEOUT_S = 60
 MARKER = "MONGOFEED_TEST_MARKER"  # inherited by every process the daemon starts
 
 
 def processes_with(marker: str) -> list[int]:
-    """Pids of the live processes whose environment holds ``marker`` (Linux /proc)."""
+    """Pids of the live processes whose environment holds ``marker`` (NAME=VALUE)."""
+    name, value = marker.split("=")
     pids = []
-    for entry in Path("/proc").iterdir():
+    for process in psutil.process_iter():
         try:
-            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
+            if process.environ().get(name) == value:
+                pids.append(process.pid)
+        except psutil.Error:
             continue  # gone meanwhile, or not ours to read
     return pids
 
 
-def refused(config: Path, port: int, *args: str) -> str:
+def refused(config: Path, port: int, *args: str, env: dict | None = None) -> str:
     """Run `mongofeed serve` expecting a refusal; returns its one error line."""
     marker = f"{MARKER}={uuid.uuid4().hex}"
     name, value = marker.split("=")
@@ -43,7 +46,7 @@ def refused(config: Path, port: int, *args: str) -> str:
         [sys.executable, "-m", "mongofeed", "serve", "--config", str(config), "--workers", "1",
          "--bind", f"tcp://127.0.0.1:{port}", *args],
         capture_output=True, text=True, cwd=REPO, timeout=SERVE_TIMEOUT_S,
-        env={**os.environ, name: value})
+        env={**os.environ, **(env or {}), name: value})
     assert done.returncode != 0, done.stdout
     assert "mongofeed ready" not in done.stdout
     assert "Traceback" not in done.stderr, done.stderr
@@ -59,7 +62,7 @@ def test_missing_collection(tmp_path, mongo_uri, db):
     error = refused(config, port)
     assert f"collection {db.name}.absent does not exist" in error
     assert "source.collection" in error
-    assert port_free(port) and port_free(port + 1)
+    assert port_is_free(port) and port_is_free(port + 1)
 
 
 def test_filter_that_selects_nothing(tmp_path, mongo_uri, db):
@@ -78,7 +81,17 @@ def test_data_port_already_in_use(tmp_path, mongo_uri, db):
         taken.listen()
         error = refused(config, port)
         assert f"cannot bind tcp://127.0.0.1:{port}" in error and "--bind" in error
-        assert port_free(port + 1)  # the control socket it had bound is released
+        assert port_is_free(port + 1)  # the control socket it had bound is released
+
+
+def test_a_seed_the_planner_cannot_take_is_refused_before_ready(tmp_path, mongo_uri, db):
+    """Issue 9, item 5: batch.seed = -1 passed the check, "ready" was printed, and the daemon
+    died on the first consumer."""
+    insert_samples(db["samples"], 32, val=16)
+    config = write_toml(tmp_path / "feed.toml",
+                        sample_config(mongo_uri, db.name, batch={"seed": -1}))
+    error = refused(config, free_port_pair())
+    assert "batch.seed must be from 0 to 2**63 - 1, not -1" in error
 
 
 def test_malformed_endpoint(tmp_path, mongo_uri, db):

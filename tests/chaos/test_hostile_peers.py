@@ -1,52 +1,139 @@
 """Garbage, truncated, oversized and flooding peers on the public sockets are rejected and
-counted, and the daemon keeps serving a well-behaved consumer meanwhile."""
+counted, and the daemon keeps serving a well-behaved consumer meanwhile; no stranger can end,
+read or crowd out another trainer's session (issue 9, items 4 and 9)."""
 
 from __future__ import annotations
 
 import json
-
-import zmq
+import time
 
 from mongofeed import Consumer
+from mongofeed.daemon.sessions import EVICT_SILENCE_S
 from mongofeed.testing import Daemon
-from mongofeed.wire import MAX_CONTROL_BYTES, PROTOCOL_VERSION
-from tests.chaos.support import BATCHES, assert_exactly_once, feed_config, read_batches
+from mongofeed.wire import (
+    MAX_CONTROL_BYTES,
+    PROTOCOL_VERSION,
+    HelloRequest,
+    decode_json,
+    pack_credit,
+)
+from tests.chaos.support import (
+    BATCHES,
+    RawPeer,
+    assert_exactly_once,
+    feed_config,
+    read_batches,
+)
 
 HELLO_FLOOD = 200
+SQUATTERS = 64
 
 
-def test_hostile_peers_are_rejected_and_others_keep_being_served(tmp_path, mongo_uri, db):
+def test_hostile_peers_are_rejected_and_others_keep_being_served(tmp_path, mongo_uri, db,
+                                                                 context):
     config = feed_config(tmp_path, mongo_uri, db, serve={"session_timeout": 5})
-    context = zmq.Context()
     with Daemon(config, workers=2) as daemon, \
             Consumer(daemon.bind, "train", timeout=30) as consumer:
         batches = read_batches(consumer, 3)
-        control = context.socket(zmq.DEALER)
-        data = context.socket(zmq.DEALER)
-        for s, endpoint in ((control, daemon.control), (data, daemon.bind)):
-            s.linger = 0
-            s.connect(endpoint)
-            s.send(b"\x80\x04\x95garbage")                             # not JSON (a pickle)
-            s.send_multipart([b'{"op":"status"}', b"tail"])            # extra frame
-            s.send(json.dumps({"op": "hello", "protocol": 99}).encode())  # wrong version
-        data.send(json.dumps({"credit": 10**9}).encode())
+        control = RawPeer(context, daemon.control)
+        data = RawPeer(context, daemon.bind)
+        for peer in (control, data):
+            peer.send(b"\x80\x04\x95garbage")                           # not JSON (a pickle)
+            peer.send(b'{"op":"status"}', b"tail")                      # extra frame
+            peer.send({"op": "hello", "protocol": 99})                  # wrong version
+        data.send({"credit": 10**9})
         for endpoint in (daemon.control, daemon.bind):  # huge: over maxmsgsize, disconnected
-            huge = context.socket(zmq.DEALER)
-            huge.linger = 0
-            huge.connect(endpoint)
-            huge.send(b"{" * (MAX_CONTROL_BYTES * 4))
+            RawPeer(context, endpoint).send(b"{" * (MAX_CONTROL_BYTES * 4))
         for _ in range(HELLO_FLOOD):  # floods of hello requests nobody follows up
-            control.send(json.dumps({"op": "hello", "protocol": PROTOCOL_VERSION,
-                                     "feed": "train"}).encode())
+            control.send(HelloRequest("train").pack())
         batches += read_batches(consumer, 2 * BATCHES - len(batches))
-        replies = []
-        while control.poll(1000):
-            replies.append(json.loads(control.recv()))
+        replies = [decode_json(m[0], 2**24, "reply") for m in control.received()]
         status = daemon.status()
         assert daemon.process.poll() is None
-    context.destroy(linger=0)
     assert_exactly_once(batches, epochs=(0, 1))
     assert status["counters"]["rejected_messages"] >= 6, status["counters"]
     assert any("protocol 99" in r.get("error", "") for r in replies)
-    assert len(status["sessions"]) <= 64  # the flood is capped at MAX_SESSIONS
+    assert len(status["sessions"]) <= status["max_sessions"]
     assert any("too many sessions" in r.get("error", "") for r in replies)
+
+
+def test_messages_that_crashed_the_daemon_are_refused_with_their_reason(
+        tmp_path, mongo_uri, db, context):
+    """Each of these ended the daemon, or survived by luck, before (issue 9, item 4)."""
+    config = feed_config(tmp_path, mongo_uri, db)
+    hello = {"op": "hello", "protocol": PROTOCOL_VERSION, "feed": "train"}
+    deep = b"[" * 30_000 + b"]" * 30_000  # under maxmsgsize; json.loads: RecursionError
+    with Daemon(config, workers=2) as daemon, \
+            Consumer(daemon.bind, "train", timeout=30) as consumer:
+        batches = read_batches(consumer, 3)
+        control, data = RawPeer(context, daemon.control), RawPeer(context, daemon.bind)
+        data.send(deep)
+        refusals = {
+            "nests 30000 levels": control.request(deep),
+            "a number of 5000 digits": control.request(
+                b'{"op":"hello","protocol":2,"feed":"train","start_epoch":1' + b"0" * 4999
+                + b"}"),
+            "feed name": control.request({**hello, "feed": []}),
+            "start_epoch must be": control.request({**hello, "start_epoch": 2**63}),
+        }
+        # Before, this hello was accepted and its first credit crashed the daemon in BSON.
+        if refusals["start_epoch must be"].get("ok"):
+            reply = refusals["start_epoch must be"]
+            identity = reply.get("token", reply.get("session"))
+            RawPeer(context, daemon.bind, identity=identity.encode()).send(pack_credit(1))
+        batches += read_batches(consumer, 2 * BATCHES - len(batches))
+        status = daemon.status()
+        assert daemon.process.poll() is None
+    for reason, reply in refusals.items():
+        assert reply["ok"] is False and reason in reply["error"], reply
+    assert status["counters"]["rejected_messages"] == 1 + len(refusals), status["counters"]
+    assert_exactly_once(batches, epochs=(0, 1))
+
+
+def test_a_session_belongs_to_the_peer_that_opened_it(tmp_path, mongo_uri, db, context):
+    """A stranger sees only the public name: its bye ends nothing, and a data socket with
+    that name as identity receives none of the session's batches (issue 9, item 9)."""
+    config = feed_config(tmp_path, mongo_uri, db)
+    with Daemon(config, workers=2) as daemon, \
+            Consumer(daemon.bind, "train", timeout=30) as consumer:
+        batches = read_batches(consumer, 3)
+        status = daemon.status()
+        [public] = [s["session"] for s in status["sessions"]]
+        assert public == consumer.session
+        stranger = RawPeer(context, daemon.control)
+        byes = [stranger.request({"op": "bye", "session": public}),
+                stranger.request({"op": "bye", "token": public}),
+                stranger.request({"op": "bye", "token": public.ljust(32, "0")})]
+        thief = RawPeer(context, daemon.bind, identity=public.encode())
+        thief.send(pack_credit(100))
+        stolen = thief.received(quiet_s=2)
+        batches += read_batches(consumer, 2 * BATCHES - len(batches))
+        assert daemon.status()["sessions"][0]["session"] == public
+        token = consumer._stream.token
+    assert token not in json.dumps(status) and token != public
+    assert all(not reply["ok"] for reply in byes), byes
+    assert [json.loads(m[0])["kind"] for m in stolen] == ["error"]  # "unknown session"
+    assert_exactly_once(batches, epochs=(0, 1))
+
+
+def test_idle_hellos_cannot_keep_a_trainer_out(tmp_path, mongo_uri, db, context):
+    """64 hellos that nobody follows up took every session before; now a new hello takes the
+    place of one silent for EVICT_SILENCE_S, and a consumer that heartbeats is never evicted
+    (issue 9, item 9)."""
+    config = feed_config(tmp_path, mongo_uri, db)
+    with Daemon(config, workers=2) as daemon:
+        squatter = RawPeer(context, daemon.control)
+        for _ in range(SQUATTERS):
+            squatter.send(HelloRequest("train").pack())
+        first_wave = [decode_json(m[0], 2**24, "reply") for m in squatter.received()]
+        time.sleep(EVICT_SILENCE_S + 1)
+        with Consumer(daemon.bind, "train", timeout=30) as consumer:
+            batches = read_batches(consumer, 3)
+            for _ in range(SQUATTERS):  # while it trains: its session is never the one to go
+                squatter.send(HelloRequest("train").pack())
+            batches += read_batches(consumer, 2 * BATCHES - len(batches))
+            status = daemon.status()
+            assert consumer.session in [s["session"] for s in status["sessions"]]
+    assert sum(r["ok"] for r in first_wave) == status["max_sessions"]
+    assert status["counters"]["evicted_sessions"] >= 1
+    assert_exactly_once(batches, epochs=(0, 1))

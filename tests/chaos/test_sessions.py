@@ -7,15 +7,19 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+import psutil
+import pytest
 
 from mongofeed import Consumer
+from mongofeed.portable import CAN_SUSPEND
 from mongofeed.testing import Daemon, wait_until
 from tests.chaos.support import (
     BATCHES,
     BOTH_PATHS,
     assert_exactly_once,
     feed_config,
+    one_region,
     private_tmp,
     read_batches,
     regions,
@@ -35,12 +39,11 @@ time.sleep(600)
 
 
 def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
+    return psutil.Process(pid).memory_info().rss
 
 
+@pytest.mark.skipif(not CAN_SUSPEND, reason="freezes a trainer with SIGSTOP, which this "
+                    "platform lacks")
 @BOTH_PATHS
 def test_restart_from_checkpoint_gets_the_same_epoch_and_nothing_of_the_dead_run(
         tmp_path, mongo_uri, db, shared_memory):
@@ -60,14 +63,14 @@ def test_restart_from_checkpoint_gets_the_same_epoch_and_nothing_of_the_dead_run
         try:
             assert crashed.stdout.readline() == f"read {shared_memory}\n"
             crashed.send_signal(signal.SIGSTOP)
-            assert len(daemon.status()["sessions"]) == 1 and len(regions(tmp)) == 1
+            assert len(daemon.status()["sessions"]) == 1 and len(regions(tmp)) == one_region()
             frozen = time.monotonic()
             assert wait_until(lambda: not daemon.status()["sessions"], SESSION_TIMEOUT_S + 10)
             print(f"silent session ended {time.monotonic() - frozen:.1f} s after its last "
                   f"heartbeat (timeout {SESSION_TIMEOUT_S} s)")
             assert daemon.status()["pending_tasks"] == 0  # no work for the departed
             assert regions(tmp) == []  # nor memory: its region is gone with it
-            crashed.send_signal(signal.SIGKILL)
+            crashed.kill()
 
             # Its replacement resumes at the same checkpoint: the same epoch, from batch 0.
             with Consumer(daemon.bind, "train", timeout=30, start_epoch=1,
@@ -75,26 +78,26 @@ def test_restart_from_checkpoint_gets_the_same_epoch_and_nothing_of_the_dead_run
                 again = read_batches(resumed, BATCHES)
                 assert again == [b for b in reference if b[0] == 1]
         finally:
-            crashed.send_signal(signal.SIGKILL)
+            crashed.kill()
             crashed.wait()
             crashed.stdout.close()
 
 
 @BOTH_PATHS
 def test_slow_consumer_keeps_daemon_memory_bounded(tmp_path, mongo_uri, db, shared_memory):
-    max_pending, prefetch, held_batches = 4, 2, 2
+    max_pending, prefetch, held_batches = 4, 2, 1
     config = feed_config(tmp_path, mongo_uri, db, serve={"max_pending": max_pending})
     with Daemon(config, workers=2) as daemon, \
             Consumer(daemon.bind, "train", timeout=30, prefetch=prefetch,
                      shared_memory=shared_memory, held_batches=held_batches) as consumer:
         status = daemon.status()
-        bound = status["memory_bound_bytes"]
+        bound = status["session_memory_bound_bytes"]
+        # max_pending batches produced ahead, as many sent and not yet read
+        assert bound == 2 * status["batch_bytes"] * max_pending
         slabs = status["sessions"][0]["slabs"]
-        # The region: max_pending slabs for production, and the consumer's window (twice its
-        # prefetch, and the batches it may hold).
-        assert slabs["slabs"] == max_pending + 2 * prefetch + held_batches
-        assert bound == 4096 + slabs["slabs"] * slabs["slab_bytes"]
-        assert slabs["slab_bytes"] < status["batch_bytes"] + 64 * 3  # each array aligned
+        if slabs is not None:  # the region: a slab for each of those batches
+            assert slabs["slabs"] == 2 * max_pending
+            assert slabs["slab_bytes"] < status["batch_bytes"] + 64 * 3  # each array aligned
         batches, rss = [], []
         pids = [status["pid"]] + [w["pid"] for w in status["workers"]]
         for _epoch in range(3):
@@ -105,8 +108,9 @@ def test_slow_consumer_keeps_daemon_memory_bounded(tmp_path, mongo_uri, db, shar
                     session = daemon.status()["sessions"][0]
                     held = session["waiting"] + session["in_production"]
                     assert held <= max_pending, session
-                    lent = session["slabs"]["lent"] + session["slabs"]["sending"]
-                    assert lent <= 2 * prefetch + held_batches, session
+                    if slabs is not None:  # lent or being sent: within the other half
+                        lent = session["slabs"]["lent"] + session["slabs"]["sending"]
+                        assert lent <= max_pending, session
             rss.append(sum(rss_bytes(p) for p in pids))
     assert_exactly_once(batches, epochs=(0, 1, 2))
     print(f"memory bound {bound} bytes; daemon RSS per epoch {rss}")

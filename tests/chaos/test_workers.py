@@ -7,7 +7,10 @@ import os
 import signal
 import time
 
+import pytest
+
 from mongofeed import Consumer
+from mongofeed.portable import CAN_SUSPEND
 from mongofeed.testing import Daemon, pid_alive, wait_until
 from tests.chaos.support import (
     BATCHES,
@@ -19,7 +22,10 @@ from tests.chaos.support import (
     transport,
 )
 
+needs_suspend = pytest.mark.skipif(not CAN_SUSPEND, reason="freezes a worker with SIGSTOP, "
+                                   "which this platform lacks")
 
+@needs_suspend
 @BOTH_PATHS
 def test_sigkilled_worker_is_replaced_and_its_tasks_reissued(tmp_path, mongo_uri, db,
                                                              shared_memory):
@@ -67,6 +73,7 @@ def test_crash_loop_is_backed_off_and_reported(tmp_path, mongo_uri, db):
         assert any("keeps dying" in e for e in daemon.status()["errors"])
 
 
+@needs_suspend
 @BOTH_PATHS
 def test_hung_worker_is_killed_and_its_tasks_reissued(tmp_path, mongo_uri, db, shared_memory):
     config = feed_config(tmp_path, mongo_uri, db, serve={"stall_timeout": 3})
@@ -77,6 +84,26 @@ def test_hung_worker_is_killed_and_its_tasks_reissued(tmp_path, mongo_uri, db, s
         os.kill(victim["pid"], signal.SIGSTOP)  # alive but silent: hung
         batches += read_batches(consumer, 2 * BATCHES - len(batches))
         assert wait_until(lambda: daemon.status()["workers"][0]["restarts"] == 1, 10)
+        status = daemon.status()
+    assert_exactly_once(batches, epochs=(0, 1))
+    assert not pid_alive(victim["pid"])
+    assert any("without a sign of life" in e for e in status["errors"])
+
+
+@needs_suspend
+def test_with_default_timeouts_a_hung_worker_is_replaced_before_the_consumer_gives_up(
+        tmp_path, mongo_uri, db):
+    """Issue 9, item 8: serve.stall_timeout's default (then a restart and a re-read) fits
+    in the consumer's default timeout, so a hung worker does not end the training."""
+    config = feed_config(tmp_path, mongo_uri, db)  # no timeouts set: the defaults
+    with Daemon(config, workers=2) as daemon, Consumer(daemon.bind, "train") as consumer:
+        batches = read_batches(consumer, BATCHES // 3)
+        victim = daemon.status()["workers"][0]
+        os.kill(victim["pid"], signal.SIGSTOP)  # alive but silent; the next tasks it gets hang
+        stopped = time.monotonic()
+        batches += read_batches(consumer, 2 * BATCHES - len(batches))
+        print(f"the consumer waited out a hung worker: epoch done "
+              f"{time.monotonic() - stopped:.1f} s after the worker hung")
         status = daemon.status()
     assert_exactly_once(batches, epochs=(0, 1))
     assert not pid_alive(victim["pid"])

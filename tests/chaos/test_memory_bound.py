@@ -1,0 +1,74 @@
+"""A client that grants all the credit it may and never reads cannot make the daemon hold
+more than its stated memory bound (issue 9, item 7)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import psutil
+
+from mongofeed.testing import Daemon
+from mongofeed.wire import HelloRequest, pack_credit
+from tests.chaos.support import RawPeer
+from tests.support import sample_config, write_toml
+
+DOCS = 600
+SAMPLE_BYTES = 16 * 1024
+BATCH = 32                     # 512 KiB batches
+MAX_PENDING = 32           # what two workers read ahead by default (16 each)
+PRODUCTION_S = 20
+# What the workers use while producing, which the bound (batches in the supervisor's hands)
+# does not count: the documents of the tasks in their hands (MAX_PENDING at most, for one
+# session) three times over: the driver's BSON reply, the decoded documents, the arrays.
+# A fixed amount that does not grow with time; measured here at about 18 MiB.
+ALLOWANCE_BYTES = 3 * MAX_PENDING * BATCH * SAMPLE_BYTES
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants."""
+    root = psutil.Process(pid)
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            total += process.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def test_a_client_that_never_reads_cannot_grow_the_daemon(tmp_path, mongo_uri, db,
+                                                           context):
+    rng = np.random.default_rng(0)
+    db["blobs"].insert_many([{"i": i, "blob": rng.bytes(SAMPLE_BYTES)} for i in range(DOCS)])
+    config = write_toml(tmp_path / "blobs.toml", sample_config(
+        mongo_uri, db.name, "blobs", batch={"size": BATCH},
+        feeds={"train": {"filter": {}, "shuffle": True}},
+        fields={"blob": {"decode": "raw", "dtype": "uint8", "shape": [SAMPLE_BYTES]}},
+        output={"inputs": ["blob"]}, serve={"max_pending": MAX_PENDING}))
+    with Daemon(config, workers=2) as daemon:
+        status = daemon.status()
+        before = tree_rss(daemon.process.pid)
+        reply = RawPeer(context, daemon.control).request(HelloRequest("train").pack())
+        # A consumer that lets nothing in: one message in its queue, a tiny TCP window.
+        hog = RawPeer(context, daemon.bind, identity=reply["token"].encode(), rcvhwm=1,
+                      rcvbuf=4096)
+        peak = before
+        deadline = time.monotonic() + PRODUCTION_S
+        while time.monotonic() < deadline:
+            hog.send(pack_credit(1_000_000))  # all the credit it may, and a heartbeat
+            time.sleep(1)
+            peak = max(peak, tree_rss(daemon.process.pid))
+        after = daemon.status()
+    [session] = after["sessions"]  # alive all along: it heartbeats
+    bound = status["session_memory_bound_bytes"]
+    assert bound == 2 * MAX_PENDING * BATCH * SAMPLE_BYTES
+    assert status["memory_bound_bytes"] == status["max_sessions"] * bound
+    growth = peak - before
+    print(f"daemon tree RSS {before / 2**20:.0f} MiB -> peak {peak / 2**20:.0f} MiB "
+          f"(+{growth / 2**20:.1f} MiB) in {PRODUCTION_S} s; session bound "
+          f"{bound / 2**20:.1f} MiB + allowance {ALLOWANCE_BYTES / 2**20:.0f} MiB; "
+          f"batches sent to the hog {session['delivered']}")
+    assert session["delivered"] >= 1  # it was served; what it did not read waits
+    assert session["credit"] <= MAX_PENDING
+    assert growth <= bound + ALLOWANCE_BYTES
