@@ -529,7 +529,6 @@ class _Stream:
                 try:
                     head = self.data.recv(zmq.NOBLOCK)  # usually waiting already
                 except zmq.Again:
-                    self.send_credit(everything=True)  # the daemon may wait for these
                     if not self.wait(timeout):
                         return None
                     head = self.data.recv()
@@ -611,12 +610,10 @@ class _Stream:
         lease = self.slabs.lease(base, header.slab)
         return self.schema.convert(arrays), lease
 
-    def send_credit(self, everything: bool = False):
-        """Credit for the batches taken, and the slabs released, every ``every`` of them (or
-        whatever is owed, with ``everything``)."""
-        owed, pending = self.owed_credit, self.slabs.pending
-        if not (owed or pending) or (not everything and owed < self.every
-                                     and pending < self.every):
+    def send_credit(self):
+        """Credit for the batches taken, and the slabs released, every ``every`` of them (the
+        daemon keeps credit meanwhile, and room for the slabs not yet released: ``Flow``)."""
+        if self.owed_credit < self.every and self.slabs.pending < self.every:
             return
         released = self.slabs.take_released()
         self.data.send(Credit(self.owed_credit, released).pack(), flags=zmq.NOBLOCK)
@@ -638,8 +635,10 @@ class Flow:
     ``serve.max_pending``, the other half of its region being for production). The consumer
     has at most ``credit`` batches on their way or waiting in its socket, ``held`` views
     handed out, and fewer than ``every`` releases unsent, so that sum stays within the
-    window and the daemon never waits for a slab the consumer may keep. Credit for half the
-    prefetch comes first, then the views the caller asked to keep, then the rest."""
+    window and the daemon never waits for a slab the consumer may keep. Credit for ``every``
+    batches comes first (the least that keeps the daemon sending while a grant is on its
+    way), then the views the caller asked to keep, then credit for up to twice the
+    prefetch."""
 
     credit: int
     every: int
@@ -652,5 +651,5 @@ class Flow:
         room = window - (every - 1)
         if region is None:  # nothing lent: the credit alone counts
             return cls(max(1, min(2 * prefetch, window)), every, held_batches)
-        held = max(0, min(held_batches, room - max(1, min(prefetch, room))))
+        held = max(0, min(held_batches, room - every))
         return cls(max(1, min(2 * prefetch, room - held)), every, held)

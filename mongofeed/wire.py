@@ -68,6 +68,7 @@ import math
 import re
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import bson
@@ -308,13 +309,13 @@ BATCH_HEADER = struct.Struct("<4sQQIqI")  # magic, epoch, index, count, slab (-1
 DIM = struct.Struct("<I")
 
 
-@dataclass(frozen=True)
-class BatchHeader:
+class BatchHeader(NamedTuple):
     """Frame 0 of a batch: 36 bytes (``BATCH_HEADER``), then 4 per variable length. The
     arrays' names, dtypes and shapes are the announced schema's, so per batch only the
     sample count and the lengths of the variable dimensions (``dims``, in schema order)
     travel, in a fixed binary layout that costs the consumer no parsing. ``slab`` is set
-    when the arrays lie in the session's shared memory instead of the frames that follow."""
+    when the arrays lie in the session's shared memory instead of the frames that follow.
+    (A named tuple: the consumer makes one per batch.)"""
 
     epoch: int
     index: int
@@ -346,7 +347,7 @@ class BatchHeader:
             raise ProtocolError(f"batch header of {len(data)} bytes for {ndims} lengths")
         if not (epoch < 2**40 and index < 2**40 and slab >= -1):
             raise ProtocolError("batch header numbers out of range")
-        dims = tuple(d for (d,) in DIM.iter_unpack(data[BATCH_HEADER.size:]))
+        dims = tuple(d for (d,) in DIM.iter_unpack(data[BATCH_HEADER.size:])) if ndims else ()
         return cls(epoch, index, count, dims, None if slab < 0 else slab)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import zmq
 
@@ -76,7 +76,7 @@ class Sink:
             if not isinstance(batch, SlabBatch):
                 parts = batch
             elif session.slabs.shared:
-                parts = [replace(batch.header, slab=batch.slab).pack()]
+                parts = [batch.header._replace(slab=batch.slab).pack()]
             else:
                 frames, trackers = session.slabs.frames(
                     batch.slab, session.schema.placements(batch.header))
