@@ -93,9 +93,9 @@ def keras_batches(seq):
 def feed_config(spec: dict, path: str) -> str:
     """A one-feed config for the row's data set, written to ``path``; for
     ``mongofeed-augment``, the stored uint8 images through the augment transform."""
-    data, q = spec["data"], json.dumps
+    data, q, loader = spec["data"], json.dumps, spec.get("loader")  # none for the fit
     convert, transform = f'cast = "float32"\nscale = {data["scale"]!r}', ""
-    if spec["loader"] == "mongofeed-augment":
+    if loader == "mongofeed-augment":
         convert = ""
         transform = f"""[transform]
 document = "mongofeed.bench.augment:crop_flip_jitter"
@@ -112,7 +112,7 @@ database = {q(data["database"] or "memory")}
 collection = {q(data["collection"] or "memory")}
 [feeds.train]
 filter = {toml_table(data["filter"])}
-shuffle = {'"window"' if spec["loader"] == "mongofeed-window" else "true"}
+shuffle = {'"window"' if loader == "mongofeed-window" else "true"}
 [batch]
 size = {spec["batch_size"]}
 [fields.image]
