@@ -17,8 +17,12 @@ makes before trusting one.
 Public messages (what a consumer, or a stranger, can send or receive):
 
 1. control request/reply: one frame, a JSON object, at most ``MAX_CONTROL_BYTES``:
-   ``{"op": "hello", "protocol", "feed", "start_epoch", "shard": [r, R]}`` opens a session;
-   its reply names the session (``"session"``, public) and gives its secret ``"token"``,
+   ``{"op": "hello", "protocol", "feed", "start_epoch", "shard": [r, R], "start_offset",
+   "skip": [g, ...]}`` opens a session (from global batch ``start_offset`` of its first epoch,
+   without the global batches in ``skip``: a resume); its reply says where the session
+   starts (``"start_epoch"``, ``"start_offset"``, ``"skip"``, ``"start_batches"``: the first
+   epoch's batch numbers, skipped ones included), names the session (``"session"``, public)
+   and gives its secret ``"token"``,
    which only the peer that said hello knows: it is the identity of that consumer's data
    socket and what ``{"op": "bye", "token"}`` needs. ``{"op": "status"}`` never shows a
    token. Replies carry ``"ok"`` and, when false, ``"error"``.
@@ -65,7 +69,8 @@ from bson.codec_options import CodecOptions, DatetimeConversion
 
 from .errors import ConfigError, ProtocolError
 
-PROTOCOL_VERSION = 2           # 2: the hello reply's secret token is the data identity
+PROTOCOL_VERSION = 3           # 2: the hello reply's secret token is the data identity;
+                               # 3: the hello's start offset and skipped batches (a resume)
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 32            # our messages nest at most 6 deep (the status reply)
@@ -73,6 +78,7 @@ MAX_NUMBER_CHARS = 40          # a JSON number's text; ours are counts, sizes an
 MAX_CREDIT = 1_000_000         # per credit message; the daemon caps a session's total lower
 MAX_NAME_CHARS = 256           # a feed name in a hello
 MAX_SHARD_WORLD = 2**20
+MAX_SKIP = 2048                # batches a resumed session skips: an unordered feed's extras
 TOKEN_CHARS = 32               # a session token: 128 random bits as hex
 ALLOWED_DTYPES = frozenset((
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -381,15 +387,20 @@ def unpack_credit(frames: list) -> int:
 @dataclass(frozen=True)
 class HelloRequest:
     """Open a session: its own stream of ``feed`` from epoch ``start_epoch``, part
-    ``shard[0]`` of ``shard[1]`` of every epoch."""
+    ``shard[0]`` of ``shard[1]`` of every epoch. A resume starts after the first
+    ``start_offset`` global batches of ``start_epoch`` (which the job consumed) and leaves
+    out the global batches in ``skip`` (which this rank took out of order)."""
 
     feed: str
     start_epoch: int = 0
     shard: tuple[int, int] = (0, 1)
+    start_offset: int = 0
+    skip: tuple[int, ...] = ()
 
     def pack(self) -> bytes:
         return encode_json({"op": "hello", "protocol": PROTOCOL_VERSION, "feed": self.feed,
-                            "start_epoch": self.start_epoch, "shard": list(self.shard)})
+                            "start_epoch": self.start_epoch, "shard": list(self.shard),
+                            "start_offset": self.start_offset, "skip": list(self.skip)})
 
     @classmethod
     def from_json(cls, body: dict) -> HelloRequest:
@@ -401,16 +412,22 @@ class HelloRequest:
         if not (isinstance(feed, str) and 0 < len(feed) <= MAX_NAME_CHARS):
             raise ProtocolError(f"hello needs a feed name (a string of 1 to {MAX_NAME_CHARS} "
                                 f"characters), got {feed!r:.60}")
-        start_epoch = body.get("start_epoch", 0)
-        if not _is_count(start_epoch):
-            raise ProtocolError(f"start_epoch must be an integer from 0 to {2**40 - 1}, got "
-                                f"{start_epoch!r:.60}")
+        start_epoch, start_offset = body.get("start_epoch", 0), body.get("start_offset", 0)
+        for name, value in (("start_epoch", start_epoch), ("start_offset", start_offset)):
+            if not _is_count(value):
+                raise ProtocolError(f"{name} must be an integer from 0 to {2**40 - 1}, got "
+                                    f"{value!r:.60}")
         shard = body.get("shard", [0, 1])
         if not (isinstance(shard, list) and len(shard) == 2 and all(map(_is_count, shard))
                 and shard[0] < shard[1] <= MAX_SHARD_WORLD):
             raise ProtocolError(f"shard must be [r, R] with 0 <= r < R <= {MAX_SHARD_WORLD}, "
                                 f"got {shard!r:.60}")
-        return cls(feed, start_epoch, (shard[0], shard[1]))
+        skip = body.get("skip", [])
+        if not (isinstance(skip, list) and len(skip) <= MAX_SKIP and all(map(_is_count, skip))
+                and len(set(skip)) == len(skip)):
+            raise ProtocolError(f"skip must be a list of at most {MAX_SKIP} distinct global "
+                                f"batch numbers, got {skip!r:.60}")
+        return cls(feed, start_epoch, (shard[0], shard[1]), start_offset, tuple(sorted(skip)))
 
 
 @dataclass(frozen=True)
@@ -482,6 +499,44 @@ def hello_schema(reply: dict) -> Schema:
         raise ProtocolError("hello reply converts an array it does not announce")
     return Schema(reply["feed"], size, arrays, conversions)
 
+
+
+@dataclass(frozen=True)
+class SessionStart:
+    """Where a hello reply says the session's stream begins: epoch ``epoch`` after its first
+    ``offset`` global batches, with the session's batch numbers ``skip`` of that epoch left
+    out; that epoch numbers ``first_batches`` batches (skipped ones included), every later
+    one ``batches_per_epoch``. ``shard`` is the session's share (the daemon's times the
+    consumer's): its batch j of an epoch is global batch ``offset + rank + world * j``."""
+
+    epoch: int
+    offset: int
+    first_batches: int
+    skip: frozenset[int]
+    batches_per_epoch: int
+    shard: tuple[int, int]
+
+    @classmethod
+    def from_reply(cls, reply: dict) -> SessionStart:
+        values = [reply.get(key) for key in ("start_epoch", "start_offset", "start_batches",
+                                             "batches_per_epoch")]
+        shard, skip = reply.get("shard"), reply.get("skip")
+        if not (all(map(_is_count, values)) and isinstance(shard, list) and len(shard) == 2
+                and all(map(_is_count, shard)) and shard[0] < shard[1]
+                and isinstance(skip, list) and all(map(_is_count, skip))):
+            raise ProtocolError("hello reply lacks where the session starts (start_epoch, "
+                                "start_offset, start_batches, skip, batches_per_epoch, shard)")
+        epoch, offset, first, size = values
+        numbers = set()
+        for g in skip:
+            j, rest = divmod(g - offset - shard[0], shard[1])
+            if rest or not 0 <= j < first:
+                raise ProtocolError(f"hello reply skips global batch {g}, which is not its "
+                                    f"shard's")
+            numbers.add(j)
+        if len(numbers) >= first or size < 1:
+            raise ProtocolError("hello reply announces a session without batches")
+        return cls(epoch, offset, first, frozenset(numbers), size, (shard[0], shard[1]))
 
 # -- internal: supervisor <-> workers -> sink ------------------------------------------------
 

@@ -48,18 +48,44 @@ class Control:
                                 f"{', '.join(supervisor.plans)}")
         # The consumer's share is taken from this daemon's share of the epoch.
         shard = Shard(*request.shard).within(self.config.serve.shard)
-        if supervisor.plans[feed].batches_per_epoch(shard) == 0:
+        plan = supervisor.plans[feed]
+        if plan.batches_per_epoch(shard) == 0:
             raise ProtocolError(f"shard {shard} of feed {feed!r} has no full batch")
+        epoch, offset, skip = self.start(plan, feed, shard, request)
         self.make_room()
-        session = supervisor.sessions.open(feed, shard, request.start_epoch,
-                                           self.config.serve.ordered)
+        session = supervisor.sessions.open(feed, shard, epoch, self.config.serve.ordered,
+                                           offset, frozenset(skip))
         supervisor.counters["sessions_opened"] += 1
-        log.info("session %s: feed %s from epoch %d, shard %s", session.name, feed,
-                 request.start_epoch, shard)
+        log.info("session %s: feed %s from epoch %d (after %d global batches, %d skipped), "
+                 "shard %s", session.name, feed, epoch, offset, len(skip), shard)
         return {"ok": True, **self.describe_feed(feed, shard), "session": session.name,
-                "token": session.token.decode(), "start_epoch": request.start_epoch,
+                "token": session.token.decode(), "start_epoch": epoch,
+                "start_offset": offset, "start_batches": session.start_batches,
+                "skip": [offset + shard.rank + shard.world * j for j in sorted(skip)],
                 "shard": [shard.rank, shard.world], "credit_window": self.config.serve.max_pending,
                 "heartbeat_timeout": self.config.serve.session_timeout}
+
+    @staticmethod
+    def start(plan, feed: str, shard: Shard, request: HelloRequest) -> tuple[int, int, list]:
+        """Where a session starts: the request's epoch and offset, and the batch numbers of
+        its skipped global batches, each checked; an epoch with nothing left for the
+        session (its rest went to other ranks or was taken) is passed for the next one."""
+        epoch, offset = request.start_epoch, request.start_offset
+        if offset > plan.global_batches():
+            raise ProtocolError(f"start_offset {offset} is beyond the {plan.global_batches()} "
+                                f"global batches of an epoch of feed {feed!r}")
+        numbered = plan.shard_batches(shard, offset)
+        skip = []
+        for g in request.skip:
+            j, rest = divmod(g - offset - shard.rank, shard.world)
+            if rest or not 0 <= j < numbered:
+                raise ProtocolError(f"skip names global batch {g}, which shard {shard} of feed "
+                                    f"{feed!r} does not take after offset {offset} (a state "
+                                    f"saved by another rank?)")
+            skip.append(j)
+        if numbered == len(skip):
+            return epoch + 1, 0, []
+        return epoch, offset, skip
 
     def make_room(self):
         """At the session cap, end the session silent longest if it is silent enough to be

@@ -59,13 +59,7 @@ class Sink:
             except zmq.ZMQError as exc:
                 log.info("session %s: consumer disconnected (%s)", session.name, exc)
                 return False
-            del session.ready[key]
-            session.credit -= 1
-            session.delivered += 1
-            session.delivered_in_epoch += 1
-            if session.delivered_in_epoch == session.batches_per_epoch:
-                session.deliver_epoch += 1
-                session.delivered_in_epoch = 0
+            session.sent(key)
         return True
 
     def fail(self, session: Session, message: str):
