@@ -2,10 +2,10 @@
 
 ``Consumer`` says hello on the daemon's control endpoint and gets a session: its own stream
 of one feed, starting at a full epoch or where a saved state says (``state_dict``,
-``load_state_dict``; see ``mongofeed.resume``). A background thread owns the sockets (ZeroMQ sockets
-must not be shared between threads): it grants the daemon credit for a few batches, checks
-every message, keeps a small bounded queue full and sends heartbeats, also while training is
-busy elsewhere. The caller's thread only takes from that queue.
+``load_state_dict``; see ``mongofeed.resume``). A background thread owns the sockets
+(ZeroMQ sockets must not be shared between threads): it grants the daemon credit for a few
+batches, checks every message, keeps a small bounded queue full and sends heartbeats, also
+while training is busy elsewhere. The caller's thread only takes from that queue.
 """
 
 from __future__ import annotations

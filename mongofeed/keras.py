@@ -175,12 +175,14 @@ def signature_batch(schema, index: int) -> dict:
 # Every pass Keras makes over a PyDataset ends in PyDatasetAdapter.on_epoch_end
 # (keras/src/trainers/data_adapters/py_dataset_adapter.py), called from one of three places in
 # keras/src/trainers/epoch_iterator.py. EpochIterator.reset() ends a pass that no training step
-# used: the signature peek before it, and the symbolic build (TF trainer's
+# used: the symbolic build (TF trainer's
 # _maybe_symbolic_build under a strategy, Trainer._symbolic_build, the JAX predict build),
 # which all call reset() right after. _enumerate_iterator (end of an epoch) and
 # catch_stop_iteration (the iterator ran out) end a pass that training used. A pass's end is
-# the one event a PyDataset cannot classify from what it is asked, so this is the one place
-# that looks at Keras's frames; any other Keras caller raises instead of guessing.
+# an event a PyDataset cannot classify from what it is asked, so this looks at Keras's frames;
+# any other Keras caller raises instead of guessing. The other such event is the signature
+# peek: PyDatasetAdapter.get_tf_dataset reads seq[0] and seq[1] and fixes every dimension on
+# which they agree (keras_reads_the_signature); elsewhere the calls are a pass's.
 
 KERAS_CHECKED_VERSION = "3.15.1"
 KERAS_CHECKED = f"Keras {KERAS_CHECKED_VERSION}"

@@ -1,10 +1,11 @@
 """Epoch passes over one consumer's stream, for frameworks that abandon a pass and start again.
 
 Keras and tf.data sometimes begin reading an epoch, throw away what they read and begin the
-epoch again: the TF backend's signature peek, the symbolic build under a ``tf.distribute``
-strategy or on the JAX backend's first ``fit``, with whatever a prefetching iterator read
-ahead. The daemon's stream cannot rewind, so ``Replay`` keeps the first ``limit`` batches
-handed in the current pass::
+epoch again: the symbolic build under a ``tf.distribute`` strategy or on the JAX backend's
+first ``fit``, with whatever a prefetching iterator read ahead (the TF backend's signature
+peek gets batches made from the schema instead: ``keras.signature_batch``). The daemon's
+stream cannot rewind, so ``Replay`` keeps the first ``limit`` batches handed in the current
+pass::
 
     stream ─▶ [queue: batches to hand again] ─▶ take() ─▶ the framework
                         ▲                          │ kept while the pass is young
@@ -28,7 +29,7 @@ from collections import deque
 from .consumer import Batch
 from .errors import FeedError
 
-DEFAULT_REPLAY_BATCHES = 16  # Keras 3.15 discards at most about 8 (peek 2, prefetch ~6)
+DEFAULT_REPLAY_BATCHES = 16  # Keras 3.15 discards at most about 8 (a build, prefetch ~6)
 
 
 class Replay:

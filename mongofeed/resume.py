@@ -235,6 +235,10 @@ class EpochProgress:
 
     def state(self, feed: str, plan: dict, ordered: bool, shard: tuple[int, int]) -> FeedState:
         """This progress as a rank's state."""
+        if len(self.extra) > MAX_SKIP:
+            raise FeedError(f"{len(self.extra)} batches of epoch {self.epoch} were taken out "
+                            f"of order, more than a state keeps ({MAX_SKIP}): lower the "
+                            f"daemon's serve.max_pending, or take the state later")
         rank, world = shard
         extra = tuple(sorted(self.offset + rank + world * j for j in self.extra))
         return FeedState(feed, plan, ordered, self.epoch, self.offset, tuple(shard),

@@ -26,7 +26,7 @@ from .distributed import JobRank
 from .replay import DEFAULT_REPLAY_BATCHES, Replay
 
 
-class FeedState(tf.train.experimental.PythonState):
+class DatasetState(tf.train.experimental.PythonState):
     """Where a ``dataset``'s stream is, for ``tf.train.Checkpoint``: saved as the
     consumer's state (``Consumer.state_dict``), restored by continuing there.
 
@@ -87,7 +87,7 @@ def dataset(endpoint: str | list[str], feed: str = "train",
             yield structure(batch.arrays)
 
     data = tf.data.Dataset.from_generator(one_epoch, output_signature=structure(specs))
-    data.feed_state = FeedState(replay)
+    data.feed_state = DatasetState(replay)
     return data
 
 
