@@ -100,21 +100,25 @@ def test_a_resumed_consumer_continues_with_exactly_the_next_batches(daemons, sha
     assert (after["state"]["epoch"], after["state"]["taken"]) == (2, 0)
 
 
-def test_an_unordered_feed_resumes_every_batch_once(daemons):
+@pytest.mark.parametrize("shard", [None, (1, 2)])
+def test_an_unordered_feed_resumes_every_batch_once(daemons, shard):
     """Unordered batches arrive in any order within an epoch: the resumed stream completes
     the stopped one's epoch with exactly the batches it lacked, then whole epochs. A
     state whose rank took batches out of order (its extras) leaves exactly those out."""
     endpoint = daemons["unordered"]
-    with Consumer(endpoint, timeout=30) as whole:
-        expected = by_epoch(read(whole, 2 * GLOBAL))
-    with Consumer(endpoint, timeout=30) as stopped:
+    rank, world = shard or (0, 1)
+    with Consumer(endpoint, shard=shard, timeout=30) as whole:
+        per_epoch = whole.batches_per_epoch
+        expected = by_epoch(read(whole, 2 * per_epoch))
+    with Consumer(endpoint, shard=shard, timeout=30) as stopped:
         before = read(stopped, 7)
         state = stopped.state_dict()
-    after = resume_in_new_process(endpoint, state, 2 * GLOBAL - 7)
+    after = resume_in_new_process(endpoint, state, 2 * per_epoch - 7, shard)
     assert by_epoch(before + after["batches"]) == expected
 
-    out_of_order = {**state, "epoch": 1, "offset": 0, "taken": 3, "extra": [5, 9]}
-    with Consumer(endpoint, timeout=30, state=out_of_order) as resumed:
+    extras = [rank + world * j for j in (5, 9)]  # global batches of the rank's 5th and 9th
+    out_of_order = {**state, "epoch": 1, "offset": 0, "taken": 3, "extra": extras}
+    with Consumer(endpoint, shard=shard, timeout=30, state=out_of_order) as resumed:
         rest = [as_json(b) for b in resumed.epoch()]
     assert by_epoch(rest)[1] == [b for b in expected[1] if b[0] not in (0, 1, 2, 5, 9)]
 
