@@ -33,10 +33,14 @@ class Sink:
         self.socket = socket
         self.credit_limit = credit_limit  # also the socket's sndhwm (set by the supervisor)
 
-    def accept(self, session: Session, epoch: int, index: int, frames: list) -> bool:
-        """A worker's batch for ``session``; sends what has become deliverable."""
+    def accept(self, session: Session, epoch: int, index: int, frames: list,
+               drawn: dict[str, int] | None = None) -> bool:
+        """A worker's batch for ``session`` (and, for a feed of sources, its samples of
+        each); sends what has become deliverable."""
         session.in_production -= 1
         session.ready[(epoch, index)] = frames
+        if drawn:
+            session.drawing[(epoch, index)] = drawn
         return self.flush(session)
 
     def grant(self, session: Session, credit: int) -> bool:
@@ -60,6 +64,8 @@ class Sink:
                 log.info("session %s: consumer disconnected (%s)", session.name, exc)
                 return False
             del session.ready[key]
+            for source, samples in session.drawing.pop(key, {}).items():
+                session.drawn[source] += samples
             session.credit -= 1
             session.delivered += 1
             session.delivered_in_epoch += 1

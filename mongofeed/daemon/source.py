@@ -15,6 +15,8 @@ import logging
 import math
 import threading
 import time
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import bson
 import numpy as np
@@ -24,8 +26,17 @@ from bson.raw_bson import RawBSONDocument
 from pymongo.errors import ConnectionFailure, OperationFailure, ProtocolError, PyMongoError
 
 from ..errors import DecodeError, SourceError
-from .config import Config, FeedConfig, SourceConfig, redact_uri
-from .planner import BatchWindow, Ids, IdsBuilder, Plan, SplitsBuilder, WindowPlan
+from .config import Config, FeedConfig, FeedSourceConfig, SourceConfig, redact_uri
+from .planner import (
+    BatchWindow,
+    Ids,
+    IdsBuilder,
+    MixSource,
+    MixturePlan,
+    Plan,
+    SplitsBuilder,
+    WindowPlan,
+)
 from .planner.cache import PlanCache, cache_key
 from .planner.ids import MixedIdTypes, UnorderableIds
 from .planner.order import window_order
@@ -56,6 +67,7 @@ RETRYABLE_CODES = frozenset({
     262, 134,                                # exceeded time limit, read concern not yet available
 })
 WHOLE_DOCUMENT = "(whole document)"  # the field of an error about no field in particular
+SCHEMA_SAMPLE_DOCUMENTS = 3  # per source of a mixture, checked at start against the fields
 
 
 def connect(source: SourceConfig, appname: str) -> pymongo.MongoClient:
@@ -183,62 +195,148 @@ def document_bytes(config: Config) -> int:
 
 
 def plan_feed(source, client, config: Config, feed: FeedConfig):
-    """The feed's plan (``Plan``, or ``WindowPlan`` for ``shuffle = "window"``) from its
-    ``_id``s as ``source`` lists them, or from the plan cache when the server's count and
-    ends of the feed are those stored; refused when it cannot fill one batch. The listing
-    runs in a thread while this one waits in short steps, so a stop signal is handled at once
-    (a sort of 100 million ids holds no lock that a signal handler needs, but it does keep
-    the thread that runs it busy for seconds)."""
+    """The feed's plan (``Plan``, ``WindowPlan`` for ``shuffle = "window"``, or
+    ``MixturePlan`` for a feed of sources) from its ``_id``s as ``source`` lists them, or
+    from the plan cache when the server's count and ends of the feed are those stored;
+    refused when it cannot fill one batch. The listing runs in a thread while this one
+    waits in short steps, so a stop signal is handled at once (a sort of 100 million ids
+    holds no lock that a signal handler needs, but it does keep the thread that runs it
+    busy for seconds)."""
+    if feed.sources:
+        return plan_mixture(source, client, config, feed)
     batch, shard = config.batch, config.serve.shard
     started = time.monotonic()
     if feed.shuffle == "window":
         range_docs, window_ranges = window_shape(
             batch.size, batch.window_bytes // document_bytes(config))
-        order = {"order": "window", "range_docs": range_docs}
+        listing = list_planned(source, client, config, config.source.collection, feed.filter,
+                               range_docs)
+        plan = WindowPlan(listing.ids, listing.last, listing.count, batch.size, batch.seed,
+                          batch.drop_last, range_docs, window_ranges, listing.digest)
     else:
-        order = {"order": "full"}
+        listing = list_planned(source, client, config, config.source.collection, feed.filter)
+        plan = Plan(listing.ids, batch.size, batch.seed, feed.shuffle, batch.drop_last,
+                    listing.digest)
+    if plan.batches_per_epoch(shard) == 0:
+        raise SourceError(f"feed {feed.name!r}: filter {feed.filter} selects {listing.count} "
+                          f"documents of {config.source.database}.{config.source.collection}, "
+                          f"not enough for one batch of {batch.size} in shard {shard}")
+    plan.origin = {**listing.origin, "seconds": round(time.monotonic() - started, 3),
+                   "resident_bytes": plan.resident_bytes}
+    log.info("feed %s: %d documents, %s", feed.name, listing.count, plan.origin)
+    return plan
+
+
+@dataclass
+class Listing:
+    """The ``_id``s of one query as a plan keeps them, and where they came from."""
+
+    ids: Ids          # all of them, or for the windowed order the split points
+    count: int
+    digest: str
+    last: object      # the windowed order's last _id
+    origin: dict      # listed, or from_cache (and what was checked); stored
+
+
+def list_planned(source, client, config: Config, collection: str, query: dict,
+                 range_docs: int | None = None) -> Listing:
+    """The ``_id``s that ``query`` selects in ``collection``: all of them (sorted), or with
+    ``range_docs`` what the windowed order keeps; from the plan cache when the collection
+    passes its check, else listed (and cached)."""
+    # A stand-in source (testing.MemorySource) serves one collection: it is not named.
+    where = {} if collection == config.source.collection else {"collection": collection}
+    order = {"order": "full"} if range_docs is None else {"order": "window",
+                                                          "range_docs": range_docs}
     cache = plan_cache(source, config)
     check = hit = None
     if cache is not None:
-        check = wait_aside(source.fingerprint, client, feed.filter)
-        key = cache_key(redact_uri(config.source.uri), config.source.database,
-                        config.source.collection, feed.filter, order)
+        check = wait_aside(lambda: source.fingerprint(client, query, **where))
+        key = cache_key(redact_uri(config.source.uri), config.source.database, collection,
+                        query, order)
         hit = cache.load(key, check)
     if hit is not None:
         ids, digest, count, last = hit["ids"], hit["digest"], hit["count"], hit.get("last")
         origin = {"from_cache": hit["path"]}
-    elif feed.shuffle == "window":
-        ids, last, count, digest = wait_aside(source.list_splits, client, feed.filter,
-                                              range_docs)
+    elif range_docs is not None:
+        ids, last, count, digest = wait_aside(
+            lambda: source.list_splits(client, query, range_docs, **where))
         origin = {"listed": True}
     else:
-        ids = wait_aside(source.list_ids, client, feed.filter)
+        ids = wait_aside(lambda: source.list_ids(client, query, **where))
         count, last, digest = len(ids), None, wait_aside(ids.digest)
         origin = {"listed": True}
     if hit is None and cache is not None:
-        if wait_aside(source.fingerprint, client, feed.filter) == check:
+        if wait_aside(lambda: source.fingerprint(client, query, **where)) == check:
             stored = cache.store(key, {"check": check, "digest": digest, "count": count,
                                        "last": last}, ids)
             if stored:
                 origin["stored"] = stored
         else:
-            log.warning("feed %s: the collection changed while it was listed; the plan is "
-                        "not cached", feed.name)
-    if feed.shuffle == "window":
-        plan = WindowPlan(ids, last, count, batch.size, batch.seed, batch.drop_last,
-                          range_docs, window_ranges, digest)
-    else:
-        plan = Plan(ids, batch.size, batch.seed, feed.shuffle, batch.drop_last, digest)
-    if plan.batches_per_epoch(shard) == 0:
-        raise SourceError(f"feed {feed.name!r}: filter {feed.filter} selects {count} "
-                          f"documents of {config.source.database}.{config.source.collection}, "
-                          f"not enough for one batch of {batch.size} in shard {shard}")
+            log.warning("%s.%s, filter %s: the collection changed while it was listed; the "
+                        "plan is not cached", config.source.database, collection, query)
     if check is not None:
         origin["checked"] = ", ".join(f"{CHECKED[k]} {v}" for k, v in check.items())
-    plan.origin = {**origin, "seconds": round(time.monotonic() - started, 3),
+    return Listing(ids, count, digest, last, origin)
+
+
+def plan_mixture(source, client, config: Config, feed: FeedConfig) -> MixturePlan:
+    """The plan of a feed of sources: each source listed (or taken from the plan cache) as
+    a plain feed's ids, its documents checked against the declared fields
+    (``check_source_schema``), and their draws per epoch fixed by the weights."""
+    batch, shard = config.batch, config.serve.shard
+    started = time.monotonic()
+    sources, origins = [], {}
+    for spec in feed.sources.values():
+        query = feed.source_query(spec)
+        listing = list_planned(source, client, config, spec.collection, query)
+        check_source_schema(source, client, config, feed, spec, listing.ids)
+        sources.append(MixSource(spec.name, spec.collection, listing.ids, listing.digest,
+                                 spec.weight))
+        origins[spec.name] = listing.origin
+    try:
+        plan = MixturePlan(sources, batch.size, batch.seed, batch.drop_last, feed.epoch_size)
+    except ValueError as exc:
+        raise SourceError(f"feed {feed.name!r}: {exc} (in {config.source.database}; "
+                          f"[feeds.{feed.name}.sources.*])") from None
+    if plan.batches_per_epoch(shard) == 0:
+        raise SourceError(f"feed {feed.name!r}: its sources draw {plan.count} samples per "
+                          f"epoch, not enough for one batch of {batch.size} in shard {shard}")
+    plan.origin = {"sources": origins, "seconds": round(time.monotonic() - started, 3),
                    "resident_bytes": plan.resident_bytes}
-    log.info("feed %s: %d documents, %s", feed.name, count, plan.origin)
+    log.info("feed %s: %s per epoch from %s", feed.name, plan.count,
+             ", ".join(f"{d['name']} {d['draws']} of {d['documents']}"
+                       for d in plan.describe_sources()))
     return plan
+
+
+def check_source_schema(source, client, config: Config, feed: FeedConfig,
+                        spec: FeedSourceConfig, ids: Ids):
+    """Refuse a source whose documents do not fit the declared fields, before anything
+    starts, naming the source, the field and the ``_id``: ``SCHEMA_SAMPLE_DOCUMENTS`` of its
+    documents (its first, middle and last ``_id``) read and decoded as a worker would, with
+    the same decoder. With ``on_error = "fail"`` any of them that misfits refuses the
+    source; with "skip" only all of them (a source of other documents, not a few odd ones)."""
+    from .codec import BatchDecoder  # both import this module
+    from .transform import projection
+
+    picked = sorted({0, len(ids) // 2, len(ids) - 1})[:SCHEMA_SAMPLE_DOCUMENTS]
+    where = {} if spec.collection == config.source.collection else {"collection":
+                                                                    spec.collection}
+    try:
+        reader = source.reader(client, 1, projection(config), **where)
+        docs = [doc for doc in reader.read(ids.take(picked)) if doc is not None]
+        decoder = BatchDecoder(config.fields, spec.collection, "skip",
+                               read_gridfs=reader.read_gridfs)
+        _, problems = decoder.decode([doc for doc in docs if isinstance(doc, dict)])
+    except PyMongoError as exc:
+        raise SourceError(describe_failure(config.source, exc)) from None
+    problems += [doc for doc in docs if isinstance(doc, DecodeError)]
+    if problems and (config.batch.on_error == "fail" or len(problems) == len(docs)):
+        raise SourceError(f"feed {feed.name!r}, source {spec.name!r} (collection "
+                          f"{spec.collection!r}) does not fit the declared fields: "
+                          f"{problems[0]} ({len(problems)} of the {len(docs)} documents "
+                          f"checked at start misfit; [fields.{problems[0].field}] is declared "
+                          f"once for every source of the feed)")
 
 
 def plan_cache(source, config: Config) -> PlanCache | None:
@@ -294,6 +392,43 @@ def id_chunks(ids: list, max_bytes: int = ID_QUERY_MAX_BYTES) -> list[list]:
         chunks[-1].append(doc_id)
         size += nbytes
     return chunks
+
+
+class BatchPart(NamedTuple):
+    """Documents of one batch that one query reads: their collection, ``_id``s, and places
+    in the batch (None: all of it, in order)."""
+
+    collection: str
+    ids: list
+    at: list | None = None
+
+
+def read_batches(reader_for, batches: list[list[BatchPart]]) -> list[tuple[list, list, list]]:
+    """For each batch (its parts): its documents (as ``BatchReader.read`` gives them), their
+    ``_id``s and their collections, in the batch's order. All the batches' documents of one
+    collection are read together (``reader_for(collection).read``): one query per
+    collection (more only when the ids do not fit in one)."""
+    wanted: dict[str, list[tuple[int, int]]] = {}
+    for b, parts in enumerate(batches):
+        for p, part in enumerate(parts):
+            wanted.setdefault(part.collection, []).append((b, p))
+    found = {}
+    for collection, keys in wanted.items():
+        docs = reader_for(collection).read([i for b, p in keys for i in batches[b][p].ids])
+        start = 0
+        for b, p in keys:
+            found[b, p] = docs[start:start + len(batches[b][p].ids)]
+            start += len(batches[b][p].ids)
+    made = []
+    for b, parts in enumerate(batches):
+        count = sum(len(part.ids) for part in parts)
+        docs, ids, collections = [None] * count, [None] * count, [None] * count
+        for p, part in enumerate(parts):
+            places = range(len(part.ids)) if part.at is None else part.at
+            for place, doc_id, doc in zip(places, part.ids, found[b, p], strict=True):
+                docs[place], ids[place], collections[place] = doc, doc_id, part.collection
+        made.append((docs, ids, collections))
+    return made
 
 
 class BatchReader:
@@ -480,24 +615,32 @@ def raw_id_value(raw) -> object:
 
 
 class MongoSource:
-    """Where a daemon's documents come from: the MongoDB of ``[source]``. Picklable, so a
-    spawned worker receives it and connects by itself."""
+    """Where a daemon's documents come from: the MongoDB of ``[source]`` (``collection``
+    names another of its database, for a feed's sources). Picklable, so a spawned worker
+    receives it and connects by itself."""
 
     def __init__(self, config: SourceConfig):
         self.config = config
 
+    def _at(self, collection: str | None) -> SourceConfig:
+        return self.config if collection is None else replace(self.config,
+                                                              collection=collection)
+
     def connect(self, appname: str) -> pymongo.MongoClient:
         return connect(self.config, appname)
 
-    def list_ids(self, client: pymongo.MongoClient, query: dict) -> Ids:
-        return list_ids(client, self.config, query)
+    def list_ids(self, client: pymongo.MongoClient, query: dict,
+                 collection: str | None = None) -> Ids:
+        return list_ids(client, self._at(collection), query)
 
-    def list_splits(self, client: pymongo.MongoClient, query: dict, range_docs: int):
-        return list_splits(client, self.config, query, range_docs)
+    def list_splits(self, client: pymongo.MongoClient, query: dict, range_docs: int,
+                    collection: str | None = None):
+        return list_splits(client, self._at(collection), query, range_docs)
 
-    def fingerprint(self, client: pymongo.MongoClient, query: dict) -> dict:
-        return fingerprint(client, self.config, query)
+    def fingerprint(self, client: pymongo.MongoClient, query: dict,
+                    collection: str | None = None) -> dict:
+        return fingerprint(client, self._at(collection), query)
 
     def reader(self, client: pymongo.MongoClient, sample_bytes: int,
-               projection: dict | None = None) -> BatchReader:
-        return BatchReader(client, self.config, sample_bytes, projection)
+               projection: dict | None = None, collection: str | None = None) -> BatchReader:
+        return BatchReader(client, self._at(collection), sample_bytes, projection)

@@ -364,7 +364,7 @@ class Supervisor:
         session.skips += meta.skips
         for message in meta.skipped:
             log.warning("skipped: %s", message)
-        if not self.sink.accept(session, task.epoch, task.index, frames[1:]):
+        if not self.sink.accept(session, task.epoch, task.index, frames[1:], task.drawn()):
             self.end_session(session)
 
     def dispatch(self):
