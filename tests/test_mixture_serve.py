@@ -13,9 +13,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from pymongo import MongoClient
 
 from mongofeed import Consumer
 from mongofeed.daemon.config import parse_config
+from mongofeed.daemon.source import MongoSource, plan_feed
+from mongofeed.errors import SourceError
 from mongofeed.testing import Daemon, ServerCounters
 from mongofeed.tools.inspect import format_report, inspect_source
 from tests.support import REPO, write_toml
@@ -50,28 +53,6 @@ def config(uri: str, database: str, feeds: dict) -> dict:
     }
 
 
-def write_config(path, raw: dict):
-    """``write_toml`` for configs with sources (tables three levels deep)."""
-    import json
-
-    def value(v):
-        return json.dumps(v) if not isinstance(v, dict) else "{" + ", ".join(
-            f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
-    lines = []
-    for section, body in raw.items():
-        if section != "feeds":
-            lines += [f"[{section}]"] + [f"{json.dumps(k)} = {value(v)}" for k, v in body.items()]
-            continue
-        for feed, table in body.items():
-            lines.append(f"[feeds.{feed}]")
-            lines += [f"{k} = {value(v)}" for k, v in table.items() if k != "sources"]
-            for name, source in table.get("sources", {}).items():
-                lines += [f"[feeds.{feed}.sources.{name}]"]
-                lines += [f"{k} = {value(v)}" for k, v in source.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def data(mongo_client, mongo_uri, tmp_path_factory):
     db = mongo_client[f"mongofeed_test_{uuid.uuid4().hex[:12]}"]
@@ -80,7 +61,7 @@ def data(mongo_client, mongo_uri, tmp_path_factory):
     raw = config(mongo_uri, db.name, {
         "counted": {"sources": SOURCES},
         "balanced": {"epoch_size": 40, "sources": BALANCED}})
-    path = write_config(tmp_path_factory.mktemp("mixture") / "feed.toml", raw)
+    path = write_toml(tmp_path_factory.mktemp("mixture") / "feed.toml", raw)
     try:
         yield db, raw, path
     finally:
@@ -156,13 +137,25 @@ def test_a_source_whose_documents_misfit_is_refused_before_serving(data, tmp_pat
     db.odd.insert_many(documents(range(2000, 2010), 0, x_bytes=8))  # x: 2 floats, not 4
     feeds = {"train": {"sources": {"dogs": {"filter": {"y": 1}, "repeat": 1},
                                    "odd": {"collection": "odd", "repeat": 1}}}}
-    path = write_config(tmp_path / "odd.toml", {**raw, "feeds": feeds})
+    path = write_toml(tmp_path / "odd.toml", {**raw, "feeds": feeds})
     result = subprocess.run([sys.executable, "-m", "mongofeed", "serve", "--config", str(path),
                              "--workers", "1"], capture_output=True, text=True, timeout=120,
                             cwd=REPO)
     assert result.returncode != 0 and "mongofeed ready" not in result.stdout
     assert "source 'odd' (collection 'odd')" in result.stderr
     assert "field 'x'" in result.stderr and "expected 16 bytes" in result.stderr
+    config = parse_config(raw)
+    source, client = MongoSource(config.source), MongoClient(config.source.uri)
+    try:
+        for sources, message in [
+                ({"none": {"filter": {"y": 7}, "repeat": 1}}, "source 'none' selects no"),
+                ({"gone": {"collection": "gone", "repeat": 1}},
+                 "source 'gone': collection .*gone does not exist")]:
+            feed = parse_config({**raw, "feeds": {"train": {"sources": sources}}}).feeds["train"]
+            with pytest.raises(SourceError, match=f"feed 'train'.*{message}"):
+                plan_feed(source, client, config, feed)
+    finally:
+        client.close()
 
 
 def test_a_keras_model_sees_both_classes_equally(data, tmp_path):

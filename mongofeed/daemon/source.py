@@ -288,7 +288,10 @@ def plan_mixture(source, client, config: Config, feed: FeedConfig) -> MixturePla
     sources, origins = [], {}
     for spec in feed.sources.values():
         query = feed.source_query(spec)
-        listing = list_planned(source, client, config, spec.collection, query)
+        try:
+            listing = list_planned(source, client, config, spec.collection, query)
+        except SourceError as exc:
+            raise SourceError(f"feed {feed.name!r}, source {spec.name!r}: {exc}") from None
         check_source_schema(source, client, config, feed, spec, listing.ids)
         sources.append(MixSource(spec.name, spec.collection, listing.ids, listing.digest,
                                  spec.weight))
@@ -296,8 +299,8 @@ def plan_mixture(source, client, config: Config, feed: FeedConfig) -> MixturePla
     try:
         plan = MixturePlan(sources, batch.size, batch.seed, batch.drop_last, feed.epoch_size)
     except ValueError as exc:
-        raise SourceError(f"feed {feed.name!r}: {exc} (in {config.source.database}; "
-                          f"[feeds.{feed.name}.sources.*])") from None
+        raise SourceError(f"feed {feed.name!r}: {exc} ([feeds.{feed.name}.sources.*] in "
+                          f"database {config.source.database})") from None
     if plan.batches_per_epoch(shard) == 0:
         raise SourceError(f"feed {feed.name!r}: its sources draw {plan.count} samples per "
                           f"epoch, not enough for one batch of {batch.size} in shard {shard}")
@@ -319,6 +322,8 @@ def check_source_schema(source, client, config: Config, feed: FeedConfig,
     from .codec import BatchDecoder  # both import this module
     from .transform import projection
 
+    if not len(ids):
+        return  # refused by its draws, which name it
     picked = sorted({0, len(ids) // 2, len(ids) - 1})[:SCHEMA_SAMPLE_DOCUMENTS]
     where = {} if spec.collection == config.source.collection else {"collection":
                                                                     spec.collection}

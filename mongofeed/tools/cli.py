@@ -228,7 +228,7 @@ def format_status(status: dict, previous: dict | None, interval: float) -> str:
         lines.append(f"{name:<10} {feed['samples_per_epoch']:>10} {feed['batches_per_epoch']:>14}")
         for source in feed.get("sources", []):
             lines.append(f"  source {source['name']}: {source['draws']} of {source['documents']}"
-                         f" documents per epoch ({source['copies']:g} copies)")
+                         f" documents per epoch ({source['copies']:.3g} copies)")
     lines += ["", (f"{'session':<17} {'feed':<8} {'shard':<6} {'epoch':>6} {'progress':>12} "
                    f"{'waiting':>8} {'skips':>6} {'idle s':>7}")]
     for s in status["sessions"]:

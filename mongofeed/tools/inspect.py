@@ -113,8 +113,9 @@ def _mixture(config: Config, database, feed) -> dict:
     cut = BatchCut(sum(draws), config.batch.size, config.batch.drop_last)
     return {**described, "documents": sum(draws),
             "batches_per_epoch": cut.batches_per_epoch(config.serve.shard),
-            "unindexed": [key for s in sources for key in s["unindexed"]],
-            "suggestions": [hint for s in sources for hint in s["suggestions"]]}
+            "unindexed": list(dict.fromkeys(key for s in sources for key in s["unindexed"])),
+            "suggestions": list(dict.fromkeys(hint for s in sources
+                                              for hint in s["suggestions"]))}
 
 
 def _filter_fields(query: Mapping) -> list[str]:
