@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mongofeed.daemon.config import parse_config
+from mongofeed.daemon.config import load_config, parse_config
 from mongofeed.daemon.planner import Weight
 from mongofeed.errors import ConfigError, ProtocolError
 from mongofeed.wire import SourceIds, TaskMessage, unpack_worker_command
+from tests.support import REPO
 
 
 def with_sources(sources: dict, **feed) -> dict:
@@ -64,6 +65,14 @@ def test_sources_read_with_their_defaults_and_the_feed_filter():
 def test_faults_are_refused_naming_the_key(sources, feed, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(with_sources(sources, **feed))
+
+
+def test_the_example_config_reads():
+    config = load_config(REPO / "configs" / "balanced.toml")
+    balanced = config.feeds["balanced"]
+    assert len(balanced.sources) == 10 and balanced.epoch_size == 1000
+    assert {s.weight.kind for s in config.feeds["zeros"].sources.values()} == {"repeat",
+                                                                              "choose"}
 
 
 def test_an_array_of_tables_and_epoch_size_without_sources_are_refused():
