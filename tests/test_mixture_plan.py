@@ -12,6 +12,7 @@ import pytest
 
 from mongofeed.daemon.planner import WHOLE, Ids, MixSource, MixturePlan, Shard, Weight
 from mongofeed.daemon.planner.mixture import draw_counts
+from mongofeed.daemon.planner.order import Permutation, permute_many
 
 
 def source(name: str, ids, kind: str, value, collection: str = "c") -> MixSource:
@@ -129,3 +130,10 @@ def test_batch_parts_list_each_sources_ids_and_their_places():
                 batch[place] = (part.source, row if rows.kind == "objects" else int(row))
         assert batch == plan.batch_ids(2, g)
         assert all(isinstance(p.ids, np.ndarray) or p.source == "b" for p in parts)
+
+
+def test_the_copies_of_a_source_are_permuted_in_one_pass_as_one_by_one():
+    keys = [("source", 1, 2, "a", copy) for copy in range(5)]
+    which, positions = np.array([0, 3, 3, 1, 4, 2, 0, 4]), np.arange(8) % 7
+    assert permute_many(7, keys, which, positions).tolist() == [
+        Permutation(7, keys[w]).at([p])[0] for w, p in zip(which, positions, strict=True)]

@@ -36,7 +36,7 @@ import numpy as np
 from ...wire import SourceIds
 from .batches import BatchCut
 from .ids import Ids
-from .order import ORDER_VERSION, Permutation
+from .order import ORDER_VERSION, Permutation, permute_many
 from .plans import PlanBase
 
 PROPORTION, REPEAT, CHOOSE = "proportion", "repeat", "choose"
@@ -160,11 +160,12 @@ class MixturePlan(PlanBase):
         source = np.searchsorted(self.starts, drawn, side="right") - 1
         copy, place = np.divmod(drawn - self.starts[source], self.sizes[source])
         index = np.empty_like(place)
-        for s, c in np.unique(np.column_stack([source, copy]), axis=0).tolist():
-            here = (source == s) & (copy == c)
-            order = Permutation(int(self.sizes[s]), ("source", self.seed, epoch,
-                                                     self.sources[s].name, c))
-            index[here] = order.at(place[here])
+        for s in np.unique(source).tolist():
+            here = np.flatnonzero(source == s)
+            copies, which = np.unique(copy[here], return_inverse=True)
+            keys = [("source", self.seed, epoch, self.sources[s].name, c)
+                    for c in copies.tolist()]
+            index[here] = permute_many(int(self.sizes[s]), keys, which, place[here])
         return source, index
 
     def _positions(self, batches: list[int]) -> tuple[np.ndarray, list[int]]:
