@@ -109,6 +109,7 @@ def test_exact_draws_same_order_on_two_daemons_and_a_restart(data, test_server):
             labels = Counter(y for _ in range(delivered - 15)
                              for y in consumer.get().arrays["cls"].tolist())
         assert session["drawn"] == {"cats": 60 + labels[0], "dogs": 60 + labels[1]}
+        assert drawn_metric(status) == session["drawn"]
         sources = {s["name"]: s for s in status["feeds"]["balanced"]["sources"]}
         assert (sources["dogs"]["documents"], sources["dogs"]["draws"]) == (10, 20)
         assert sources["cats"]["filter"] == '{"y": 0}'
@@ -118,6 +119,18 @@ def test_exact_draws_same_order_on_two_daemons_and_a_restart(data, test_server):
             assert epochs(consumer, 1) == reference[:1]
         planned = daemon.status()["feeds"]["counted"]["planned"]["sources"]
         assert all("from_cache" in origin for origin in planned.values())
+
+
+def drawn_metric(status: dict) -> dict | None:
+    """``mongofeed_session_drawn_samples`` per source, as Prometheus would scrape it from
+    ``status`` (None without the 'metrics' extra)."""
+    try:
+        from mongofeed.daemon.metrics import StatusCollector
+        [family] = [f for f in StatusCollector(lambda: status).collect()
+                    if f.name == "mongofeed_session_drawn_samples"]
+    except ImportError:
+        return status["sessions"][0]["drawn"]
+    return {sample.labels["source"]: sample.value for sample in family.samples}
 
 
 def test_inspect_shows_each_source_and_what_an_epoch_draws(data):
