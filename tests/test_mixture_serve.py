@@ -6,6 +6,8 @@ not fit the declared fields refused before the daemon starts, naming source and 
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -98,7 +100,16 @@ def test_exact_draws_same_order_on_two_daemons_and_a_restart(data, test_server):
         if before is not None:  # 12 batches and up to 8 made ahead, 2 collections each
             assert queries - before <= 2 * (12 + 8) < 2 * 42
         with Consumer(daemon.bind, feed="counted", start_epoch=1) as consumer:
-            assert epochs(consumer, 1) == reference[1:]  # a restart at epoch 1
+            first = consumer.get().arrays["idx"].tolist()  # a restart at epoch 1, and
+            for worker in daemon.status()["workers"]:     # workers killed mid-epoch
+                os.kill(worker["pid"], signal.SIGKILL)
+            rest = [i for _ in range(5) for i in consumer.get().arrays["idx"].tolist()]
+            assert first + rest == reference[1]
+            after_kill = epochs(consumer, 1)[0]  # made (also) by the restarted workers
+        assert sum(w["restarts"] for w in daemon.status()["workers"]) == 2
+        with Consumer(daemon.bind, feed="counted", start_epoch=2) as consumer:
+            assert epochs(consumer, 1) == [after_kill]
+        check_counted(after_kill)
         with Consumer(daemon.bind, feed="balanced") as consumer:
             balanced = [Counter(y for b in consumer.epoch() for y in b.arrays["cls"].tolist())
                         for _ in range(3)]
