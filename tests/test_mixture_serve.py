@@ -1,8 +1,9 @@
 """Feeds of several sources through real daemons and FerretDB: exact draws per source for
 repeat and choose, a class-balanced feed over a 90/10 collection at 50/50 per epoch (also
-as a small Keras model sees it), the same order on two daemons and at a restart, one query
-per collection a batch reads, status and inspect per source, and sources whose documents do
-not fit the declared fields refused before the daemon starts, naming source and field."""
+as a small Keras model sees it), the same order on two daemons, at a restart and after
+workers are killed, one query per collection a batch reads, status and inspect per source,
+and sources whose documents do not fit the declared fields refused before the daemon
+starts, naming source and field."""
 
 from __future__ import annotations
 
