@@ -487,8 +487,9 @@ def hello_schema(reply: dict) -> Schema:
 # -- internal: supervisor <-> workers -> sink ------------------------------------------------
 
 TASK, STOP, READY, EVENT, WARM = b"task", b"stop", b"ready", b"event", b"warm"
-# Ids travel as the source read them: a date beyond Python's range stays a DatetimeMS.
-TASK_CODEC_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
+# How mongofeed decodes BSON everywhere (documents, ids in tasks, the plan cache): a date
+# beyond Python's datetime range stays a DatetimeMS instead of failing the whole document.
+BSON_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 
 
 @dataclass(frozen=True)
@@ -610,7 +611,7 @@ def unpack_worker_command(frames: list) -> TaskMessage | WarmMessage | None:
     if len(frames) != 2 or frames[0] not in (TASK, WARM):
         raise ProtocolError(f"unknown worker command {frames[:1]!r:.50}")
     try:
-        body = bson.decode(frames[1], TASK_CODEC_OPTIONS)
+        body = bson.decode(frames[1], BSON_OPTIONS)
     except Exception as exc:  # noqa: BLE001 - InvalidBSON, but also what a C decoder raises
         raise ProtocolError(f"task is not BSON: {type(exc).__name__}: {exc}"[:300]) from None
     if frames[0] == WARM:

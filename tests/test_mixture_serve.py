@@ -20,7 +20,8 @@ from pymongo import MongoClient
 
 from mongofeed import Consumer
 from mongofeed.daemon.config import parse_config
-from mongofeed.daemon.source import MongoSource, plan_feed
+from mongofeed.daemon.planning import plan_feed
+from mongofeed.daemon.source import MongoSource
 from mongofeed.errors import SourceError
 from mongofeed.testing import Daemon, ServerCounters
 from mongofeed.tools.inspect import format_report, inspect_source

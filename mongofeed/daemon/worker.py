@@ -88,7 +88,7 @@ class Worker:
         self.reader = source.reader(self.client, self.batches.sample_nbytes(),
                                     projection(config))
         self.readers = {config.source.collection: self.reader}  # by collection
-        self.windows = OrderedDict()  # (feed, epoch, window) -> source.Window, recent last
+        self.windows = OrderedDict()  # (feed, epoch, window) -> windows.Window, recent last
         self.parent = multiprocessing.parent_process()
 
     def _read_gridfs(self, bucket, file_id):

@@ -23,7 +23,8 @@ from ..daemon.config import Config, redact_uri
 from ..daemon.planner import BatchCut
 from ..daemon.planner.ids import rows_to_values
 from ..daemon.planner.mixture import draw_counts
-from ..daemon.source import BatchPart, MongoSource, describe_failure, plan_feed, read_batches
+from ..daemon.planning import plan_feed
+from ..daemon.source import BatchPart, MongoSource, describe_failure, read_batches
 from ..daemon.transform import BatchMaker, projection
 from ..errors import ConfigError, DecodeError, SourceError
 
