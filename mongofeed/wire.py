@@ -39,8 +39,9 @@ Public messages (what a consumer, or a stranger, can send or receive):
 Internal messages (supervisor, workers and sink; the peers are our own processes, but every
 frame is still checked, so a bug shows as a counted rejection, not a crash):
 
-4. task (supervisor → worker): ``[b"task", BSON {task, feed, epoch, index, ids}]``; ``[b"stop"]``
-   asks the worker to exit.
+4. task (supervisor → worker): ``[b"task", BSON {task, feed, epoch, index, ids}]`` (a feed of
+   several sources: ``parts``, each source's ids and their places in the batch, in place of
+   ``ids``); ``[b"stop"]`` asks the worker to exit.
 5. ready / event (worker → supervisor): ``[b"ready", {slot, pid}]`` once the worker's client
    and sockets exist; ``[b"event", {slot, waiting, error}]`` when it starts or stops waiting
    for the database.
@@ -541,16 +542,40 @@ class SessionStart:
 # -- internal: supervisor <-> workers -> sink ------------------------------------------------
 
 TASK, STOP, READY, EVENT, WARM = b"task", b"stop", b"ready", b"event", b"warm"
-# Ids travel as the source read them: a date beyond Python's range stays a DatetimeMS.
-TASK_CODEC_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
+# How mongofeed decodes BSON everywhere (documents, ids in tasks, the plan cache): a date
+# beyond Python's datetime range stays a DatetimeMS instead of failing the whole document.
+BSON_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
+
+
+@dataclass(frozen=True)
+class SourceIds:
+    """One source's documents in a batch of a feed of several sources: the source's name,
+    its ``_id``s (a list, or the planner's compact rows) and their places in the batch (in
+    the order of ``ids``)."""
+
+    source: str
+    ids: list
+    at: list
+
+    def to_wire(self) -> dict:
+        return {"source": self.source, **_ids_to_wire(self.ids),
+                "at": np.asarray(self.at, "<i4").tobytes()}
+
+    @classmethod
+    def from_wire(cls, body) -> SourceIds:
+        if not (isinstance(body, dict) and isinstance(body.get("source"), str)
+                and isinstance(body.get("at"), bytes) and not len(body["at"]) % 4):
+            raise ProtocolError("malformed task parts")
+        return cls(body["source"], _ids_from_wire(body), np.frombuffer(body["at"], "<i4").tolist())
 
 
 @dataclass(frozen=True)
 class TaskMessage:
     """One batch to make: the ``_id``s of batch ``index`` of ``epoch`` of ``feed`` (a list,
-    or the planner's compact rows, a numpy array sent as bytes and received as a list), or,
-    in the windowed order, its ``window`` (the read spec: the window's ``_id`` ranges and
-    the batch's slice of it, ``planner.BatchWindow.to_wire``) and no ids."""
+    or the planner's compact rows, a numpy array sent as bytes and received as a list); for
+    a feed of several sources, ``parts`` (``SourceIds``) and no ids; or, in the windowed
+    order, its ``window`` (the read spec: the window's ``_id`` ranges and the batch's slice
+    of it, ``planner.BatchWindow.to_wire``) and no ids."""
 
     task: int
     feed: str
@@ -558,19 +583,48 @@ class TaskMessage:
     index: int
     ids: list
     window: dict | None = None
+    parts: tuple[SourceIds, ...] | None = None
 
     def pack(self) -> list:
         body = {"task": self.task, "feed": self.feed, "epoch": self.epoch, "index": self.index,
-                "ids": self.ids}
-        if isinstance(self.ids, np.ndarray):  # the planner's compact rows: bytes on the wire
-            body["ids"] = []
-            body["rows"] = {"kind": ROW_KINDS[self.ids.dtype.kind], "bytes": self.ids.tobytes()}
+                **_ids_to_wire(self.ids)}
         if self.window is not None:
             body["window"] = self.window
+        if self.parts is not None:
+            body["parts"] = [part.to_wire() for part in self.parts]
         return [TASK, bson.encode(body)]
 
 
 ROW_KINDS = {"S": "objectid", "i": "int64"}  # numpy dtype kinds of compact id rows
+
+
+def _ids_to_wire(ids) -> dict:
+    """``{"ids": list}``, or the planner's compact rows as bytes (``{"ids": [], "rows"}``)."""
+    if isinstance(ids, np.ndarray):
+        return {"ids": [], "rows": {"kind": ROW_KINDS[ids.dtype.kind], "bytes": ids.tobytes()}}
+    return {"ids": ids}
+
+
+def _ids_from_wire(body: dict) -> list:
+    ids = body.get("ids") if "rows" not in body else _rows_to_ids(body["rows"])
+    if not isinstance(ids, list):
+        raise ProtocolError("malformed task ids")
+    return ids
+
+
+def _parts_from_wire(parts) -> tuple[SourceIds, ...] | None:
+    """A task's parts, checked: as many places as ids in each, and together every place of
+    the batch once."""
+    if parts is None:
+        return None
+    if not isinstance(parts, list) or not parts:
+        raise ProtocolError("malformed task parts")
+    parts = tuple(SourceIds.from_wire(part) for part in parts)
+    places = sorted(i for part in parts for i in part.at)
+    if any(len(part.ids) != len(part.at) for part in parts) or places != list(
+            range(len(places))):
+        raise ProtocolError("malformed task parts")
+    return parts
 
 
 def _rows_to_ids(rows) -> list:
@@ -612,7 +666,7 @@ def unpack_worker_command(frames: list) -> TaskMessage | WarmMessage | None:
     if len(frames) != 2 or frames[0] not in (TASK, WARM):
         raise ProtocolError(f"unknown worker command {frames[:1]!r:.50}")
     try:
-        body = bson.decode(frames[1], TASK_CODEC_OPTIONS)
+        body = bson.decode(frames[1], BSON_OPTIONS)
     except Exception as exc:  # noqa: BLE001 - InvalidBSON, but also what a C decoder raises
         raise ProtocolError(f"task is not BSON: {type(exc).__name__}: {exc}"[:300]) from None
     if frames[0] == WARM:
@@ -621,13 +675,12 @@ def unpack_worker_command(frames: list) -> TaskMessage | WarmMessage | None:
                 and isinstance(warm.window, dict)):
             raise ProtocolError("malformed warm command")
         return warm
-    ids = body.get("ids") if "rows" not in body else _rows_to_ids(body["rows"])
     task = TaskMessage(body.get("task"), body.get("feed"), body.get("epoch"), body.get("index"),
-                       ids, body.get("window"))
+                       _ids_from_wire(body), body.get("window"),
+                       _parts_from_wire(body.get("parts")))
     if not (isinstance(task.task, int) and not isinstance(task.task, bool)
             and isinstance(task.feed, str) and _is_count(task.epoch)
-            and _is_count(task.index) and isinstance(task.ids, list)
-            and isinstance(task.window, (dict, type(None)))):
+            and _is_count(task.index) and isinstance(task.window, (dict, type(None)))):
         raise ProtocolError("malformed task")
     return task
 

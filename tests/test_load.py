@@ -5,7 +5,7 @@ import bson
 import numpy as np
 import pytest
 
-from mongofeed.tools import load
+from mongofeed.tools import load_checks
 from mongofeed.tools.load import LoadError, load_digits, load_images, load_npz, load_synthetic
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
@@ -242,6 +242,7 @@ def test_missing_dependency_names_the_extra(monkeypatch):
     def refuse(name):
         raise ImportError(f"No module named {name!r}")
 
-    monkeypatch.setattr(load.importlib, "import_module", refuse)
-    with pytest.raises(load.MissingDependencyError, match=r"pip install 'mongofeed\[load\]'"):
+    monkeypatch.setattr(load_checks.importlib, "import_module", refuse)
+    with pytest.raises(load_checks.MissingDependencyError,
+                       match=r"pip install 'mongofeed\[load\]'"):
         load_digits(None)

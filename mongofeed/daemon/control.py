@@ -17,6 +17,8 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from bson import json_util
+
 from .. import __version__
 from ..errors import ProtocolError
 from ..wire import PROTOCOL_VERSION, ByeRequest, ControlRequest, HelloRequest
@@ -122,14 +124,26 @@ class Control:
                 "shard": [shard.rank, shard.world]}
 
     def describe_plan(self, feed: str) -> dict:
-        """Where the feed's plan came from (listed, or the plan cache and what was checked),
-        how long that took and the bytes it keeps; the window shape of the windowed order."""
+        """Where the feed's plan came from (listed, or the plan cache and what was checked;
+        per source for a feed of sources), how long that took and the bytes it keeps; the
+        window shape of the windowed order."""
         plan = self.supervisor.plans[feed]
         described = dict(getattr(plan, "origin", {}))
         if plan.windowed:
             described.update(range_docs=plan.range_docs, window_ranges=plan.window_ranges,
                              windows_per_epoch=plan.windows)
         return described
+
+    def describe_sources(self, feed: str) -> dict:
+        """A feed of sources' sources: each one's query (as MongoDB extended JSON text, so
+        that any filter fits the reply), documents, weight and draws per epoch (``{}`` for a
+        plain feed)."""
+        plan, config = self.supervisor.plans[feed], self.config.feeds[feed]
+        if not plan.mixed:
+            return {}
+        return {"sources": [{**described, "filter": json_util.dumps(config.source_query(
+                    config.sources[described["name"]]))}
+                for described in plan.describe_sources()]}
 
     def bye(self, request: ByeRequest) -> dict:
         session = self.supervisor.sessions.get(request.token.encode())
@@ -147,7 +161,8 @@ class Control:
                        "database": config.source.database,
                        "collection": config.source.collection},
             "endpoints": {"data": config.serve.bind, "control": config.serve.control},
-            "feeds": {name: {**self.describe_feed(name), "planned": self.describe_plan(name)}
+            "feeds": {name: {**self.describe_feed(name), **self.describe_sources(name),
+                             "planned": self.describe_plan(name)}
                       for name in supervisor.plans},
             "loop": supervisor.loop_clock.status(),
             "workers": supervisor.pool.status(),

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from itertools import zip_longest
 from typing import TYPE_CHECKING
 
-from ..wire import TOKEN_CHARS, TaskMessage
+from ..wire import TOKEN_CHARS, SourceIds, TaskMessage
 from .planner import BatchWindow, Plan, Shard
 
 if TYPE_CHECKING:
@@ -49,7 +49,8 @@ class Task:
     epoch: int
     index: int                         # the session's batch number in the epoch
     ids: list | np.ndarray             # the batch's _ids (full order: compact rows), or
-    window: BatchWindow | None = None  # its window and slice of it (windowed order)
+    window: BatchWindow | None = None  # its window and slice of it (windowed order), or
+    parts: tuple[SourceIds, ...] | None = None  # each source's ids (a feed of sources)
     deaths: int = 0           # workers that died holding it; from 1 on it is made alone
 
     @property
@@ -62,7 +63,11 @@ class Task:
 
     def message(self) -> TaskMessage:
         return TaskMessage(self.id, self.feed, self.epoch, self.index, self.ids,
-                           None if self.window is None else self.window.to_wire())
+                           None if self.window is None else self.window.to_wire(), self.parts)
+
+    def drawn(self) -> dict[str, int] | None:
+        """Samples of the batch per source, for a feed of sources."""
+        return None if self.parts is None else {p.source: len(p.at) for p in self.parts}
 
 
 @dataclass
@@ -89,6 +94,8 @@ class Session:
     ready: dict = field(default_factory=dict)  # (epoch, index) -> frames
     delivered: int = 0
     skips: int = 0
+    drawn: dict = field(default_factory=dict)    # a feed of sources: samples delivered of each
+    drawing: dict = field(default_factory=dict)  # (epoch, index) -> of each, of those in ready
 
     def __post_init__(self):
         first = self.following(self.start_epoch, -1)
@@ -135,6 +142,8 @@ class Session:
         """Batch ``key`` went to the consumer: count it, and move on to the next epoch after
         its last."""
         del self.ready[key]
+        for source, samples in self.drawing.pop(key, {}).items():
+            self.drawn[source] += samples
         self.credit -= 1
         self.delivered += 1
         self.delivered_in_epoch += 1
@@ -153,6 +162,7 @@ class Session:
             "waiting": len(self.ready), "in_production": self.in_production,
             "credit": self.credit, "skips": self.skips,
             "idle_s": round(now - self.last_seen, 1),
+            **({"drawn": dict(self.drawn)} if self.drawn else {}),
         }
 
 
@@ -194,7 +204,8 @@ class SessionTable:
         plan = self.plans[feed]
         session = Session(secrets.token_hex(TOKEN_CHARS // 2).encode(), f"s{self.opened}",
                           feed, shard, plan.batches_per_epoch(shard), start_epoch, ordered,
-                          plan.shard_batches(shard, start_offset), start_offset, skip)
+                          plan.shard_batches(shard, start_offset), start_offset, skip,
+                          drawn=dict.fromkeys(plan.source_names, 0) if plan.mixed else {})
         self.sessions[session.token] = session
         return session
 
@@ -204,6 +215,7 @@ class SessionTable:
         for task_id in [t.id for t in self.tasks.values() if t.session == session.token]:
             del self.tasks[task_id]
         session.ready.clear()
+        session.drawing.clear()
 
     def silent(self, now: float, timeout: float) -> list[Session]:
         """Sessions whose consumer sent nothing for ``timeout`` seconds."""
@@ -238,6 +250,9 @@ class SessionTable:
                 reads = [{"ids": [], "window": plan.batch_window(epoch, g)} for g in batches]
                 if plan.window_batches // session.shard.world > self.max_pending:
                     self.read_ahead(session.feed, plan, epoch, reads[-1]["window"].window)
+            elif plan.mixed:
+                reads = [{"ids": [], "parts": parts}
+                         for parts in plan.batch_parts(epoch, batches)]
             else:
                 reads = [{"ids": rows} for rows in plan.batch_rows(epoch, batches)]
             tasks += [Task(secrets.randbits(62), session.token, session.feed, epoch, index,

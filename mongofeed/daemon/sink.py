@@ -33,10 +33,14 @@ class Sink:
         self.socket = socket
         self.credit_limit = credit_limit  # also the socket's sndhwm (set by the supervisor)
 
-    def accept(self, session: Session, epoch: int, index: int, frames: list) -> bool:
-        """A worker's batch for ``session``; sends what has become deliverable."""
+    def accept(self, session: Session, epoch: int, index: int, frames: list,
+               drawn: dict[str, int] | None = None) -> bool:
+        """A worker's batch for ``session`` (and, for a feed of sources, its samples of
+        each); sends what has become deliverable."""
         session.in_production -= 1
         session.ready[(epoch, index)] = frames
+        if drawn:
+            session.drawing[(epoch, index)] = drawn
         return self.flush(session)
 
     def grant(self, session: Session, credit: int) -> bool:

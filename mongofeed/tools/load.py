@@ -23,8 +23,6 @@ If an insert fails halfway, the documents of the batches before it stay: reload 
 
 from __future__ import annotations
 
-import importlib
-import io
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -32,7 +30,18 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MongoFeedError
+from .load_checks import (
+    LoadError,
+    check_fraction,
+    check_image,
+    check_int,
+    check_seed,
+    check_shape,
+    optional_import,
+    read_npz,
+    split_counts,
+    val_mask,
+)
 
 Progress = Callable[[int, int], Any]
 
@@ -47,14 +56,6 @@ DOC_OVERHEAD = 64
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SYNTHETIC_BLOCK = 64
 """Synthetic samples are drawn in blocks of this many, each block from its own seed."""
-
-
-class LoadError(MongoFeedError, ValueError):
-    """The data to load is not what a loader accepts (it names the array, file or value)."""
-
-
-class MissingDependencyError(MongoFeedError, ImportError):
-    """An optional package that a loader needs is not installed."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,14 +77,14 @@ def load_digits(collection, *, val_fraction: float = 0.2, seed: int = 0, drop: b
     Returns ``{"train": n, "val": m, "total": n + m}``. Needs scikit-learn
     (``pip install 'mongofeed[load]'``); its digits ship with it, nothing is downloaded.
     """
-    _check_fraction(val_fraction)
-    _check_seed(seed)
-    datasets = _optional_import("sklearn.datasets", "scikit-learn", "load")
+    check_fraction(val_fraction)
+    check_seed(seed)
+    datasets = optional_import("sklearn.datasets", "scikit-learn", "load")
     bunch = datasets.load_digits()
     pixels = np.asarray(bunch.images).astype(np.uint8).reshape(-1, 8, 8, 1)
     targets = np.asarray(bunch.target)
     n = len(pixels)
-    is_val = _val_mask(n, val_fraction, seed)
+    is_val = val_mask(n, val_fraction, seed)
     splits = np.where(is_val, "val", "train")
 
     def docs():
@@ -92,7 +93,7 @@ def load_digits(collection, *, val_fraction: float = 0.2, seed: int = 0, drop: b
             yield {"split": str(splits[i]), "pixels": pixels[i].tobytes(),
                    "target": int(targets[i])}, size
 
-    return _load(collection, docs(), n, _counts(splits), drop, progress)
+    return _load(collection, docs(), n, split_counts(splits), drop, progress)
 
 
 def load_npz(collection, path, *, split: str | None = None, val_fraction: float = 0.0,
@@ -120,20 +121,20 @@ def load_npz(collection, path, *, split: str | None = None, val_fraction: float 
     Returns ``{"train": n, "val": m, "total": n + m}``, plus a count under ``split`` when
     that is another name.
     """
-    _check_fraction(val_fraction)
-    _check_seed(seed)
+    check_fraction(val_fraction)
+    check_seed(seed)
     if split is not None:
         if not isinstance(split, str) or not split:
             raise LoadError(f"split must be a non-empty string, not {split!r}")
         if val_fraction:
             raise LoadError("give either split (every row gets it) or val_fraction "
                             "(a random share becomes 'val'), not both")
-    arrays = _read_npz(path)
+    arrays = read_npz(path)
     n = len(next(iter(arrays.values())))
     if split is not None:
         splits = np.full(n, split, dtype=object)
     else:
-        splits = np.where(_val_mask(n, val_fraction, seed), "val", "train")
+        splits = np.where(val_mask(n, val_fraction, seed), "val", "train")
 
     size = DOC_OVERHEAD + sum(
         len(name) + 16 + int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
@@ -154,7 +155,7 @@ def load_npz(collection, path, *, split: str | None = None, val_fraction: float 
                 doc[name] = values[i]
             yield doc, size
 
-    return _load(collection, docs(), n, _counts(splits), drop, progress)
+    return _load(collection, docs(), n, split_counts(splits), drop, progress)
 
 
 def load_synthetic(collection, n: int, *, shape=(64, 64, 3), classes: int = 10,
@@ -173,16 +174,16 @@ def load_synthetic(collection, n: int, *, shape=(64, 64, 3), classes: int = 10,
     the collection holds. ``progress(inserted, total)`` is called after each insert batch.
     Returns ``{"train": n, "val": m, "total": n + m}``.
     """
-    n = _check_int(n, "n", 1)
-    classes = _check_int(classes, "classes", 1)
-    shape = _check_shape(shape)
-    _check_fraction(val_fraction)
-    _check_seed(seed)
+    n = check_int(n, "n", 1)
+    classes = check_int(classes, "classes", 1)
+    shape = check_shape(shape)
+    check_fraction(val_fraction)
+    check_seed(seed)
     sample_bytes = math.prod(shape)
     if sample_bytes > MAX_DOC_BYTES:
         raise LoadError(f"shape {shape} takes {sample_bytes} bytes per image, more than a "
                         f"MongoDB document holds ({MAX_DOC_BYTES})")
-    splits = np.where(_val_mask(n, val_fraction, seed), "val", "train")
+    splits = np.where(val_mask(n, val_fraction, seed), "val", "train")
     rows = shape[0]
 
     def docs():
@@ -200,7 +201,7 @@ def load_synthetic(collection, n: int, *, shape=(64, 64, 3), classes: int = 10,
                 yield {"split": str(splits[start + j]), "image": images[j].tobytes(),
                        "label": label}, size
 
-    return _load(collection, docs(), n, _counts(splits), drop, progress)
+    return _load(collection, docs(), n, split_counts(splits), drop, progress)
 
 
 def load_images(collection, folder, *, shape=None, val_fraction: float = 0.2, seed: int = 0,
@@ -224,10 +225,10 @@ def load_images(collection, folder, *, shape=None, val_fraction: float = 0.2, se
     the collection holds. ``progress(inserted, total)`` is called after each insert batch.
     Returns ``{"train": n, "val": m, "total": n + m, "classes": [names]}``.
     """
-    _check_fraction(val_fraction)
-    _check_seed(seed)
+    check_fraction(val_fraction)
+    check_seed(seed)
     if shape is not None:
-        shape = _check_shape(shape)
+        shape = check_shape(shape)
         if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3, 4)):
             raise LoadError(f"shape must be (height, width) or (height, width, channels) with "
                             f"1, 3 or 4 channels, not {shape}")
@@ -251,17 +252,17 @@ def load_images(collection, folder, *, shape=None, val_fraction: float = 0.2, se
         raise LoadError(f"{folder}: no .jpg, .jpeg or .png files in its class folders "
                         f"({', '.join(classes)})")
 
-    image_module = _optional_import("PIL.Image", "Pillow", "image") if shape else None
+    image_module = optional_import("PIL.Image", "Pillow", "image") if shape else None
     for path, rel, _ in files:
         size = path.stat().st_size
         if size > MAX_DOC_BYTES:
             raise LoadError(f"{rel}: {size} bytes, more than a MongoDB document holds "
                             f"({MAX_DOC_BYTES})")
         if shape:
-            _check_image(image_module, path.read_bytes(), rel, shape)
+            check_image(image_module, path.read_bytes(), rel, shape)
 
     n = len(files)
-    splits = np.where(_val_mask(n, val_fraction, seed), "val", "train")
+    splits = np.where(val_mask(n, val_fraction, seed), "val", "train")
 
     def docs():
         for i, (path, rel, label) in enumerate(files):
@@ -270,7 +271,7 @@ def load_images(collection, folder, *, shape=None, val_fraction: float = 0.2, se
                    "class": classes[label], "filename": rel}, (
                 len(data) + len(rel) + len(classes[label]) + DOC_OVERHEAD + 64)
 
-    counts = _load(collection, docs(), n, _counts(splits), drop, progress)
+    counts = _load(collection, docs(), n, split_counts(splits), drop, progress)
     return {**counts, "classes": classes}
 
 
@@ -310,151 +311,3 @@ def _insert_batches(collection, docs: Iterable[tuple[dict, int]], total: int,
     if batch:
         flush()
     return inserted
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading and checking
-
-
-def _read_npz(path) -> dict[str, np.ndarray]:
-    """Every array of an .npz file, checked; big-endian arrays made little-endian."""
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise LoadError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise LoadError(f"{path}: not a NumPy .npz file ({exc})") from None
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise LoadError(f"{path}: a single .npy array, not an .npz file; save it with "
-                        f"numpy.savez(path, name=array) so that it has a field name")
-    arrays: dict[str, np.ndarray] = {}
-    with npz:
-        for name in npz.files:
-            _check_field_name(name, path)
-            try:
-                arr = npz[name]
-            except ValueError as exc:
-                if "allow_pickle" in str(exc):
-                    raise LoadError(f"{path}: array {name!r} is an object array; refused "
-                                    f"because loading it would unpickle (run code from the "
-                                    f"file). Store it as a numeric array") from None
-                raise LoadError(f"{path}: array {name!r} cannot be read: {exc}") from None
-            arrays[name] = _check_array(name, arr, path)
-    if not arrays:
-        raise LoadError(f"{path}: the .npz file holds no arrays")
-    lengths = {name: len(arr) for name, arr in arrays.items()}
-    first, n = next(iter(lengths.items()))
-    for name, length in lengths.items():
-        if length != n:
-            raise LoadError(f"{path}: array {name!r} has {length} rows but array {first!r} "
-                            f"has {n}; all arrays need the same first dimension")
-    if n == 0:
-        raise LoadError(f"{path}: the arrays have no rows")
-    return arrays
-
-
-def _check_field_name(name: str, path) -> None:
-    if name in ("split", "_id"):
-        raise LoadError(f"{path}: array {name!r} clashes with the {name!r} field that "
-                        f"mongofeed writes; rename it")
-    if not name or name.startswith("$") or "." in name or "\0" in name:
-        raise LoadError(f"{path}: array {name!r} is not a valid MongoDB field name (no "
-                        f"leading '$', no '.'); rename it")
-
-
-def _check_array(name: str, arr: np.ndarray, path) -> np.ndarray:
-    kind = arr.dtype.kind
-    if arr.ndim == 0:
-        raise LoadError(f"{path}: array {name!r} is a scalar (0-d); every array needs a "
-                        f"first dimension, one entry per sample")
-    if kind == "O":  # only reachable if the file was read with pickles allowed
-        raise LoadError(f"{path}: array {name!r} is an object array; store it as numeric")
-    if kind == "U" and arr.ndim == 1:
-        return arr
-    if kind not in "biuf" or arr.dtype.names is not None:
-        allowed = "bool, int, uint or float" + (" (or str, for a 1-D array)"
-                                                 if arr.ndim == 1 else "")
-        raise LoadError(f"{path}: array {name!r} has dtype {arr.dtype}, which mongofeed "
-                        f"cannot store; use {allowed}")
-    if kind == "f" and arr.dtype.itemsize not in (2, 4, 8):
-        raise LoadError(f"{path}: array {name!r} has dtype {arr.dtype}; use float16, "
-                        f"float32 or float64")
-    if kind == "f":
-        bad = ~np.isfinite(arr)
-        if bad.any():
-            index = tuple(int(i) for i in np.argwhere(bad)[0])
-            what = "NaN" if np.isnan(arr[index]) else "infinity"
-            where = index[0] if arr.ndim == 1 else index
-            raise LoadError(f"{path}: array {name!r} holds {what} at index {where} (sample "
-                            f"{index[0]}); refused: FerretDB closes the connection on NaN, "
-                            f"and non-finite values in training data are a bug anyway")
-    big_uint = kind == "u" and arr.ndim == 1 and arr.dtype.itemsize == 8 and len(arr)
-    if big_uint and int(arr.max()) > np.iinfo(np.int64).max:
-        raise LoadError(f"{path}: array {name!r} holds values above the int64 range that "
-                        f"MongoDB integers have")
-    if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(arr)
-
-
-def _check_image(image_module, data: bytes, rel: str, shape: tuple[int, ...]) -> None:
-    try:
-        with image_module.open(io.BytesIO(data)) as image:
-            image.load()
-            width, height = image.size
-    # A broken file makes Pillow raise any of these, depending on the format and the fault.
-    except (OSError, ValueError, SyntaxError, EOFError, image_module.DecompressionBombError) as exc:
-        raise LoadError(f"{rel}: Pillow cannot decode it: {exc}") from None
-    if (height, width) != shape[:2]:
-        raise LoadError(f"{rel}: the image is {height}x{width} (height x width), but shape "
-                        f"asks for {shape[0]}x{shape[1]}")
-
-
-def _val_mask(n: int, val_fraction: float, seed: int) -> np.ndarray:
-    """True for the rows that go to "val": round(n * val_fraction) of them, random by seed."""
-    n_val = round(n * val_fraction)
-    mask = np.zeros(n, dtype=bool)
-    mask[np.random.default_rng([seed, 1]).permutation(n)[:n_val]] = True
-    return mask
-
-
-def _counts(splits: np.ndarray) -> dict:
-    names, counts = np.unique(splits.astype(str), return_counts=True)
-    result = {"train": 0, "val": 0}
-    result.update({str(name): int(count) for name, count in zip(names, counts, strict=True)})
-    return result
-
-
-def _check_fraction(val_fraction) -> None:
-    if (isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float))
-            or not 0.0 <= val_fraction <= 1.0):
-        raise LoadError(f"val_fraction must be a number from 0 to 1, not {val_fraction!r}")
-
-
-def _check_seed(seed) -> None:
-    _check_int(seed, "seed", 0)
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise LoadError(f"{name} must be an integer of at least {minimum}, not {value!r}")
-    return int(value)
-
-
-def _check_shape(shape) -> tuple[int, ...]:
-    try:
-        dims = tuple(shape)
-    except TypeError:
-        dims = ()
-    if not dims or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
-                           and d >= 1 for d in dims):
-        raise LoadError(f"shape must be a sequence of positive integers, not {shape!r}")
-    return tuple(int(d) for d in dims)
-
-
-def _optional_import(module: str, package: str, extra: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise MissingDependencyError(f"this loader needs {package}: pip install "
-                                     f"'mongofeed[{extra}]' ({exc})") from None
