@@ -30,18 +30,21 @@ READER_TIMEOUT_S = 60
 
 @pytest.fixture(scope="module")
 def daemons(tmp_path_factory, mongo_client, mongo_uri):
-    """One collection served four ways: ordered, unordered, and by two daemons of one
-    ``--shard x/2`` split (ordered)."""
+    """One collection served five ways: ordered, unordered, by two daemons of one
+    ``--shard x/2`` split (ordered), and as a feed of two sources (a mixture)."""
     db = mongo_client[f"mongofeed_test_{uuid.uuid4().hex[:12]}"]
     insert_samples(db.samples, COUNT)
     folder = tmp_path_factory.mktemp("resume")
 
-    def config(name, ordered=True):
+    def config(name, ordered=True, feed=None):
         return write_toml(folder / f"{name}.toml", sample_config(
             mongo_uri, db.name, batch={"size": BATCH, "seed": 7},
-            feeds={"train": {"filter": {}, "shuffle": True}},
+            feeds={"train": feed or {"filter": {}, "shuffle": True}},
             output={"inputs": ["idx", "x"], "targets": ["label"]},
             serve={"ordered": ordered}))
+
+    mixture = {"sources": {"low": {"filter": {"i": {"$lt": 16}}, "repeat": 2},   # 32 draws
+                           "high": {"filter": {"i": {"$gte": 16}}, "choose": 16}}}
 
     try:
         with ExitStack() as stack:
@@ -50,7 +53,8 @@ def daemons(tmp_path_factory, mongo_client, mongo_uri):
 
             ordered = config("ordered")
             yield {"ordered": serve(ordered), "unordered": serve(config("unordered", False)),
-                   "shards": [serve(ordered, "--shard", f"{r}/2") for r in range(2)]}
+                   "shards": [serve(ordered, "--shard", f"{r}/2") for r in range(2)],
+                   "mixture": serve(config("mixture", feed=mixture))}
     finally:
         mongo_client.drop_database(db.name)
 
@@ -82,13 +86,15 @@ def by_epoch(batches: list) -> dict:
     return {epoch: sorted(found) for epoch, found in epochs.items()}
 
 
-@pytest.mark.parametrize("shard, stop_after", [(None, 7), ((1, 2), 5), ((1, 2), 12)])
-def test_a_resumed_consumer_continues_with_exactly_the_next_batches(daemons, shard,
+@pytest.mark.parametrize("served, shard, stop_after", [
+    ("ordered", None, 7), ("ordered", (1, 2), 5), ("ordered", (1, 2), 12),
+    ("mixture", (0, 2), 5)])
+def test_a_resumed_consumer_continues_with_exactly_the_next_batches(daemons, served, shard,
                                                                     stop_after):
-    """Unsharded, and rank 1 of 2 (stopped in its first epoch, and at its end): the
-    stream before the stop and the new process's stream after it are the uninterrupted
-    stream, batch for batch, with the same epochs and indices."""
-    endpoint = daemons["ordered"]
+    """Unsharded, and rank 1 of 2 (stopped in its first epoch, and at its end), and a rank
+    of a feed of sources: the stream before the stop and the new process's stream after it
+    are the uninterrupted stream, batch for batch, with the same epochs and indices."""
+    endpoint = daemons[served]
     with Consumer(endpoint, shard=shard, timeout=30) as whole:
         expected = read(whole, 2 * whole.batches_per_epoch)
     with Consumer(endpoint, shard=shard, timeout=30) as stopped:
