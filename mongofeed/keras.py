@@ -51,7 +51,9 @@ class MongoFeedSequence(keras.utils.PyDataset):
 
     A list of endpoints (one daemon per host, each ``serve --shard r/R``) reads their union
     through a ``MultiConsumer``. ``replay_batches`` bounds how many batches of a pass Keras
-    abandons can be handed again (about 8 are needed; more raises, never loses).
+    abandons can be handed again (about 8 are needed; more raises, never loses). With
+    ``keras.callbacks.BackupAndRestore``, add ``FollowFitEpochs(seq)`` to the callbacks: a
+    restored ``fit`` then reads the epoch it restarts at.
 
     ``workers`` and ``max_queue_size`` are accepted for ``PyDataset`` compatibility, but
     Keras's worker threads are not used: the daemon already reads and decodes in parallel
