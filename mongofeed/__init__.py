@@ -22,10 +22,12 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .consumer import Batch, Consumer, MultiConsumer
+    from .resume import merge_states
 
 # Imported on first use (PEP 562), so that importing the package does not need zmq, numpy or
 # pymongo: ``python3 -m mongofeed.dev`` runs with a bare Python, before the venv exists.
-_LAZY = {"Batch": ".consumer", "Consumer": ".consumer", "MultiConsumer": ".consumer"}
+_LAZY = {"Batch": ".consumer", "Consumer": ".consumer", "MultiConsumer": ".consumer",
+         "merge_states": ".resume"}
 
 
 def __getattr__(name: str):
@@ -47,4 +49,5 @@ __all__ = [
     "MultiConsumer",
     "ProtocolError",
     "__version__",
+    "merge_states",
 ]

@@ -1,10 +1,11 @@
 """The training side: receive batches from a running ``mongofeed serve``. No database code.
 
 ``Consumer`` says hello on the daemon's control endpoint and gets a session: its own stream
-of one feed, starting at a full epoch. The daemon sends batches ahead, within the credit
-the consumer grants (``prefetch``); ZeroMQ's own thread receives them meanwhile, so the
-caller's ``get`` finds the next one waiting, checks it and hands it on, with no thread of
-ours in between (a hand-over between threads costs more than the rest of a batch). One
+of one feed, starting at a full epoch or where a saved state says (``state_dict``,
+``load_state_dict``; see ``mongofeed.resume``). The daemon sends batches ahead, within the
+credit the consumer grants (``prefetch``); ZeroMQ's own thread receives them meanwhile, so
+the caller's ``get`` finds the next one waiting, checks it and hands it on, with no thread
+of ours in between (a hand-over between threads costs more than the rest of a batch). One
 small thread sends heartbeats on the control socket, also while training is busy
 elsewhere. Each socket is used by one thread at a time (``get`` holds a lock).
 
@@ -17,6 +18,7 @@ arrays come in the messages.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -30,9 +32,11 @@ from typing import NamedTuple
 import numpy as np
 import zmq
 
+from .distributed import JobRank, resolve_shard, shard_within
 from .errors import FeedError, FeedTimeout, ProtocolError
 from .leases import JoinBuffers, Slabs
 from .region import Region, RegionError, SlabLayout
+from .resume import IDS_SETTINGS, STATE_VERSION, EpochProgress, FeedState, plan_differences
 from .security import client_options
 from .wire import (
     MAX_HEADER_BYTES,
@@ -43,8 +47,10 @@ from .wire import (
     HeartbeatRequest,
     HelloRequest,
     Schema,
+    SessionStart,
     SharedMemoryOffer,
     StatusRequest,
+    _is_count,
     check_endpoint,
     decode_json,
     hello_schema,
@@ -124,8 +130,16 @@ class Consumer:
     """One session of one feed of a running daemon.
 
     ``endpoint`` is the daemon's ``--bind`` address; the control endpoint defaults to the
-    same host with port + 1. ``start_epoch`` resumes a run from a checkpoint at a full epoch;
-    ``shard=(r, R)`` takes part r of R disjoint, equal parts of every epoch.
+    same host with port + 1. ``start_epoch`` starts at a full epoch; ``state`` (what
+    ``state_dict()`` returned, maybe in another process) resumes exactly where that consumer
+    stopped, or where its job did (``mongofeed.resume``).
+
+    ``shard=(r, R)`` takes part r of R disjoint, equal parts of every epoch of the daemon's
+    shard. ``shard="auto"`` finds this process's rank in its distributed job
+    (``mongofeed.distributed``: torch.distributed, Horovod, torchrun, SLURM) and takes its
+    part; the default does so inside a launcher's job (torch.distributed, Horovod,
+    torchrun) and reads the whole feed elsewhere.
+
     ``server_key`` (the daemon's public .key file) and ``client_key`` (this client's
     .key_secret file, listed by the daemon) speak CurveZMQ to a daemon off loopback.
 
@@ -139,8 +153,9 @@ class Consumer:
 
     def __init__(self, endpoint: str, feed: str = "train", control: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT_S, start_epoch: int = 0,
-                 shard: tuple[int, int] | None = None, prefetch: int = DEFAULT_PREFETCH,
-                 server_key: str | None = None, client_key: str | None = None,
+                 shard: tuple[int, int] | str | JobRank | None = None,
+                 prefetch: int = DEFAULT_PREFETCH, server_key: str | None = None,
+                 client_key: str | None = None, state: dict | None = None,
                  shared_memory: bool = True, held_batches: int = DEFAULT_HELD_BATCHES):
         self.endpoint = check_endpoint(endpoint, "endpoint")
         self.control = check_endpoint(control or next_port(endpoint), "control")
@@ -148,35 +163,84 @@ class Consumer:
         self.timeout = timeout
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
+        if state is not None and start_epoch:
+            raise ValueError("pass start_epoch or state, not both: the state says where to "
+                             "start")
         if held_batches < 0:
             raise ValueError("held_batches must be at least 0")
-        shared_memory = shared_memory and os.environ.get(SHARED_MEMORY_ENV) != "0"
+        self.prefetch = prefetch
+        self._held_batches = held_batches
+        self._shared_memory = shared_memory and os.environ.get(SHARED_MEMORY_ENV) != "0"
         self._pid = os.getpid()
-        self._epoch, self.taken_in_epoch = None, 0  # batches of the current epoch taken
-        curve = client_options(server_key, client_key)
+        self._curve = client_options(server_key, client_key)
         self._context = zmq.Context()
         try:
-            control_socket = control_connect(self._context, self.control, curve)
-            request = HelloRequest(feed, start_epoch, tuple(shard or (0, 1)), shared_memory)
-            try:
-                self.info = ask(control_socket, self.control, request, timeout)
-            except FeedTimeout as exc:
-                raise FeedTimeout(f"{exc} (the control endpoint of {self.endpoint})") from None
-            self.schema = hello_schema(self.info)
-            offer = SharedMemoryOffer.from_reply(self.info)
+            self._shard = self._own_shard(resolve_shard(shard))
+            self._open(None if state is None else FeedState.from_dict(state), start_epoch)
         except BaseException:
             self._context.destroy(linger=0)
             raise
-        self.session = self.info["session"]  # public; the secret token is the stream's
-        token = self.info["token"]
+
+    def _own_shard(self, shard: tuple[int, int] | JobRank) -> tuple[int, int]:
+        """This consumer's part of its daemon's shard; for a job's rank, the daemon's shard
+        decides it."""
+        if not isinstance(shard, JobRank):
+            return shard
+        return shard_within(shard, self._daemon_shard(), self.endpoint)
+
+    def _daemon_shard(self) -> tuple[int, int]:
+        """The daemon's ``--shard``, from its status."""
+        socket = control_connect(self._context, self.control, self._curve)
+        try:
+            feeds = ask(socket, self.control, StatusRequest(), self.timeout).get("feeds")
+        finally:
+            socket.close()
+        shard = next(iter(feeds.values()), {}).get("shard") if isinstance(feeds, dict) else None
+        if not (isinstance(shard, list) and len(shard) == 2 and all(map(_is_count, shard))
+                and shard[0] < shard[1]):
+            raise ProtocolError(f"{self.endpoint}: the daemon's status lacks its shard")
+        return shard[0], shard[1]
+
+    def _open(self, state: FeedState | None, start_epoch: int = 0):
+        """Say hello (at ``state``'s position, or at ``start_epoch``) and start receiving."""
+        if state is None:
+            request = HelloRequest(self.feed, start_epoch, self._shard,
+                                   shared_memory=self._shared_memory)
+        else:
+            if state.needs_its_shard:  # before the hello names that shard's batches
+                host, hosts = self._daemon_shard()
+                state.check_shard((host + hosts * self._shard[0], hosts * self._shard[1]))
+            request = HelloRequest(self.feed, state.epoch, self._shard, state.job_offset,
+                                   state.extra, self._shared_memory)
+        control_socket = control_connect(self._context, self.control, self._curve)
+        info = None
+        try:
+            try:
+                info = ask(control_socket, self.control, request, self.timeout)
+            except FeedTimeout as exc:
+                raise FeedTimeout(f"{exc} (the control endpoint of {self.endpoint})") from None
+            schema = hello_schema(info)
+            start = SessionStart.from_reply(info)
+            offer = SharedMemoryOffer.from_reply(info)
+            if state is not None:
+                state.resume(self.feed, info.get("plan") or {}, start.shard, self.endpoint)
+        except BaseException:
+            if info is not None and isinstance(info.get("token"), str):
+                with contextlib.suppress(zmq.ZMQError, ValueError):
+                    control_socket.send(ByeRequest(info["token"]).pack(), flags=zmq.NOBLOCK)
+            control_socket.close(linger=BYE_LINGER_MS)
+            raise
+        self.info, self.schema, self._start = info, schema, start
+        self.session = info["session"]  # public; the secret token is the stream's
+        self._progress = EpochProgress.of(start, start.epoch)
+        token = info["token"]
         region = self._attach(offer) if offer else None
-        flow = Flow.of(prefetch, held_batches, self.info.get("credit_window"), region)
-        self._stream = _Stream(self._context, self.endpoint, self.session, token, self.schema,
-                               start_epoch, self.info.get("ordered", True),
-                               self.info["batches_per_epoch"], flow, curve, region,
+        flow = Flow.of(self.prefetch, self._held_batches, info.get("credit_window"), region)
+        self._stream = _Stream(self._context, self.endpoint, self.session, token, schema,
+                               start, info.get("ordered", True), flow, self._curve, region,
                                offer is not None)
-        self._heartbeat = _Heartbeat(control_socket, self.session, token)
-        self._finalizer = weakref.finalize(self, _close, self._stream, self._heartbeat)
+        heartbeat = _Heartbeat(control_socket, self.session, token)
+        self._finalizer = weakref.finalize(self, _close, self._stream, heartbeat)
 
     def _attach(self, offer: SharedMemoryOffer) -> Region | None:
         """Map the session's shared memory; None (the batches then come over the socket) if
@@ -189,7 +253,7 @@ class Consumer:
                 raise RegionError("its slabs are not laid out like this mongofeed's")
         except RegionError as exc:
             log.info("session %s: not mapping the daemon's shared memory (%s); batches come "
-                     "over the socket", self.info["session"], exc)
+                     "over the socket", self.session, exc)
             return None
         return region
 
@@ -198,9 +262,29 @@ class Consumer:
         """Whether the batches come through the daemon's shared memory (same host)."""
         return self._stream.region is not None
 
+    def _reopen(self, state: FeedState | None, start_epoch: int = 0):
+        self._finalizer()  # no more heartbeats, a bye, the data socket closed
+        self._open(state, start_epoch)
+
     @property
     def batches_per_epoch(self) -> int:
+        """Batches of a whole epoch (a resumed session's first epoch may have fewer left)."""
         return self.info["batches_per_epoch"]
+
+    @property
+    def current_epoch(self) -> int:
+        """The epoch of the next batch."""
+        return self._progress.epoch
+
+    @property
+    def taken_in_epoch(self) -> int:
+        """Batches of the current epoch taken (for a resumed rank: before the resume too)."""
+        return self._progress.base + self._progress.count
+
+    @property
+    def left_in_epoch(self) -> int:
+        """Batches of the current epoch still to take."""
+        return self._progress.size - self._progress.count
 
     @property
     def inputs(self) -> list[str]:
@@ -225,17 +309,18 @@ class Consumer:
                                "create it in the process that reads from it")
         timeout = self.timeout if timeout is None else timeout
         item = self._stream.take(timeout)
+        progress = self._progress
         if item is None:
-            taken = (f"epoch {self._epoch}: {self.taken_in_epoch} of {self.batches_per_epoch} "
-                     f"batches taken" if self._epoch is not None else "none taken yet")
             raise FeedTimeout(f"waited {timeout:g} s (the consumer's timeout) for the next "
-                              f"batch of feed {self.feed!r} ({taken}) from {self.endpoint}: "
-                              f"is the daemon running and its database reachable? "
-                              f"('mongofeed status --control {self.control}')")
-        if item.epoch != self._epoch:
-            self._epoch, self.taken_in_epoch = item.epoch, 0
-        self.taken_in_epoch += 1
-        return item
+                              f"batch of feed {self.feed!r} (epoch {progress.epoch}: "
+                              f"{self.taken_in_epoch} of {self.batches_per_epoch} batches "
+                              f"taken) from {self.endpoint}: is the daemon running and its "
+                              f"database reachable? ('mongofeed status --control "
+                              f"{self.control}')")
+        progress.mark(item.index)  # the receiver checked it: this epoch's, not yet taken
+        if progress.complete:
+            self._progress = EpochProgress.of(self._start, progress.epoch + 1)
+        return Batch(item.epoch, progress.base + item.index, item.arrays)
 
     def __iter__(self) -> Iterator[Batch]:
         """All batches, epoch after epoch, until ``close``."""
@@ -245,9 +330,33 @@ class Consumer:
     def epoch(self) -> Iterator[Batch]:
         """The remaining batches of the current epoch (all of it when called at its start);
         counted, not read from batch indices, which need not ascend with ordered = false."""
-        yield self.get()
-        while self.taken_in_epoch < self.batches_per_epoch:
-            yield self.get()
+        epoch = self.current_epoch
+        while True:
+            batch = self.get()
+            yield batch
+            if self.current_epoch != epoch:
+                return
+
+    def state_dict(self) -> dict:
+        """Where this consumer is: a small dict (no ids) to keep with a checkpoint; a
+        ``Consumer(..., state=...)`` or ``load_state_dict`` in any process continues with
+        exactly the batch after the last one ``get`` returned (see ``mongofeed.resume``)."""
+        return self._progress.state(self.feed, self.info.get("plan") or {},
+                                    self.info.get("ordered", True),
+                                    self._start.shard).to_dict()
+
+    def load_state_dict(self, state: dict):
+        """Continue where ``state`` says: this session ends and a new one starts there.
+        A state of another feed or plan, or of another rank of an unordered feed, is
+        refused (``FeedError``) before the current session ends."""
+        state = FeedState.from_dict(state)
+        state.resume(self.feed, self.info.get("plan") or {}, self._start.shard,
+                     self.endpoint)
+        self._reopen(state)
+
+    def seek_epoch(self, epoch: int):
+        """Continue at the start of ``epoch``: this session ends and a new one starts there."""
+        self._reopen(None, epoch)
 
     def close(self):
         """End the session (the daemon stops producing for it) and release the sockets."""
@@ -266,44 +375,45 @@ class Consumer:
                         "the daemon already reads in parallel)")
 
 
-# The plan fields a hello reply announces, and the setting a user changes for each.
-PLAN_SETTINGS = (
-    ("batch_size", "batch.size"), ("seed", "batch.seed"), ("drop_last", "batch.drop_last"),
-    ("shuffle", "feeds.{feed}.shuffle"), ("order", "order (the mongofeed version's)"),
-    ("window", "window shape (documents per range, ranges per window: batch.window_bytes)"),
-    ("ids", "documents selected"), ("ids_digest", "digest of the selected _ids"),
-)
-IDS_SETTINGS = {"ids", "ids_digest"}  # these differ when the daemons listed other documents
-
-
 class MultiConsumer:
     """The union of one feed of several daemons, e.g. one per host with ``serve --shard r/R``.
 
     It holds one ``Consumer`` per endpoint (``consumer_kwargs`` go to each) and takes batches
     round-robin, skipping a daemon whose epoch is complete until all are: an epoch here is
     one epoch of every daemon, and the daemons' epochs stay aligned. A batch's ``index`` is
-    its position in that union epoch.
+    its position in that union epoch. ``shard`` applies within every daemon's shard; a job's
+    rank (``"auto"``, or the default in a launcher's job) takes its part of each daemon.
 
     Before any batch is taken it refuses (``FeedError``) daemons that would give documents
     twice or never: different schemas, different plans (batch size, seed, drop_last,
     shuffle, or other ``_id``s), or shards that overlap or come from different splits. A set
     of shards that leaves some out (0/3 and 1/3 only) is read with a warning.
+
+    Its state (``state_dict``) is the state of each daemon's consumer, by the daemon's
+    shard, and the round-robin's place: it resumes on daemons with the same ``--shard``
+    layout, in any order of endpoints (and, for ordered feeds, with any number of ranks).
     """
 
-    def __init__(self, endpoints: list[str], feed: str = "train", **consumer_kwargs):
+    def __init__(self, endpoints: list[str], feed: str = "train", state: dict | None = None,
+                 **consumer_kwargs):
         if not endpoints:
             raise ValueError("MultiConsumer needs at least one endpoint")
         if consumer_kwargs.get("control"):
             raise ValueError("control names one daemon's control endpoint; with several "
                              "endpoints each daemon's is its own (port + 1)")
+        shard = resolve_shard(consumer_kwargs.pop("shard", None))
+        if isinstance(shard, JobRank):  # every rank reads a part of every daemon
+            shard = (shard.rank, shard.world)
         self.feed = feed
         self.consumers: list[Consumer] = []
         try:
             for endpoint in endpoints:
-                self.consumers.append(Consumer(endpoint, feed=feed, **consumer_kwargs))
+                self.consumers.append(Consumer(endpoint, feed=feed, shard=shard,
+                                               **consumer_kwargs))
             self._check_same_schema()
             check_same_plan(feed, [(c.endpoint, c.info.get("plan")) for c in self.consumers])
-            check_shards(feed, self._daemon_shards((consumer_kwargs.get("shard") or (0, 1))[1]))
+            self.daemon_shards = self._daemon_shards(shard[1])
+            check_shards(feed, self.daemon_shards)
         except BaseException:
             self.close()
             raise
@@ -311,8 +421,15 @@ class MultiConsumer:
         self.schema, self.inputs, self.targets = first.schema, first.inputs, first.targets
         self.sample_weight = first.sample_weight
         self.batches_per_epoch = sum(c.batches_per_epoch for c in self.consumers)
-        self._left = [0] * len(self.consumers)  # batches still due in each daemon's epoch
+        self._epoch = min(c.current_epoch for c in self.consumers)  # the union's epoch
+        self._position = 0  # batches of it taken
         self._next = 0
+        if state is not None:
+            try:
+                self.load_state_dict(state)
+            except BaseException:
+                self.close()
+                raise
 
     def _check_same_schema(self):
         def announced(consumer):
@@ -331,35 +448,84 @@ class MultiConsumer:
         so the session's shard announced in the hello is the daemon's times the consumer's."""
         shards = []
         for consumer in self.consumers:
-            shard = consumer.info.get("shard")
-            if not (isinstance(shard, list) and len(shard) == 2
-                    and all(isinstance(n, int) and n >= 0 for n in shard)):
-                raise ProtocolError(f"{consumer.endpoint}: hello reply lacks the session's shard")
-            rank, world = shard  # the daemon's rd/Rd composed with rc/Rc: rd + Rd*rc of Rd*Rc
+            rank, world = consumer._start.shard  # rd/Rd composed with rc/Rc: rd + Rd*rc of Rd*Rc
             daemon_world = world // consumer_world
             shards.append((consumer.endpoint, (rank % daemon_world, daemon_world)))
         return shards
 
+    def _union_epoch(self) -> int:
+        """The epoch of the next batch: the current one until every daemon's is complete."""
+        if all(c.current_epoch != self._epoch for c in self.consumers):
+            self._epoch = min(c.current_epoch for c in self.consumers)
+            self._position = 0
+        return self._epoch
+
     def get(self, timeout: float | None = None) -> Batch:
         """The next batch, from the next daemon whose epoch is not yet complete."""
-        if not any(self._left):
-            self._left = [c.batches_per_epoch for c in self.consumers]
-        while not self._left[self._next]:
+        epoch = self._union_epoch()
+        while self.consumers[self._next].current_epoch != epoch:
             self._next = (self._next + 1) % len(self.consumers)
-        rank = self._next
-        batch = self.consumers[rank].get(timeout)
-        position = self.batches_per_epoch - sum(self._left)
-        self._left[rank] -= 1
-        self._next = (rank + 1) % len(self.consumers)
+        batch = self.consumers[self._next].get(timeout)
+        position, self._position = self._position, self._position + 1
+        self._next = (self._next + 1) % len(self.consumers)
         return Batch(batch.epoch, position, batch.arrays)
 
     @property
-    def taken_in_epoch(self) -> int:
-        return self.batches_per_epoch - sum(self._left)
+    def current_epoch(self) -> int:
+        return self._union_epoch()
 
-    # Iteration as in Consumer: it needs only get() and batches_per_epoch.
+    @property
+    def taken_in_epoch(self) -> int:
+        self._union_epoch()
+        return self._position
+
+    @property
+    def left_in_epoch(self) -> int:
+        epoch = self._union_epoch()
+        return sum(c.left_in_epoch for c in self.consumers if c.current_epoch == epoch)
+
+    # Iteration as in Consumer: it needs only get() and current_epoch.
     __iter__ = Consumer.__iter__
     epoch = Consumer.epoch
+
+    def state_dict(self) -> dict:
+        """Every daemon's consumer's state, by the daemon's shard, and the round-robin's
+        place (see the class)."""
+        epoch = self._union_epoch()
+        return {"v": STATE_VERSION, "feed": self.feed, "epoch": epoch,
+                "position": self._position, "next": self._next,
+                "daemons": [{"shard": list(shard), "state": consumer.state_dict()}
+                            for (_, shard), consumer in zip(self.daemon_shards,
+                                                            self.consumers, strict=True)]}
+
+    def load_state_dict(self, state: dict):
+        """Continue where ``state`` (a ``MultiConsumer``'s) says: each daemon's consumer
+        resumes the state saved for its daemon's shard. Refused (``FeedError``) when the
+        daemons serve another ``--shard`` layout than those that made the state."""
+        saved = _multi_state(state)
+        ours = {tuple(shard): i for i, (_, shard) in enumerate(self.daemon_shards)}
+        theirs = [tuple(daemon["shard"]) for daemon in saved["daemons"]]
+        if sorted(theirs) != sorted(ours):
+            raise FeedError(
+                f"this state of feed {self.feed!r} was saved from daemons serving shards "
+                f"{', '.join(f'{r}/{w}' for r, w in sorted(theirs))}, and these serve "
+                f"{', '.join(f'{r}/{w}' for r, w in sorted(ours))}: resume with one daemon "
+                f"per saved --shard (in any order of endpoints)")
+        states = [FeedState.from_dict(daemon["state"]) for daemon in saved["daemons"]]
+        for shard, sub in zip(theirs, states, strict=True):
+            consumer = self.consumers[ours[shard]]
+            sub.resume(self.feed, consumer.info.get("plan") or {}, consumer._start.shard,
+                       consumer.endpoint)
+        for shard, sub in zip(theirs, states, strict=True):
+            self.consumers[ours[shard]].load_state_dict(sub)
+        self._epoch, self._position = saved["epoch"], saved["position"]
+        self._next = ours[theirs[saved["next"]]]
+
+    def seek_epoch(self, epoch: int):
+        """Continue at the start of ``epoch`` on every daemon."""
+        for consumer in self.consumers:
+            consumer.seek_epoch(epoch)
+        self._epoch, self._position, self._next = epoch, 0, 0
 
     def close(self):
         """End every session."""
@@ -373,6 +539,24 @@ class MultiConsumer:
         self.close()
 
 
+def _multi_state(state) -> dict:
+    """A ``MultiConsumer`` state's own fields, checked (the daemons' states are checked by
+    ``FeedState``)."""
+    if not (isinstance(state, dict) and state.get("v") == STATE_VERSION
+            and isinstance(state.get("daemons"), list) and state["daemons"]):
+        raise ValueError(f"not a MultiConsumer state of version {STATE_VERSION} (a dict with "
+                         f"'daemons'; a Consumer's state goes to Consumer): {str(state)[:200]}")
+    daemons = state["daemons"]
+    if not (all(map(_is_count, (state.get("epoch"), state.get("position"), state.get("next"))))
+            and state["next"] < len(daemons)
+            and all(isinstance(d, dict) and isinstance(d.get("shard"), list)
+                    and len(d["shard"]) == 2 and all(map(_is_count, d["shard"]))
+                    for d in daemons)
+            and len({tuple(d["shard"]) for d in daemons}) == len(daemons)):
+        raise ValueError(f"malformed MultiConsumer state: {str(state)[:200]}")
+    return state
+
+
 def check_same_plan(feed: str, plans: list[tuple[str, dict | None]]):
     """Refuse daemons (``plans``: endpoint and the plan its hello announced) whose shards
     would not split one epoch: other ids, order or cut. Names each setting that differs,
@@ -382,13 +566,7 @@ def check_same_plan(feed: str, plans: list[tuple[str, dict | None]]):
         raise FeedError(f"{', '.join(unknown)} do not announce the plan of feed {feed!r}, so "
                         f"MultiConsumer cannot check that their shards split one epoch: run "
                         f"the same mongofeed version on every daemon")
-    differ = {}
-    for key, setting in PLAN_SETTINGS:
-        values = [plan.get(key) for _, plan in plans]
-        if any(value != values[0] for value in values):
-            differ[key] = f"{setting.format(feed=feed)}: " + ", ".join(
-                f"{value} at {endpoint}" for (endpoint, _), value in zip(plans, values,
-                                                                        strict=True))
+    differ = plan_differences(feed, [(f"at {endpoint}", plan) for endpoint, plan in plans])
     if not differ:
         return
     fixes = []
@@ -485,20 +663,20 @@ class _Stream:
     header is a fixed binary layout, the arrays' shapes are computed once per distinct
     sample count, and credit and slab releases go out every few batches (``every``)."""
 
-    def __init__(self, context, endpoint, session, token, schema: Schema, start_epoch,
-                 ordered, batches_per_epoch, flow: Flow, curve, region: Region | None = None,
+    def __init__(self, context, endpoint, session, token, schema: Schema, start: SessionStart,
+                 ordered, flow: Flow, curve, region: Region | None = None,
                  offered: bool = False):
         self.session = session  # the public name, for messages
         self.token = token  # the session's secret: our data identity
         self.schema = schema
-        self.batches_per_epoch = batches_per_epoch
+        self.session_start = start
         self.ordered = ordered
         self.every = flow.every
         self.endpoint = endpoint
         self.lock = threading.Lock()
         self.closed = False
         self.failure: FeedError | None = None  # why the stream broke, raised on every take
-        self.epoch, self.seen = start_epoch, set()
+        self.progress = EpochProgress.of(start, start.epoch)  # of the batches received
         self.region = region
         self.offsets = SlabLayout.of(schema.arrays, schema.batch_size).offsets
         self.slabs = Slabs()
@@ -574,19 +752,20 @@ class _Stream:
         self.raise_failure()
 
     def receive(self, head: bytes) -> tuple:
-        """The batch whose first frame is ``head``, checked, and the lease of its slab (None
-        if not in a slab)."""
+        """The batch whose first frame is ``head``, as (epoch, the session's batch number,
+        arrays), and the lease of its slab (None if not in a slab); anything the session did
+        not announce, or sent already, is a ProtocolError."""
         header = unpack_header(head)
         if isinstance(header, str):
             raise FeedError(f"the daemon ended this session: {header}")
-        position = (header.epoch, header.index)
         more = self.data.getsockopt(zmq.RCVMORE)
         frames = self.data.recv_multipart(copy=False) if more else []
-        if header.index >= self.batches_per_epoch or position in self.seen or (
-                self.ordered and position != (self.epoch, len(self.seen))) or (
-                header.epoch != self.epoch):
-            raise ProtocolError(f"batch {position} out of sequence: expected epoch {self.epoch},"
-                                f" batch {len(self.seen)} of {self.batches_per_epoch}")
+        progress, epoch, index = self.progress, header.epoch, header.index
+        if epoch != progress.epoch or index >= progress.size or progress.done(index) or (
+                self.ordered and index != progress.prefix):
+            expected = f"batch {progress.prefix}" if self.ordered else "a batch not yet sent"
+            raise ProtocolError(f"batch {(epoch, index)} out of sequence: expected epoch "
+                                f"{progress.epoch}, {expected} of {progress.size}")
         lease = None
         if header.slab is None:
             arrays = unpack_frames(header, frames, self.schema, self.join_buffers.take)
@@ -594,10 +773,10 @@ class _Stream:
             raise ProtocolError("a batch in shared memory with frames")
         else:
             arrays, lease = self.view_slab(header)
-        self.seen.add(position)
-        if len(self.seen) == self.batches_per_epoch:
-            self.epoch, self.seen = self.epoch + 1, set()
-        return Batch(header.epoch, header.index, arrays), lease
+        progress.mark(index)
+        if progress.complete:
+            self.progress = EpochProgress.of(self.session_start, epoch + 1)
+        return Batch(epoch, index, arrays), lease
 
     def view_slab(self, header: BatchHeader) -> tuple[dict, object]:
         """The arrays of a batch in slab ``header.slab``: views of the mapped region."""

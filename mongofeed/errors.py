@@ -13,6 +13,9 @@ class SourceError(MongoFeedError):
     """The database cannot be reached, or holds nothing that the config selects."""
 
 
+WHOLE_DOCUMENT = "(whole document)"  # DecodeError.field of a fault in no field in particular
+
+
 class DecodeError(MongoFeedError):
     """A document does not fit the schema that the config declares for one of its fields."""
 

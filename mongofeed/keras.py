@@ -3,19 +3,28 @@
 The daemon decides the order (shuffled by seed, per epoch), so the index Keras asks for only
 counts: each call hands the next batch of the stream, and every epoch of ``fit`` (or pass of
 ``evaluate``/``predict``) is exactly one epoch of the feed. Keras also reads batches that no
-training step sees, and then starts the epoch again: the TF backend peeks at ``seq[0]`` and
-``seq[1]`` for the output signature; under a ``tf.distribute`` strategy, and on the JAX and
-torch backends' first ``fit``, a symbolic build takes a batch from a fresh iterator (a
-prefetching one reads a few more) and resets it. Those batches are kept (``Replay``) and
-handed again, first, to the pass that follows, so nothing is lost or repeated:
+training step sees:
+
+- the TF backend peeks at ``seq[0]`` and ``seq[1]`` for the output signature: those calls
+  get empty batches made from the hello reply's schema (a padded dimension differs between
+  the two, so Keras sees it as None), and the stream is not touched;
+- under a ``tf.distribute`` strategy, and on the JAX and torch backends' first ``fit``, a
+  symbolic build takes a batch from a fresh iterator (a prefetching one reads a few more)
+  and resets it. Those batches are kept (``Replay``) and handed again, first, to the pass
+  that follows, so nothing is lost or repeated:
 
 - ``on_epoch_begin`` begins a pass: whatever Keras read since the last pass it used comes
   first again;
 - ``on_epoch_end`` from a pass that training used commits it, after checking that it was one
   whole epoch of the feed (``steps_per_epoch`` smaller than the epoch is refused loudly).
 
-Only how a pass *ended* needs Keras's internals: see ``keras_used_the_pass``.
-Keras's worker threads and processes are not used (see ``MongoFeedSequence``).
+How a pass *ended*, and which calls are the signature peek, need Keras's internals: see
+``keras_used_the_pass`` and ``keras_reads_the_signature``. Keras's worker threads and
+processes are not used (see ``MongoFeedSequence``).
+
+``FollowFitEpochs`` keeps a sequence at fit's epoch: a ``fit`` that
+``keras.callbacks.BackupAndRestore`` restored at epoch e (or ``fit(initial_epoch=e)``) gets
+feed epoch e, the order an uninterrupted run would have had.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import os
 import sys
 
 import keras
+import numpy as np
 
 from .consumer import (
     DEFAULT_HELD_BATCHES,
@@ -47,9 +57,11 @@ class MongoFeedSequence(keras.utils.PyDataset):
 
     A list of endpoints (one daemon per host, each ``serve --shard r/R``) reads their union
     through a ``MultiConsumer``. ``replay_batches`` bounds how many batches of a pass Keras
-    abandons can be handed again (about 8 are needed; more raises, never loses).
-    ``shared_memory`` as for ``Consumer``; the batches kept to hand again count as held, so
-    the sequence may hold ``replay_batches`` more than a ``Consumer``'s default.
+    abandons can be handed again (about 8 are needed; more raises, never loses). With
+    ``keras.callbacks.BackupAndRestore``, add ``FollowFitEpochs(seq)`` to the callbacks: a
+    restored ``fit`` then reads the epoch it restarts at. ``shared_memory`` as for
+    ``Consumer``; the batches kept to hand again count as held, so the sequence may hold
+    ``replay_batches`` more than a ``Consumer``'s default.
 
     ``workers`` and ``max_queue_size`` are accepted for ``PyDataset`` compatibility, but
     Keras's worker threads are not used: the daemon already reads and decodes in parallel
@@ -87,9 +99,16 @@ class MongoFeedSequence(keras.utils.PyDataset):
     def __getitem__(self, index: int):
         if not 0 <= index < len(self):
             raise IndexError(f"batch index {index} out of range(0, {len(self)})")
-        batch = self.replay.take()
         consumer = self.consumer
-        return model_io(batch.arrays, consumer.inputs, consumer.targets, consumer.sample_weight)
+        if keras_reads_the_signature():
+            arrays = signature_batch(consumer.schema, index)
+        else:
+            arrays = self.replay.take().arrays
+        return model_io(arrays, consumer.inputs, consumer.targets, consumer.sample_weight)
+
+    def align_epoch(self, epoch: int):
+        """Make the next pass feed epoch ``epoch`` (``FollowFitEpochs`` calls this)."""
+        self.replay.align_epoch(epoch)
 
     def on_epoch_begin(self):
         """Keras begins a pass: batches read since the last pass it used are handed first."""
@@ -120,16 +139,62 @@ class MongoFeedSequence(keras.utils.PyDataset):
         self.consumer.close()
 
 
+class FollowFitEpochs(keras.callbacks.Callback):
+    """Each fit epoch e gets feed epoch e from ``feeds`` (``MongoFeedSequence``s, or
+    datasets made by ``mongofeed.tf.dataset``): a ``fit`` restored by
+    ``keras.callbacks.BackupAndRestore`` at epoch e, or started with ``initial_epoch=e``,
+    gets the order an uninterrupted run would have had. A feed that is already there
+    (every uninterrupted epoch) is left as it is; one that is not opens a new session at
+    that epoch's start::
+
+        train = MongoFeedSequence("tcp://127.0.0.1:5555", feed="train")
+        model.fit(train, epochs=10, callbacks=[
+            keras.callbacks.BackupAndRestore("backup"), FollowFitEpochs(train)])
+
+    A validation feed follows too when it is evaluated every epoch (``validation_freq=1``).
+    """
+
+    def __init__(self, *feeds):
+        super().__init__()
+        if not feeds:
+            raise ValueError("FollowFitEpochs needs the feeds to keep at fit's epoch")
+        self.feeds = [_aligned(feed) for feed in feeds]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for feed in self.feeds:
+            feed.align_epoch(epoch)
+
+
+def _aligned(feed):
+    """What ``FollowFitEpochs`` aligns for ``feed``: a sequence itself, a tf dataset's
+    ``feed_state``."""
+    target = getattr(feed, "feed_state", feed)
+    if not callable(getattr(target, "align_epoch", None)):
+        raise TypeError(f"FollowFitEpochs takes MongoFeedSequence objects and datasets made by "
+                        f"mongofeed.tf.dataset, not {type(feed).__name__}")
+    return target
+
+
+def signature_batch(schema, index: int) -> dict:
+    """An empty batch with the schema's delivered dtypes and shapes, a padded dimension of
+    length ``index``: the two that Keras's signature peek gets tell it the batch dimension
+    and every padded one are None, as ``mongofeed.tf.dataset``'s spec does."""
+    return {spec.name: np.zeros((0, *(index if d is None else d for d in spec.shape)),
+                                spec.dtype) for spec in schema.delivered}
+
+
 # -- Keras internals, read from Keras 3.15.1 ----------------------------------------------------
 # Every pass Keras makes over a PyDataset ends in PyDatasetAdapter.on_epoch_end
 # (keras/src/trainers/data_adapters/py_dataset_adapter.py), called from one of three places in
 # keras/src/trainers/epoch_iterator.py. EpochIterator.reset() ends a pass that no training step
-# used: the signature peek before it, and the symbolic build (TF trainer's
+# used: the symbolic build (TF trainer's
 # _maybe_symbolic_build under a strategy, Trainer._symbolic_build, the JAX predict build),
 # which all call reset() right after. _enumerate_iterator (end of an epoch) and
 # catch_stop_iteration (the iterator ran out) end a pass that training used. A pass's end is
-# the one event a PyDataset cannot classify from what it is asked, so this is the one place
-# that looks at Keras's frames; any other Keras caller raises instead of guessing.
+# an event a PyDataset cannot classify from what it is asked, so this looks at Keras's frames;
+# any other Keras caller raises instead of guessing. The other such event is the signature
+# peek: PyDatasetAdapter.get_tf_dataset reads seq[0] and seq[1] and fixes every dimension on
+# which they agree (keras_reads_the_signature); elsewhere the calls are a pass's.
 
 KERAS_CHECKED_VERSION = "3.15.1"
 KERAS_CHECKED = f"Keras {KERAS_CHECKED_VERSION}"
@@ -145,7 +210,7 @@ def _pass_end_callers():
             EpochIterator.reset.__code__: False,
             EpochIterator._enumerate_iterator.__code__: True,
             EpochIterator.catch_stop_iteration.__wrapped__.__code__: True,
-        }
+        }, PyDatasetAdapter.get_tf_dataset.__code__
     except (ImportError, AttributeError) as exc:
         raise ImportError(
             f"mongofeed.keras knows how {KERAS_CHECKED} ends an epoch pass over a PyDataset, "
@@ -153,7 +218,8 @@ def _pass_end_callers():
             f"keras=={KERAS_CHECKED_VERSION}, or mongofeed.Consumer directly") from exc
 
 
-_ADAPTER_END, _PASS_USED_BY_CALLER = _pass_end_callers()
+_ADAPTER_END, _PASS_USED_BY_CALLER, _SIGNATURE_PEEK = _pass_end_callers()
+PEEK_FRAMES_SEARCHED = 3  # our __getitem__, the peek's list comprehension, get_tf_dataset
 _KERAS_DIR = os.path.dirname(keras.__file__) + os.sep
 
 
@@ -178,3 +244,17 @@ def keras_used_the_pass() -> bool | None:
             return used
         frame = frame.f_back
     return None
+
+
+def keras_reads_the_signature() -> bool:
+    """Whether ``__getitem__`` is called by the TF backend's signature peek
+    (``PyDatasetAdapter.get_tf_dataset`` reads ``seq[0]`` and ``seq[1]`` for the output
+    signature, then drops them), not by a pass over the data."""
+    frame = sys._getframe(2)
+    for _ in range(PEEK_FRAMES_SEARCHED):
+        if frame is None:
+            return False
+        if frame.f_code is _SIGNATURE_PEEK:
+            return True
+        frame = frame.f_back
+    return False

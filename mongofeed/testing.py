@@ -264,7 +264,7 @@ class _Documents:
         """As ``BatchReader.read_window``: the window's documents, sorted by ``_id``."""
         import bson
 
-        from .daemon.source import Window, expect_count
+        from .daemon.windows import Window, expect_count
 
         def inside(doc_id):
             return any(low <= doc_id and (doc_id <= high if inclusive else doc_id < high)

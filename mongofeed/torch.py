@@ -3,7 +3,14 @@
 The daemon already batches, shuffles and reads in parallel, so use
 ``DataLoader(dataset, batch_size=None, num_workers=0)``: DataLoader worker processes would
 each need their own session and would repeat the data, so they are refused. Each iteration
-is one epoch of the feed (the rest of the current one, if an earlier iteration stopped early).
+is one epoch of the feed (the rest of the current one, if an earlier iteration stopped early
+or a state resumed in the middle of one).
+
+``state_dict``/``load_state_dict`` are the protocol torchdata's ``StatefulDataLoader`` calls
+(with ``num_workers=0`` it asks the dataset between batches, so the state is exact): a
+resumed loader continues with the batch after the last one it yielded. Under torchrun the
+dataset finds its rank by itself (``shard`` defaults to the job's, see
+``mongofeed.distributed``).
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ class IterableDataset(torch.utils.data.IterableDataset):
     Example::
 
         train = IterableDataset("tcp://127.0.0.1:5555", feed="train")
-        for inputs, targets in DataLoader(train, batch_size=None):
+        loader = StatefulDataLoader(train, batch_size=None)   # or DataLoader
+        for inputs, targets in loader:
             ...
+        torch.save({"model": model.state_dict(), "data": loader.state_dict()}, path)
     """
 
     def __init__(self, endpoint: str | list[str], feed: str = "train", as_dict: bool = False,
@@ -51,6 +60,14 @@ class IterableDataset(torch.utils.data.IterableDataset):
             yield tensors if self.as_dict else model_io(tensors, self.consumer.inputs,
                                                         self.consumer.targets,
                                                         self.consumer.sample_weight)
+
+    def state_dict(self) -> dict:
+        """Where the stream is: after the last batch this dataset yielded."""
+        return self.consumer.state_dict()
+
+    def load_state_dict(self, state: dict):
+        """Continue after the batch where ``state`` was taken (a new session)."""
+        self.consumer.load_state_dict(state)
 
     def close(self):
         """End the session now (otherwise it ends when this object is collected)."""

@@ -17,13 +17,17 @@ makes before trusting one.
 Public messages (what a consumer, or a stranger, can send or receive):
 
 1. control request/reply: one frame, a JSON object, at most ``MAX_CONTROL_BYTES``:
-   ``{"op": "hello", "protocol", "feed", "start_epoch", "shard": [r, R], "shared_memory"}``
-   opens a session; its reply names the session (``"session"``, public) and gives its
-   secret ``"token"``, which only the peer that said hello knows: it is the identity of that
-   consumer's data socket and what ``{"op": "bye", "token"}`` and ``{"op": "heartbeat",
-   "token"}`` (every second) need. With ``"shared_memory": true`` the reply names the
-   session's region (``SharedMemoryOffer``). ``{"op": "status"}`` never shows a token.
-   Replies carry ``"ok"`` and, when false, ``"error"``.
+   ``{"op": "hello", "protocol", "feed", "start_epoch", "shard": [r, R], "start_offset",
+   "skip": [g, ...], "shared_memory"}`` opens a session (from global batch ``start_offset``
+   of its first epoch, without the global batches in ``skip``: a resume); its reply says
+   where the session starts (``"start_epoch"``, ``"start_offset"``, ``"skip"``,
+   ``"start_batches"``: the first epoch's batch numbers, skipped ones included), names the
+   session (``"session"``, public) and gives its secret ``"token"``, which only the peer
+   that said hello knows: it is the identity of that consumer's data socket and what
+   ``{"op": "bye", "token"}`` and ``{"op": "heartbeat", "token"}`` (every second) need.
+   With ``"shared_memory": true`` the reply names the session's region
+   (``SharedMemoryOffer``). ``{"op": "status"}`` never shows a token. Replies carry ``"ok"``
+   and, when false, ``"error"``.
 2. credit: one frame, ``{"credit": n, "release": [slab...], "attached": bool}`` (``Credit``),
    on the data socket whose identity is the session's token; the consumer grants the daemon
    n more batches, within a window: the daemon keeps at most ``credit_window`` (from the
@@ -43,8 +47,9 @@ Internal messages (supervisor, workers and sink; the peers are our own processes
 frame is still checked, so a bug shows as a counted rejection, not a crash):
 
 4. task (supervisor → worker): ``[b"task", BSON {task, feed, epoch, index, ids, attempt,
-   region, slab}]``; ``[b"warm", ...]`` reads a window ahead; ``[b"stop"]`` asks the worker
-   to exit.
+   region, slab}]`` (a feed of several sources: ``parts``, each source's ids and their places
+   in the batch, in place of ``ids``); ``[b"warm", ...]`` reads a window ahead; ``[b"stop"]``
+   asks the worker to exit.
 5. ready / event (worker → supervisor): ``[b"ready", {slot, pid}]`` once the worker's client
    and sockets exist; ``[b"event", {slot, waiting, error}]`` when it starts or stops waiting
    for the database.
@@ -77,8 +82,9 @@ from bson.codec_options import CodecOptions, DatetimeConversion
 
 from .errors import ConfigError, ProtocolError
 
-PROTOCOL_VERSION = 3           # 2: the hello reply's secret token is the data identity;
-#                                3: binary batch headers, shared memory, frames cut at 16 MiB
+PROTOCOL_VERSION = 4           # 2: the hello reply's secret token is the data identity;
+                               # 3: the hello's start offset and skipped batches (a resume);
+                               # 4: binary batch headers, shared memory, frames cut at 16 MiB
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 32            # our messages nest at most 6 deep (the status reply)
@@ -86,6 +92,7 @@ MAX_NUMBER_CHARS = 40          # a JSON number's text; ours are counts, sizes an
 MAX_CREDIT = 1_000_000         # per credit message; the daemon caps a session's total lower
 MAX_NAME_CHARS = 256           # a feed name in a hello
 MAX_SHARD_WORLD = 2**20
+MAX_SKIP = 2048                # batches a resumed session skips: an unordered feed's extras
 TOKEN_CHARS = 32               # a session token: 128 random bits as hex
 ALLOWED_DTYPES = frozenset((
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -543,17 +550,23 @@ def unpack_credit(frames: list) -> Credit:
 @dataclass(frozen=True)
 class HelloRequest:
     """Open a session: its own stream of ``feed`` from epoch ``start_epoch``, part
-    ``shard[0]`` of ``shard[1]`` of every epoch; ``shared_memory``: the consumer offers to
-    map the session's shared memory (it may be on the daemon's host)."""
+    ``shard[0]`` of ``shard[1]`` of every epoch. A resume starts after the first
+    ``start_offset`` global batches of ``start_epoch`` (which the job consumed) and leaves
+    out the global batches in ``skip`` (which this rank took out of order).
+    ``shared_memory``: the consumer offers to map the session's shared memory (it may be on
+    the daemon's host)."""
 
     feed: str
     start_epoch: int = 0
     shard: tuple[int, int] = (0, 1)
+    start_offset: int = 0
+    skip: tuple[int, ...] = ()
     shared_memory: bool = False
 
     def pack(self) -> bytes:
         return encode_json({"op": "hello", "protocol": PROTOCOL_VERSION, "feed": self.feed,
                             "start_epoch": self.start_epoch, "shard": list(self.shard),
+                            "start_offset": self.start_offset, "skip": list(self.skip),
                             "shared_memory": self.shared_memory})
 
     @classmethod
@@ -566,20 +579,27 @@ class HelloRequest:
         if not (isinstance(feed, str) and 0 < len(feed) <= MAX_NAME_CHARS):
             raise ProtocolError(f"hello needs a feed name (a string of 1 to {MAX_NAME_CHARS} "
                                 f"characters), got {feed!r:.60}")
-        start_epoch = body.get("start_epoch", 0)
-        if not _is_count(start_epoch):
-            raise ProtocolError(f"start_epoch must be an integer from 0 to {2**40 - 1}, got "
-                                f"{start_epoch!r:.60}")
+        start_epoch, start_offset = body.get("start_epoch", 0), body.get("start_offset", 0)
+        for name, value in (("start_epoch", start_epoch), ("start_offset", start_offset)):
+            if not _is_count(value):
+                raise ProtocolError(f"{name} must be an integer from 0 to {2**40 - 1}, got "
+                                    f"{value!r:.60}")
         shard = body.get("shard", [0, 1])
         if not (isinstance(shard, list) and len(shard) == 2 and all(map(_is_count, shard))
                 and shard[0] < shard[1] <= MAX_SHARD_WORLD):
             raise ProtocolError(f"shard must be [r, R] with 0 <= r < R <= {MAX_SHARD_WORLD}, "
                                 f"got {shard!r:.60}")
+        skip = body.get("skip", [])
+        if not (isinstance(skip, list) and len(skip) <= MAX_SKIP and all(map(_is_count, skip))
+                and len(set(skip)) == len(skip)):
+            raise ProtocolError(f"skip must be a list of at most {MAX_SKIP} distinct global "
+                                f"batch numbers, got {skip!r:.60}")
         shared_memory = body.get("shared_memory", False)
         if not isinstance(shared_memory, bool):
             raise ProtocolError(f"shared_memory must be true or false, got "
                                 f"{shared_memory!r:.20}")
-        return cls(feed, start_epoch, (shard[0], shard[1]), shared_memory)
+        return cls(feed, start_epoch, (shard[0], shard[1]), start_offset, tuple(sorted(skip)),
+                   shared_memory)
 
 
 @dataclass(frozen=True)
@@ -703,21 +723,82 @@ class SharedMemoryOffer:
         return made
 
 
+@dataclass(frozen=True)
+class SessionStart:
+    """Where a hello reply says the session's stream begins: epoch ``epoch`` after its first
+    ``offset`` global batches, with the session's batch numbers ``skip`` of that epoch left
+    out; that epoch numbers ``first_batches`` batches (skipped ones included), every later
+    one ``batches_per_epoch``. ``shard`` is the session's share (the daemon's times the
+    consumer's): its batch j of an epoch is global batch ``offset + rank + world * j``."""
+
+    epoch: int
+    offset: int
+    first_batches: int
+    skip: frozenset[int]
+    batches_per_epoch: int
+    shard: tuple[int, int]
+
+    @classmethod
+    def from_reply(cls, reply: dict) -> SessionStart:
+        values = [reply.get(key) for key in ("start_epoch", "start_offset", "start_batches",
+                                             "batches_per_epoch")]
+        shard, skip = reply.get("shard"), reply.get("skip")
+        if not (all(map(_is_count, values)) and isinstance(shard, list) and len(shard) == 2
+                and all(map(_is_count, shard)) and shard[0] < shard[1]
+                and isinstance(skip, list) and all(map(_is_count, skip))):
+            raise ProtocolError("hello reply lacks where the session starts (start_epoch, "
+                                "start_offset, start_batches, skip, batches_per_epoch, shard)")
+        epoch, offset, first, size = values
+        numbers = set()
+        for g in skip:
+            j, rest = divmod(g - offset - shard[0], shard[1])
+            if rest or not 0 <= j < first:
+                raise ProtocolError(f"hello reply skips global batch {g}, which is not its "
+                                    f"shard's")
+            numbers.add(j)
+        if len(numbers) >= first or size < 1:
+            raise ProtocolError("hello reply announces a session without batches")
+        return cls(epoch, offset, first, frozenset(numbers), size, (shard[0], shard[1]))
+
 # -- internal: supervisor <-> workers -> sink ------------------------------------------------
 
 TASK, STOP, READY, EVENT, WARM = b"task", b"stop", b"ready", b"event", b"warm"
-# Ids travel as the source read them: a date beyond Python's range stays a DatetimeMS.
-TASK_CODEC_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
+# How mongofeed decodes BSON everywhere (documents, ids in tasks, the plan cache): a date
+# beyond Python's datetime range stays a DatetimeMS instead of failing the whole document.
+BSON_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
+
+
+@dataclass(frozen=True)
+class SourceIds:
+    """One source's documents in a batch of a feed of several sources: the source's name,
+    its ``_id``s (a list, or the planner's compact rows) and their places in the batch (in
+    the order of ``ids``)."""
+
+    source: str
+    ids: list
+    at: list
+
+    def to_wire(self) -> dict:
+        return {"source": self.source, **_ids_to_wire(self.ids),
+                "at": np.asarray(self.at, "<i4").tobytes()}
+
+    @classmethod
+    def from_wire(cls, body) -> SourceIds:
+        if not (isinstance(body, dict) and isinstance(body.get("source"), str)
+                and isinstance(body.get("at"), bytes) and not len(body["at"]) % 4):
+            raise ProtocolError("malformed task parts")
+        return cls(body["source"], _ids_from_wire(body), np.frombuffer(body["at"], "<i4").tolist())
 
 
 @dataclass(frozen=True)
 class TaskMessage:
     """One batch to make: the ``_id``s of batch ``index`` of ``epoch`` of ``feed`` (a list,
-    or the planner's compact rows, a numpy array sent as bytes and received as a list), or,
-    in the windowed order, its ``window`` (the read spec: the window's ``_id`` ranges and
-    the batch's slice of it, ``planner.BatchWindow.to_wire``) and no ids; its ``attempt``
-    (1 + the times it was re-issued) and, when the session has shared memory, the region
-    file and the slab to write it into."""
+    or the planner's compact rows, a numpy array sent as bytes and received as a list); for
+    a feed of several sources, ``parts`` (``SourceIds``) and no ids; or, in the windowed
+    order, its ``window`` (the read spec: the window's ``_id`` ranges and the batch's slice
+    of it, ``planner.BatchWindow.to_wire``) and no ids; its ``attempt`` (1 + the times it
+    was re-issued) and, when the session has shared memory, the region file and the slab to
+    write it into."""
 
     task: int
     feed: str
@@ -725,24 +806,53 @@ class TaskMessage:
     index: int
     ids: list
     window: dict | None = None
+    parts: tuple[SourceIds, ...] | None = None
     attempt: int = 1
     region: str | None = None
     slab: int | None = None
 
     def pack(self) -> list:
         body = {"task": self.task, "feed": self.feed, "epoch": self.epoch, "index": self.index,
-                "ids": self.ids, "attempt": self.attempt}
-        if isinstance(self.ids, np.ndarray):  # the planner's compact rows: bytes on the wire
-            body["ids"] = []
-            body["rows"] = {"kind": ROW_KINDS[self.ids.dtype.kind], "bytes": self.ids.tobytes()}
+                "attempt": self.attempt, **_ids_to_wire(self.ids)}
         if self.window is not None:
             body["window"] = self.window
+        if self.parts is not None:
+            body["parts"] = [part.to_wire() for part in self.parts]
         if self.region is not None:
             body.update(region=self.region, slab=self.slab)
         return [TASK, bson.encode(body)]
 
 
 ROW_KINDS = {"S": "objectid", "i": "int64"}  # numpy dtype kinds of compact id rows
+
+
+def _ids_to_wire(ids) -> dict:
+    """``{"ids": list}``, or the planner's compact rows as bytes (``{"ids": [], "rows"}``)."""
+    if isinstance(ids, np.ndarray):
+        return {"ids": [], "rows": {"kind": ROW_KINDS[ids.dtype.kind], "bytes": ids.tobytes()}}
+    return {"ids": ids}
+
+
+def _ids_from_wire(body: dict) -> list:
+    ids = body.get("ids") if "rows" not in body else _rows_to_ids(body["rows"])
+    if not isinstance(ids, list):
+        raise ProtocolError("malformed task ids")
+    return ids
+
+
+def _parts_from_wire(parts) -> tuple[SourceIds, ...] | None:
+    """A task's parts, checked: as many places as ids in each, and together every place of
+    the batch once."""
+    if parts is None:
+        return None
+    if not isinstance(parts, list) or not parts:
+        raise ProtocolError("malformed task parts")
+    parts = tuple(SourceIds.from_wire(part) for part in parts)
+    places = sorted(i for part in parts for i in part.at)
+    if any(len(part.ids) != len(part.at) for part in parts) or places != list(
+            range(len(places))):
+        raise ProtocolError("malformed task parts")
+    return parts
 
 
 def _rows_to_ids(rows) -> list:
@@ -784,7 +894,7 @@ def unpack_worker_command(frames: list) -> TaskMessage | WarmMessage | None:
     if len(frames) != 2 or frames[0] not in (TASK, WARM):
         raise ProtocolError(f"unknown worker command {frames[:1]!r:.50}")
     try:
-        body = bson.decode(frames[1], TASK_CODEC_OPTIONS)
+        body = bson.decode(frames[1], BSON_OPTIONS)
     except Exception as exc:  # noqa: BLE001 - InvalidBSON, but also what a C decoder raises
         raise ProtocolError(f"task is not BSON: {type(exc).__name__}: {exc}"[:300]) from None
     if frames[0] == WARM:
@@ -793,14 +903,14 @@ def unpack_worker_command(frames: list) -> TaskMessage | WarmMessage | None:
                 and isinstance(warm.window, dict)):
             raise ProtocolError("malformed warm command")
         return warm
-    ids = body.get("ids") if "rows" not in body else _rows_to_ids(body["rows"])
     task = TaskMessage(body.get("task"), body.get("feed"), body.get("epoch"), body.get("index"),
-                       ids, body.get("window"), body.get("attempt"), body.get("region"),
-                       body.get("slab"))
+                       _ids_from_wire(body), body.get("window"),
+                       _parts_from_wire(body.get("parts")), body.get("attempt"),
+                       body.get("region"), body.get("slab"))
     if not (isinstance(task.task, int) and not isinstance(task.task, bool)
             and isinstance(task.feed, str) and _is_count(task.epoch)
-            and _is_count(task.index) and isinstance(task.ids, list)
-            and isinstance(task.window, (dict, type(None))) and _is_count(task.attempt)
+            and _is_count(task.index) and isinstance(task.window, (dict, type(None)))
+            and _is_count(task.attempt)
             and ((task.region, task.slab) == (None, None)
                  or (isinstance(task.region, str) and _is_count(task.slab)))):
         raise ProtocolError("malformed task")

@@ -7,7 +7,9 @@ runs its scenarios in one such process:
 
 and prints one JSON line: for each scenario, the ``idx`` of every sample that reached the
 model, per fit epoch (``train``, ``val``) or per call (``predict``, ``evaluate``), recorded
-inside the model by a layer, and ``error`` (None, or the error the run raised).
+inside the model by a layer, the fit epochs they were recorded in (``epochs``), and
+``error`` (None, or the error the run raised). The ``backup`` scenarios (tests/
+test_keras_resume.py) keep Keras's BackupAndRestore files in $MONGOFEED_BACKUP_DIR.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ if BACKEND == "tensorflow":
 
 import keras  # noqa: E402
 
-from mongofeed.keras import MongoFeedSequence  # noqa: E402
+from mongofeed.keras import FollowFitEpochs, MongoFeedSequence  # noqa: E402
 
 EPOCHS = 2
 TIMEOUT_S = 30
@@ -47,7 +49,9 @@ class Log:
         self.ids[phase][self.epoch].extend(int(i) for i in ids)
 
     def result(self) -> dict:
-        return {phase: [epochs[e] for e in sorted(epochs)] for phase, epochs in self.ids.items()}
+        return {"epochs": sorted(self.ids.get("train", {})),
+                **{phase: [epochs[e] for e in sorted(epochs)]
+                   for phase, epochs in self.ids.items()}}
 
 
 class Recorder(keras.layers.Layer):
@@ -139,6 +143,33 @@ def steps_per_epoch_below_len(log: Log, endpoint: str):
     build_model(log).fit(train, epochs=EPOCHS, steps_per_epoch=len(train) - 2, verbose=0)
 
 
+class Interrupt(keras.callbacks.Callback):
+    """Stops fit with an exception after batch ``batch`` of epoch ``epoch``, as a preempted
+    machine would (after BackupAndRestore saved the epochs before)."""
+
+    def __init__(self, epoch: int, batch: int):
+        super().__init__()
+        self.epoch, self.batch, self.current = epoch, batch, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.current = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.current, batch) == (self.epoch, self.batch):
+            raise RuntimeError(f"interrupted in epoch {self.epoch} after batch {batch}")
+
+
+def fit_with_backup(log: Log, endpoint: str, interrupt: bool):
+    """3 epochs with BackupAndRestore and FollowFitEpochs: interrupted in epoch 1 (after
+    its third batch), or resumed from what an interrupted run saved."""
+    train = MongoFeedSequence(endpoint, feed="train", timeout=TIMEOUT_S)
+    callbacks = [keras.callbacks.BackupAndRestore(os.environ["MONGOFEED_BACKUP_DIR"]),
+                 FollowFitEpochs(train), EpochCounter(log)]
+    if interrupt:
+        callbacks.append(Interrupt(epoch=1, batch=2))
+    build_model(log).fit(train, epochs=3, verbose=0, callbacks=callbacks)
+
+
 def strategies():
     return {"one-device": tf.distribute.OneDeviceStrategy("/cpu:0"),
             "mirrored": tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])}
@@ -160,6 +191,8 @@ def scenarios(endpoint: str) -> dict:
                                                               strategy["mirrored"]),
         "tf-dataset-mirrored": lambda log: fit_tf_dataset(log, endpoint, strategy["mirrored"]),
         "tf-steps-per-epoch": lambda log: steps_per_epoch_below_len(log, endpoint),
+        "tf-backup-interrupted": lambda log: fit_with_backup(log, endpoint, interrupt=True),
+        "tf-backup-resumed": lambda log: fit_with_backup(log, endpoint, interrupt=False),
     }
 
 

@@ -51,9 +51,10 @@ def daemon(tmp_path_factory, mongo_client, mongo_uri):
         mongo_client.drop_database(db.name)
 
 
-def start_scenarios(daemon, backend: str, names: list[str]) -> subprocess.Popen:
+def start_scenarios(daemon, backend: str, names: list[str], env=None) -> subprocess.Popen:
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           **(env or {})}
     return subprocess.Popen([sys.executable, str(REPO / "tests" / "keras_scenarios.py"),
                              daemon.bind, *names], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)

@@ -172,7 +172,7 @@ def test_join_buffers_are_reused_once_their_arrays_are_gone():
 def test_a_reissued_task_is_a_new_attempt_and_the_old_one_is_dropped():
     table = SessionTable({"train": Plan(list(range(12)), 4, seed=0)}, max_pending=2,
                          max_sessions=4)
-    session = table.open("train", Shard(0, 1), 0, True, SCHEMA)
+    session = table.open("train", Shard(0, 1), 0, True, schema=SCHEMA)
     session.active = True
     table.plan_tasks()
     first = table.take_pending()

@@ -11,7 +11,7 @@ from collections import Counter
 
 from mongofeed import Consumer
 from mongofeed.daemon.config import parse_config
-from mongofeed.daemon.source import document_bytes
+from mongofeed.daemon.planning import document_bytes
 from mongofeed.testing import Daemon, ServerCounters
 from tests.support import insert_samples, sample_config, write_toml
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from mongofeed.daemon.planner import WHOLE, Ids, Shard, SplitsBuilder, WindowPlan
 from mongofeed.daemon.planner.ids import MixedIdTypes
 from mongofeed.daemon.planner.plans import window_shape
-from mongofeed.daemon.source import Window, WindowChanged, expect_count
+from mongofeed.daemon.windows import Window, WindowChanged, expect_count
 
 
 def window_plan(ids: list, batch_size: int, range_docs: int, ranges: int, seed: int = 0,

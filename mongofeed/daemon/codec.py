@@ -91,18 +91,21 @@ class BatchDecoder:
         arrays, errors, _ = self.decode_kept(docs)
         return arrays, errors
 
-    def decode_kept(self, docs: list[dict], out=None) -> tuple[dict[str, np.ndarray],
-                                                               list[DecodeError], list[int]]:
+    def decode_kept(self, docs: list[dict], collections: list[str] | None = None, out=None
+                    ) -> tuple[dict[str, np.ndarray], list[DecodeError], list[int]]:
         """As ``decode``, and the index in ``docs`` of each row of the arrays. Kept rows are
-        written compactly, so trimming the staging arrays needs no copy. ``out(name, shape,
-        dtype)`` may give where a field's final array is to be written (a worker's slab)."""
+        written compactly, so trimming the staging arrays needs no copy. ``collections``:
+        each document's, for the errors, where they come from several (a feed of sources).
+        ``out(name, shape, dtype)`` may give where a field's final array is to be written (a
+        worker's slab)."""
         staging = {name: np.empty((len(docs), *f.shape), f.dtype or object)
                    for name, f in self.fields.items()}
         errors, kept = [], []
         for index, doc in enumerate(docs):
+            collection = collections[index] if collections else self.collection
             try:
                 for name, field in self.fields.items():
-                    staging[name][len(kept)] = self._decode_field(field, doc)
+                    staging[name][len(kept)] = self._decode_field(field, doc, collection)
             except DecodeError as err:
                 if self.on_error == "fail":
                     raise
@@ -121,7 +124,7 @@ class BatchDecoder:
         """Bytes of one sample over all output arrays, to bound the memory of a batch."""
         return sum(f.out_nbytes for f in self.fields.values())
 
-    def _decode_field(self, field: FieldConfig, doc: Mapping):
+    def _decode_field(self, field: FieldConfig, doc: Mapping, collection: str):
         """One field of one document, as a value that fits a row of its staging array."""
         try:
             try:
@@ -140,12 +143,12 @@ class BatchDecoder:
                 _check_labels(field, decoded)
             return decoded
         except Mismatch as bad:
-            raise DecodeError(self.collection, doc.get("_id"), field.name, field.path,
+            raise DecodeError(collection, doc.get("_id"), field.name, field.path,
                               bad.expected or _describe(field), bad.found) from bad.__cause__
         except Exception as exc:
             if is_transient(exc):  # a database outage while reading GridFS: the worker retries
                 raise
-            raise DocumentFailure(self.collection, doc.get("_id"), field.name, exc) from exc
+            raise DocumentFailure(collection, doc.get("_id"), field.name, exc) from exc
 
     def _fetch(self, field: FieldConfig, file_id) -> bytes:
         """The bytes of a GridFS file; other database errors propagate to the worker."""

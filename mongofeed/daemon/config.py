@@ -28,7 +28,8 @@ from ..errors import ConfigError
 from ..portable import has_ipc, ipc_path_max
 from ..security import check_exposure
 from ..wire import MAX_NAME_CHARS, ArraySpec, Conversion, check_endpoint, next_port
-from .planner import Shard
+from .planner import Shard, Weight
+from .planner.mixture import MAX_EPOCH_SAMPLES, PROPORTION_SUM_TOLERANCE, WEIGHT_KINDS
 
 REQUIRED = object()
 
@@ -57,6 +58,7 @@ MAX_SEED = 2**63               # numpy's generator takes any; BSON and JSON peer
 MAX_SAMPLE_DIMS = 31           # numpy arrays have at most 32 dimensions, one is the batch
 MIN_SESSION_TIMEOUT_S = 3.0    # three consumer heartbeats (one a second)
 MIN_STALL_TIMEOUT_S = 1.0
+MAX_SOURCES = 128              # per feed: each is listed at start and named in status
 DEFAULT_STALL_TIMEOUT_S = 20.0  # well under a consumer's default timeout (60 s)
 
 
@@ -82,7 +84,28 @@ SCHEMA: dict[str, dict[str, Key]] = {
                        "batch.seed and the epoch number): true shuffles all documents (one "
                        "$in query per batch, random reads), \"window\" shuffles ranges of "
                        "_id and documents within windows of ranges (one query per window, "
-                       "sequential reads; see batch.window_bytes), false is _id order."),
+                       "sequential reads; see batch.window_bytes), false is _id order. A "
+                       "feed of sources is always shuffled (true)."),
+        "sources": Key(dict, {}, "The feed's sources, one [feeds.NAME.sources.SOURCE] table "
+                       "each: the feed is then their mixture, each epoch drawn from every "
+                       "source by its weight and shuffled together (see below); filter "
+                       "applies to every source as well."),
+        "epoch_size": Key(int, None, "Samples per epoch of a feed whose sources have "
+                          "proportion weights (required with them, refused without)."),
+    },
+    "feeds.*.sources.*": {
+        "collection": Key(str, None, "Collection of this source, in source.database "
+                          "(default: source.collection)."),
+        "filter": Key(dict, {}, "MongoDB query that selects this source's documents (and "
+                      "the feed's filter)."),
+        "proportion": Key((int, float), None, "This source's share of the feed's epoch_size "
+                          "(every source of the feed then has one; they sum to 1). A share "
+                          "larger than the source repeats it."),
+        "repeat": Key((int, float), None, "Copies of this source per epoch (2.5: every "
+                      "document twice, and a seeded half of them a third time; 0.5: a seeded "
+                      "half)."),
+        "choose": Key(int, None, "Documents drawn from this source per epoch: a seeded "
+                      "subset, another one every epoch (at most the source's documents)."),
     },
     "batch": {
         "size": Key(int, 32, "Samples per batch."),
@@ -215,10 +238,28 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
+class FeedSourceConfig:
+    """One source of a feed of several: a collection or a filter of one, and its weight."""
+
+    name: str
+    collection: str
+    filter: dict
+    weight: Weight
+
+
+@dataclass(frozen=True)
 class FeedConfig:
     name: str
     filter: dict
     shuffle: bool | str  # True, False or "window"
+    sources: dict[str, FeedSourceConfig] = field(default_factory=dict)  # by name, in order
+    epoch_size: int | None = None
+
+    def source_query(self, source: FeedSourceConfig) -> dict:
+        """The query of one of the feed's sources: its filter and the feed's."""
+        if not (self.filter and source.filter):
+            return self.filter or source.filter
+        return {"$and": [self.filter, source.filter]}
 
 
 @dataclass(frozen=True)
@@ -448,7 +489,7 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
     """Check a config given as nested dicts; every fault names the key and ``where``."""
     for section in raw:
         if section not in SCHEMA and f"{section}.*" not in SCHEMA:
-            known = ", ".join(sorted(s.removesuffix(".*") for s in SCHEMA))
+            known = ", ".join(sorted({s.split(".")[0] for s in SCHEMA}))
             raise ConfigError(f"{where}: unknown section [{section}] (known: {known})")
 
     def table(name: str) -> dict[str, Any]:
@@ -467,12 +508,8 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
     if batch.window_bytes < 1:
         raise ConfigError(f"{where}: batch.window_bytes must be positive")
 
-    feeds = {
-        name: FeedConfig(name=name, **_section(body, f"feeds.{name}", SCHEMA["feeds.*"], where))
-        for name, body in _entries(table("feeds"), "feeds", where)
-    }
-    for feed in feeds.values():
-        _check_feed(feed, where)
+    feeds = {name: _feed(name, body, source, where)
+             for name, body in _entries(table("feeds"), "feeds", where)}
     if not feeds:
         feeds = {"train": FeedConfig(name="train", filter={}, shuffle=True)}
 
@@ -595,19 +632,106 @@ def _check_collection(name: str, key: str, where: str):
                           f"empty, no $, not starting or ending with a dot)")
 
 
-def _check_feed(feed: FeedConfig, where: str):
-    if isinstance(feed.shuffle, str) and feed.shuffle != "window":
-        raise ConfigError(f"{where}: feeds.{feed.name}.shuffle must be true, false or "
-                          f"\"window\", not {feed.shuffle!r}")
-    if len(feed.name) > MAX_NAME_CHARS:
-        raise ConfigError(f"{where}: feed name {feed.name[:40]!r}... is longer than "
+def _feed(name: str, body: dict, source: SourceConfig, where: str) -> FeedConfig:
+    key = f"feeds.{name}"
+    if isinstance(body.get("sources"), list):
+        raise ConfigError(f"{where}: {key}.sources: give each source a named table, "
+                          f"[{key}.sources.NAME], not an array of tables ([[{key}.sources]])")
+    values = _section(body, key, SCHEMA["feeds.*"], where)
+    if isinstance(values["shuffle"], str) and values["shuffle"] != "window":
+        raise ConfigError(f"{where}: {key}.shuffle must be true, false or \"window\", not "
+                          f"{values['shuffle']!r}")
+    if len(name) > MAX_NAME_CHARS:
+        raise ConfigError(f"{where}: feed name {name[:40]!r}... is longer than "
                           f"{MAX_NAME_CHARS} characters")
+    _check_filter(values["filter"], f"{key}.filter", where)
+    sources = _feed_sources(key, values, source, where)
+    return FeedConfig(name=name, filter=values["filter"], shuffle=values["shuffle"],
+                      sources=sources, epoch_size=values["epoch_size"])
+
+
+def _check_filter(query: dict, key: str, where: str):
     try:
-        bson.encode(feed.filter)
+        bson.encode(query)
     except Exception as exc:  # noqa: BLE001 - InvalidDocument, OverflowError, ...
-        raise ConfigError(f"{where}: feeds.{feed.name}.filter cannot be sent to MongoDB "
+        raise ConfigError(f"{where}: {key} cannot be sent to MongoDB "
                           f"({type(exc).__name__}: {exc}); TOML dates and times without a "
                           f"date or offset have no BSON type") from None
+
+
+def _feed_sources(key: str, values: dict, source: SourceConfig,
+                  where: str) -> dict[str, FeedSourceConfig]:
+    """A feed's [feeds.NAME.sources.*] tables: each a collection or filter with exactly one
+    weight; proportions on every source or none, summing to 1, with an epoch_size."""
+    epoch_size = values["epoch_size"]
+    if not values["sources"]:
+        if epoch_size is not None:
+            raise ConfigError(f"{where}: {key}.epoch_size applies to a feed of sources with "
+                              f"proportion weights; this feed has no [{key}.sources.NAME]")
+        return {}
+    if values["shuffle"] is not True:
+        why = ("the windowed order reads one window of one collection per query and makes "
+               "a window's batches from it alone, while every batch of a mixture draws from "
+               "all its sources" if values["shuffle"] == "window" else
+               "a mixture draws subsets and copies of its sources, shuffled together")
+        raise ConfigError(f"{where}: {key}.shuffle = {values['shuffle']!r} cannot order a "
+                          f"feed of sources ({why}): remove {key}.shuffle (a mixture is "
+                          f"always shuffled by batch.seed and the epoch)")
+    if len(values["sources"]) > MAX_SOURCES:
+        raise ConfigError(f"{where}: {key} has {len(values['sources'])} sources, at most "
+                          f"{MAX_SOURCES}")
+    sources, seen = {}, {}
+    for name, body in _entries(values["sources"], f"{key}.sources", where):
+        source_key = f"{key}.sources.{name}"
+        if len(name) > MAX_NAME_CHARS:
+            raise ConfigError(f"{where}: source name {name[:40]!r}... is longer than "
+                              f"{MAX_NAME_CHARS} characters")
+        given = _section(body, source_key, SCHEMA["feeds.*.sources.*"], where)
+        collection = given["collection"] or source.collection
+        _check_collection(collection, f"{source_key}.collection", where)
+        _check_filter(given["filter"], f"{source_key}.filter", where)
+        weights = [kind for kind in WEIGHT_KINDS if given[kind] is not None]
+        if len(weights) != 1:
+            raise ConfigError(f"{where}: {source_key}: give exactly one of proportion, repeat "
+                              f"or choose, not {' and '.join(weights) or 'none'}")
+        kind = weights[0]
+        value = given[kind]
+        if kind == "choose" and value < 1:
+            raise ConfigError(f"{where}: {source_key}.choose must be at least 1, not {value}")
+        if kind != "choose" and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{where}: {source_key}.{kind} must be a positive number, not "
+                              f"{value}")
+        if kind == "proportion" and value > 1:
+            raise ConfigError(f"{where}: {source_key}.proportion is a share of "
+                              f"{key}.epoch_size, from 0 to 1, not {value}")
+        selects = (collection, bson.encode(given["filter"]))
+        if selects in seen:
+            raise ConfigError(f"{where}: {source_key} selects the same documents as "
+                              f"{key}.sources.{seen[selects]} (collection {collection!r}, "
+                              f"filter {given['filter']}): give one source a repeat instead")
+        seen[selects] = name
+        sources[name] = FeedSourceConfig(name, collection, given["filter"], Weight(kind, value))
+    kinds = {s.weight.kind == "proportion" for s in sources.values()}
+    if kinds == {True, False}:
+        mixed = ", ".join(f"{n} has {s.weight.kind}" for n, s in sources.items())
+        raise ConfigError(f"{where}: {key}.sources: {mixed}; proportions are shares of "
+                          f"epoch_size and repeat and choose are counts, so a feed's sources "
+                          f"take either proportions, all of them, or repeat/choose")
+    if kinds == {True}:
+        total = sum(s.weight.value for s in sources.values())
+        if abs(total - 1) > PROPORTION_SUM_TOLERANCE:
+            raise ConfigError(f"{where}: {key}.sources: the proportions sum to {total:g}, "
+                              f"not 1")
+        if epoch_size is None:
+            raise ConfigError(f"{where}: {key}.epoch_size is required with proportion "
+                              f"weights (the samples per epoch the proportions share)")
+        if not 1 <= epoch_size <= MAX_EPOCH_SAMPLES:
+            raise ConfigError(f"{where}: {key}.epoch_size must be from 1 to 2**48, not "
+                              f"{epoch_size}")
+    elif epoch_size is not None:
+        raise ConfigError(f"{where}: {key}.epoch_size applies to proportion weights; with "
+                          f"repeat and choose the epoch is what the sources draw: remove it")
+    return sources
 
 
 def _bindable(endpoint: str, key: str, where: str) -> str:

@@ -23,6 +23,8 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from bson import json_util
+
 from .. import __version__
 from ..errors import ProtocolError
 from ..region import RegionError, SlabLayout
@@ -66,20 +68,23 @@ class Control:
                                 f"{', '.join(supervisor.plans)}")
         # The consumer's share is taken from this daemon's share of the epoch.
         shard = Shard(*request.shard).within(self.config.serve.shard)
-        if supervisor.plans[feed].batches_per_epoch(shard) == 0:
+        plan = supervisor.plans[feed]
+        if plan.batches_per_epoch(shard) == 0:
             raise ProtocolError(f"shard {shard} of feed {feed!r} has no full batch")
+        epoch, offset, skip = self.start(plan, feed, shard, request)
         self.make_room()
-        specs = self.specs()
         session = supervisor.sessions.open(
-            feed, shard, request.start_epoch, self.config.serve.ordered,
-            Schema(feed, supervisor.plans[feed].batch_size, specs))
+            feed, shard, epoch, self.config.serve.ordered, offset, frozenset(skip),
+            Schema(feed, supervisor.plans[feed].batch_size, self.specs()))
         supervisor.counters["sessions_opened"] += 1
         refusal = self.make_slabs(session)
-        log.info("session %s: feed %s from epoch %d, shard %s%s", session.name, feed,
-                 request.start_epoch, shard,
+        log.info("session %s: feed %s from epoch %d (after %d global batches, %d skipped), "
+                 "shard %s%s", session.name, feed, epoch, offset, len(skip), shard,
                  f", region {session.slabs.path}" if session.slabs else "")
         reply = {"ok": True, **self.describe_feed(feed, shard), "session": session.name,
-                 "token": session.token.decode(), "start_epoch": request.start_epoch,
+                 "token": session.token.decode(), "start_epoch": epoch,
+                 "start_offset": offset, "start_batches": session.start_batches,
+                 "skip": [offset + shard.rank + shard.world * j for j in sorted(skip)],
                  "shard": [shard.rank, shard.world],
                  "credit_window": self.config.serve.max_pending,
                  "heartbeat_timeout": self.config.serve.session_timeout}
@@ -110,6 +115,28 @@ class Control:
                         session.name, exc)
             return str(exc)
         return None
+
+    @staticmethod
+    def start(plan, feed: str, shard: Shard, request: HelloRequest) -> tuple[int, int, list]:
+        """Where a session starts: the request's epoch and offset, and the batch numbers of
+        its skipped global batches, each checked; an epoch with nothing left for the
+        session (its rest went to other ranks or was taken) is passed for the next one."""
+        epoch, offset = request.start_epoch, request.start_offset
+        if offset > plan.global_batches():
+            raise ProtocolError(f"start_offset {offset} is beyond the {plan.global_batches()} "
+                                f"global batches of an epoch of feed {feed!r}")
+        numbered = plan.shard_batches(shard, offset)
+        skip = []
+        for g in request.skip:
+            j, rest = divmod(g - offset - shard.rank, shard.world)
+            if rest or not 0 <= j < numbered:
+                raise ProtocolError(f"skip names global batch {g}, which shard {shard} of feed "
+                                    f"{feed!r} does not take after offset {offset} (a state "
+                                    f"saved by another rank?)")
+            skip.append(j)
+        if numbered == len(skip):
+            return epoch + 1, 0, []
+        return epoch, offset, skip
 
     def make_room(self):
         """At the session cap, end the session silent longest if it is silent enough to be
@@ -146,8 +173,9 @@ class Control:
                 "shard": [shard.rank, shard.world]}
 
     def describe_plan(self, feed: str) -> dict:
-        """Where the feed's plan came from (listed, or the plan cache and what was checked),
-        how long that took and the bytes it keeps; the window shape of the windowed order."""
+        """Where the feed's plan came from (listed, or the plan cache and what was checked;
+        per source for a feed of sources), how long that took and the bytes it keeps; the
+        window shape of the windowed order."""
         plan = self.supervisor.plans[feed]
         described = dict(getattr(plan, "origin", {}))
         if plan.windowed:
@@ -162,6 +190,17 @@ class Control:
             return {"ok": False, "error": "no session with this token"}
         session.last_seen = time.monotonic()
         return {"ok": True}
+
+    def describe_sources(self, feed: str) -> dict:
+        """A feed of sources' sources: each one's query (as MongoDB extended JSON text, so
+        that any filter fits the reply), documents, weight and draws per epoch (``{}`` for a
+        plain feed)."""
+        plan, config = self.supervisor.plans[feed], self.config.feeds[feed]
+        if not plan.mixed:
+            return {}
+        return {"sources": [{**described, "filter": json_util.dumps(config.source_query(
+                    config.sources[described["name"]]))}
+                for described in plan.describe_sources()]}
 
     def bye(self, request: ByeRequest) -> dict:
         session = self.supervisor.sessions.get(request.token.encode())
@@ -179,7 +218,8 @@ class Control:
                        "database": config.source.database,
                        "collection": config.source.collection},
             "endpoints": {"data": config.serve.bind, "control": config.serve.control},
-            "feeds": {name: {**self.describe_feed(name), "planned": self.describe_plan(name)}
+            "feeds": {name: {**self.describe_feed(name), **self.describe_sources(name),
+                             "planned": self.describe_plan(name)}
                       for name in supervisor.plans},
             "loop": supervisor.loop_clock.status(),
             "workers": supervisor.pool.status(),

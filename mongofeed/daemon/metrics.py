@@ -61,6 +61,13 @@ class StatusCollector:
             delivered.add_metric([session["session"], session["feed"], session["shard"]],
                                  session["delivered"])
         yield delivered
+        drawn = CounterMetricFamily("mongofeed_session_drawn_samples",
+                                    "Samples delivered to a session of a feed of sources, "
+                                    "per source.", labels=["session", "feed", "source"])
+        for session in status["sessions"]:
+            for source, samples in session.get("drawn", {}).items():
+                drawn.add_metric([session["session"], session["feed"], source], samples)
+        yield drawn
         yield GaugeMetricFamily("mongofeed_sessions", "Live consumer sessions.",
                                 value=len(status["sessions"]))
         yield GaugeMetricFamily("mongofeed_pending_tasks", "Tasks waiting for a free worker.",

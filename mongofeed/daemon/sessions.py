@@ -1,7 +1,9 @@
 """Sessions and their tasks: what each consumer's stream needs next, and what is in flight.
 
-A session is one consumer's own stream of one feed, from a full epoch boundary, with its own
-position in the deterministic plan. For each session the table keeps up to
+A session is one consumer's own stream of one feed, from a full epoch boundary or, for a
+resume, from a start offset within its first epoch (the global batches the job already
+consumed; ``skip`` leaves out batches this rank took out of order), with its own position in
+the deterministic plan. For each session the table keeps up to
 ``serve.max_pending`` batches ahead of delivery (tasks in production plus batches waiting at
 the sink), and every task until its batch is delivered, so that a task whose worker died
 can be re-issued and a late duplicate recognised.
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from itertools import zip_longest
 from typing import TYPE_CHECKING
 
-from ..wire import TOKEN_CHARS, Schema, TaskMessage
+from ..wire import TOKEN_CHARS, Schema, SourceIds, TaskMessage
 from .planner import BatchWindow, Plan, Shard
 from .slabs import SessionSlabs
 
@@ -53,7 +55,8 @@ class Task:
     epoch: int
     index: int                         # the session's batch number in the epoch
     ids: list | np.ndarray             # the batch's _ids (full order: compact rows), or
-    window: BatchWindow | None = None  # its window and slice of it (windowed order)
+    window: BatchWindow | None = None  # its window and slice of it (windowed order), or
+    parts: tuple[SourceIds, ...] | None = None  # each source's ids (a feed of sources)
     deaths: int = 0           # workers that died holding it; from 1 on it is made alone
     attempt: int = 1          # 1 + the times it was re-issued
     slab: int | None = None   # the slab its batch is written into (shared memory)
@@ -69,8 +72,12 @@ class Task:
 
     def message(self) -> TaskMessage:
         return TaskMessage(self.id, self.feed, self.epoch, self.index, self.ids,
-                           None if self.window is None else self.window.to_wire(),
+                           None if self.window is None else self.window.to_wire(), self.parts,
                            self.attempt, self.region, self.slab)
+
+    def drawn(self) -> dict[str, int] | None:
+        """Samples of the batch per source, for a feed of sources."""
+        return None if self.parts is None else {p.source: len(p.at) for p in self.parts}
 
 
 @dataclass
@@ -79,10 +86,13 @@ class Session:
     name: str                 # public: status, logs, metrics
     feed: str
     shard: Shard
-    batches_per_epoch: int
+    batches_per_epoch: int    # of a whole epoch
     start_epoch: int
     ordered: bool
-    schema: Schema
+    start_batches: int        # batch numbers of the start epoch (skipped ones included)
+    start_offset: int = 0     # global batches of the start epoch the job already consumed
+    skip: frozenset = frozenset()  # batch numbers of the start epoch not made (taken before)
+    schema: Schema | None = None       # the batches' arrays, to send a slab's frames
     slabs: SessionSlabs | None = None  # its shared memory, if the daemon made it
     last_seen: float = field(default_factory=time.monotonic)
     active: bool = False          # the consumer has connected its data socket
@@ -90,14 +100,39 @@ class Session:
     plan_epoch: int = 0           # next batch to make into a task
     plan_index: int = 0
     deliver_epoch: int = 0        # epoch being delivered; delivered_in_epoch of it so far
+    deliver_index: int = 0        # with ordered: the batch delivered next
     delivered_in_epoch: int = 0
     in_production: int = 0        # tasks issued whose batch has not arrived
     ready: dict = field(default_factory=dict)  # (epoch, index) -> frames or SlabBatch
     delivered: int = 0
     skips: int = 0
+    drawn: dict = field(default_factory=dict)    # a feed of sources: samples delivered of each
+    drawing: dict = field(default_factory=dict)  # (epoch, index) -> of each, of those in ready
 
     def __post_init__(self):
-        self.plan_epoch = self.deliver_epoch = self.start_epoch
+        first = self.following(self.start_epoch, -1)
+        self.plan_epoch, self.plan_index = first
+        self.deliver_epoch, self.deliver_index = first
+
+    def numbered(self, epoch: int) -> int:
+        """How many batch numbers ``epoch`` has for this session."""
+        return self.start_batches if epoch == self.start_epoch else self.batches_per_epoch
+
+    def offset(self, epoch: int) -> int:
+        return self.start_offset if epoch == self.start_epoch else 0
+
+    def to_deliver(self, epoch: int) -> int:
+        """How many batches of ``epoch`` this session delivers."""
+        return self.numbered(epoch) - (len(self.skip) if epoch == self.start_epoch else 0)
+
+    def following(self, epoch: int, index: int) -> tuple[int, int]:
+        """The session's batch after ``(epoch, index)``, skipped ones left out."""
+        while True:
+            index += 1
+            if index >= self.numbered(epoch):
+                epoch, index = epoch + 1, 0
+            if not (epoch == self.start_epoch and index in self.skip):
+                return epoch, index
 
     @property
     def transport(self) -> str:
@@ -113,27 +148,42 @@ class Session:
     def next_task(self) -> tuple[int, int]:
         """Advance the plan cursor and return the (epoch, index) it pointed at."""
         position = (self.plan_epoch, self.plan_index)
-        self.plan_index += 1
-        if self.plan_index == self.batches_per_epoch:
-            self.plan_epoch, self.plan_index = self.plan_epoch + 1, 0
+        self.plan_epoch, self.plan_index = self.following(*position)
         return position
 
     def next_deliverable(self):
         if self.ordered:
-            key = (self.deliver_epoch, self.delivered_in_epoch)
+            key = (self.deliver_epoch, self.deliver_index)
             return key if key in self.ready else None
         # Unordered: any batch of the current epoch, never one of the next (epochs stay exact).
         return next((k for k in self.ready if k[0] == self.deliver_epoch), None)
+
+    def sent(self, key: tuple[int, int]):
+        """Batch ``key`` went to the consumer: count it, and move on to the next epoch after
+        its last."""
+        del self.ready[key]
+        for source, samples in self.drawing.pop(key, {}).items():
+            self.drawn[source] += samples
+        self.credit -= 1
+        self.delivered += 1
+        self.delivered_in_epoch += 1
+        if self.ordered:
+            self.deliver_index = self.following(*key)[1]
+        if self.delivered_in_epoch == self.to_deliver(self.deliver_epoch):
+            self.deliver_epoch += 1
+            self.delivered_in_epoch = 0
 
     def status(self, now: float) -> dict:
         return {
             "session": self.name, "feed": self.feed, "shard": str(self.shard),
             "epoch": self.deliver_epoch, "batch": self.delivered_in_epoch,
-            "batches_per_epoch": self.batches_per_epoch, "delivered": self.delivered,
+            "batches_per_epoch": self.to_deliver(self.deliver_epoch),
+            "delivered": self.delivered,
             "waiting": len(self.ready), "in_production": self.in_production,
             "credit": self.credit, "skips": self.skips,
-            "idle_s": round(now - self.last_seen, 1), "transport": self.transport,
-            "slabs": self.slabs.status() if self.slabs else None,
+            "idle_s": round(now - self.last_seen, 1),
+            **({"drawn": dict(self.drawn)} if self.drawn else {}),
+            "transport": self.transport, "slabs": self.slabs.status() if self.slabs else None,
         }
 
 
@@ -168,11 +218,17 @@ class SessionTable:
         return None
 
     def open(self, feed: str, shard: Shard, start_epoch: int, ordered: bool,
-             schema: Schema) -> Session:
+             start_offset: int = 0, skip: frozenset = frozenset(),
+             schema: Schema | None = None) -> Session:
+        """A new session of ``feed``; ``start_offset`` and ``skip`` (batch numbers of the start
+        epoch) as ``Control.hello`` checked them."""
         self.opened += 1
+        plan = self.plans[feed]
         session = Session(secrets.token_hex(TOKEN_CHARS // 2).encode(), f"s{self.opened}",
-                          feed, shard, self.plans[feed].batches_per_epoch(shard), start_epoch,
-                          ordered, schema)
+                          feed, shard, plan.batches_per_epoch(shard), start_epoch, ordered,
+                          plan.shard_batches(shard, start_offset), start_offset, skip,
+                          schema=schema,
+                          drawn=dict.fromkeys(plan.source_names, 0) if plan.mixed else {})
         self.sessions[session.token] = session
         return session
 
@@ -183,6 +239,7 @@ class SessionTable:
         for task_id in [t.id for t in self.tasks.values() if t.session == session.token]:
             del self.tasks[task_id]
         session.ready.clear()
+        session.drawing.clear()
         if session.slabs is not None:
             session.slabs.close()
 
@@ -222,11 +279,15 @@ class SessionTable:
         tasks = []
         for epoch in dict.fromkeys(epoch for epoch, _ in positions):
             indices = [index for e, index in positions if e == epoch]
-            batches = [plan.global_index(session.shard, 0, index) for index in indices]
+            batches = [plan.global_index(session.shard, session.offset(epoch), index)
+                       for index in indices]
             if plan.windowed:
                 reads = [{"ids": [], "window": plan.batch_window(epoch, g)} for g in batches]
                 if plan.window_batches // session.shard.world > self.max_pending:
                     self.read_ahead(session.feed, plan, epoch, reads[-1]["window"].window)
+            elif plan.mixed:
+                reads = [{"ids": [], "parts": parts}
+                         for parts in plan.batch_parts(epoch, batches)]
             else:
                 reads = [{"ids": rows} for rows in plan.batch_rows(epoch, batches)]
             tasks += [Task(secrets.randbits(62), session.token, session.feed, epoch, index,

@@ -52,11 +52,14 @@ class Sink:
         self.socket = socket
         self.credit_limit = credit_limit  # also the socket's sndhwm (set by the supervisor)
 
-    def accept(self, session: Session, epoch: int, index: int, batch) -> bool:
-        """A worker's batch for ``session`` (a ``SlabBatch`` or frames); sends what has
-        become deliverable."""
+    def accept(self, session: Session, epoch: int, index: int, batch,
+               drawn: dict[str, int] | None = None) -> bool:
+        """A worker's batch for ``session`` (a ``SlabBatch`` or frames; for a feed of sources,
+        with its samples of each); sends what has become deliverable."""
         session.in_production -= 1
         session.ready[(epoch, index)] = batch
+        if drawn:
+            session.drawing[(epoch, index)] = drawn
         return self.flush(session)
 
     def grant(self, session: Session, credit: int) -> bool:
@@ -93,13 +96,7 @@ class Sink:
                 session.slabs.sent(batch.slab, trackers)
             elif isinstance(batch, SlabBatch):
                 session.slabs.lend(batch.slab)
-            del session.ready[key]
-            session.credit -= 1
-            session.delivered += 1
-            session.delivered_in_epoch += 1
-            if session.delivered_in_epoch == session.batches_per_epoch:
-                session.deliver_epoch += 1
-                session.delivered_in_epoch = 0
+            session.sent(key)
         return True
 
     def fail(self, session: Session, message: str):

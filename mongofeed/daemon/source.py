@@ -1,7 +1,7 @@
 """Everything that talks to MongoDB: the one client per process, listing ids, batch reads.
 
 A worker calls ``connect`` once, after it has started, and keeps the client for its whole
-life; the supervisor uses a client only while it plans each feed (``plan_feed``: the
+life; the supervisor uses a client only while it plans each feed (daemon/planning.py: the
 listing, streamed into the planner's compact arrays, or the plan cache after a cheap check
 of the collection). Workers read a batch's ids with one ``$in`` (``BatchReader.read``) or a
 window of the windowed order with one query over its ``_id`` ranges (``read_window``).
@@ -12,24 +12,25 @@ methods (``testing.MemorySource``: documents in memory) serves without a databas
 from __future__ import annotations
 
 import logging
-import math
-import threading
-import time
+from dataclasses import replace
+from typing import NamedTuple
 
 import bson
-import numpy as np
 import pymongo
-from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.raw_bson import RawBSONDocument
 from pymongo.errors import ConnectionFailure, OperationFailure, ProtocolError, PyMongoError
 
-from ..errors import DecodeError, SourceError
-from .config import Config, FeedConfig, SourceConfig, redact_uri
-from .planner import BatchWindow, Ids, IdsBuilder, Plan, SplitsBuilder, WindowPlan
-from .planner.cache import PlanCache, cache_key
+from ..errors import WHOLE_DOCUMENT, DecodeError, SourceError
+from ..wire import BSON_OPTIONS
+from .config import SourceConfig, redact_uri
+from .planner import (
+    BatchWindow,
+    Ids,
+    IdsBuilder,
+    SplitsBuilder,
+)
 from .planner.ids import MixedIdTypes, UnorderableIds
-from .planner.order import window_order
-from .planner.plans import DOCUMENT_OVERHEAD_BYTES, window_shape
+from .windows import Window, expect_count
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,10 @@ SERVER_SELECTION_TIMEOUT_MS = 5_000
 REPLY_TARGET_BYTES = 8 * 1024 * 1024  # well under the 16 MiB (MongoDB) / 48 MB (FerretDB) caps
 ID_QUERY_MAX_BYTES = 8 * 1024 * 1024  # the ids of one $in: half MongoDB's 16 MiB command cap
 LISTING_REPLY_DOCS = 100_000  # {_id} documents per reply of a listing (2.2 MB of ObjectIds)
-PLAN_WAIT_STEP_S = 0.2
-CHECKED = {"documents": "documents in the collection", "bytes": "bytes of data",
-           "ends": "first and last _id", "selected": "documents the filter selects"}
 
 # Dates outside Python's years 1-9999 decode as bson.DatetimeMS instead of failing the whole
 # reply (pymongo's own answer to them); used for documents, _id lists and tasks alike.
-CODEC_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
-RAW_CODEC_OPTIONS = CODEC_OPTIONS.with_options(document_class=RawBSONDocument)
+RAW_CODEC_OPTIONS = BSON_OPTIONS.with_options(document_class=RawBSONDocument)
 
 # OperationFailure codes that pymongo itself retries: its helpers_shared._RETRYABLE_ERROR_CODES
 # (4.20), i.e. "not primary" / "node is recovering" (an election, a shutdown) and the network
@@ -55,7 +52,6 @@ RETRYABLE_CODES = frozenset({
     7, 6, 89, 9001,                          # host not found / unreachable, network timeout
     262, 134,                                # exceeded time limit, read concern not yet available
 })
-WHOLE_DOCUMENT = "(whole document)"  # the field of an error about no field in particular
 
 
 def connect(source: SourceConfig, appname: str) -> pymongo.MongoClient:
@@ -66,7 +62,7 @@ def connect(source: SourceConfig, appname: str) -> pymongo.MongoClient:
         maxPoolSize=2,
         serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS,
         retryReads=True,
-        datetime_conversion=CODEC_OPTIONS.datetime_conversion,
+        datetime_conversion=BSON_OPTIONS.datetime_conversion,
     )
 
 
@@ -169,107 +165,6 @@ def fingerprint(client: pymongo.MongoClient, source: SourceConfig, query: dict) 
     return check
 
 
-def document_bytes(config: Config) -> int:
-    """What the windowed order counts per document against ``batch.window_bytes``: its
-    fields' stored values (dtype x shape; a GridFS file id for a GridFS field; the guess the
-    workers use for a text field) and a fixed allowance for ``_id`` and the keys."""
-    def stored(field) -> int:
-        if field.gridfs:
-            return 16
-        if field.is_text:
-            return field.out_nbytes
-        return math.prod(field.shape) * np.dtype(field.dtype).itemsize
-    return DOCUMENT_OVERHEAD_BYTES + sum(stored(f) for f in config.fields.values())
-
-
-def plan_feed(source, client, config: Config, feed: FeedConfig):
-    """The feed's plan (``Plan``, or ``WindowPlan`` for ``shuffle = "window"``) from its
-    ``_id``s as ``source`` lists them, or from the plan cache when the server's count and
-    ends of the feed are those stored; refused when it cannot fill one batch. The listing
-    runs in a thread while this one waits in short steps, so a stop signal is handled at once
-    (a sort of 100 million ids holds no lock that a signal handler needs, but it does keep
-    the thread that runs it busy for seconds)."""
-    batch, shard = config.batch, config.serve.shard
-    started = time.monotonic()
-    if feed.shuffle == "window":
-        range_docs, window_ranges = window_shape(
-            batch.size, batch.window_bytes // document_bytes(config))
-        order = {"order": "window", "range_docs": range_docs}
-    else:
-        order = {"order": "full"}
-    cache = plan_cache(source, config)
-    check = hit = None
-    if cache is not None:
-        check = wait_aside(source.fingerprint, client, feed.filter)
-        key = cache_key(redact_uri(config.source.uri), config.source.database,
-                        config.source.collection, feed.filter, order)
-        hit = cache.load(key, check)
-    if hit is not None:
-        ids, digest, count, last = hit["ids"], hit["digest"], hit["count"], hit.get("last")
-        origin = {"from_cache": hit["path"]}
-    elif feed.shuffle == "window":
-        ids, last, count, digest = wait_aside(source.list_splits, client, feed.filter,
-                                              range_docs)
-        origin = {"listed": True}
-    else:
-        ids = wait_aside(source.list_ids, client, feed.filter)
-        count, last, digest = len(ids), None, wait_aside(ids.digest)
-        origin = {"listed": True}
-    if hit is None and cache is not None:
-        if wait_aside(source.fingerprint, client, feed.filter) == check:
-            stored = cache.store(key, {"check": check, "digest": digest, "count": count,
-                                       "last": last}, ids)
-            if stored:
-                origin["stored"] = stored
-        else:
-            log.warning("feed %s: the collection changed while it was listed; the plan is "
-                        "not cached", feed.name)
-    if feed.shuffle == "window":
-        plan = WindowPlan(ids, last, count, batch.size, batch.seed, batch.drop_last,
-                          range_docs, window_ranges, digest)
-    else:
-        plan = Plan(ids, batch.size, batch.seed, feed.shuffle, batch.drop_last, digest)
-    if plan.batches_per_epoch(shard) == 0:
-        raise SourceError(f"feed {feed.name!r}: filter {feed.filter} selects {count} "
-                          f"documents of {config.source.database}.{config.source.collection}, "
-                          f"not enough for one batch of {batch.size} in shard {shard}")
-    if check is not None:
-        origin["checked"] = ", ".join(f"{CHECKED[k]} {v}" for k, v in check.items())
-    plan.origin = {**origin, "seconds": round(time.monotonic() - started, 3),
-                   "resident_bytes": plan.resident_bytes}
-    log.info("feed %s: %d documents, %s", feed.name, count, plan.origin)
-    return plan
-
-
-def plan_cache(source, config: Config) -> PlanCache | None:
-    """The plan cache, unless ``serve.plan_cache = "off"`` or ``source`` has no cheap check
-    (an in-memory source lists faster than it would read a file)."""
-    if config.serve.plan_cache == "off" or not hasattr(source, "fingerprint"):
-        return None
-    return PlanCache(config.serve.plan_cache)
-
-
-def wait_aside(function, *args):
-    """``function(*args)`` run in a daemon thread while this thread waits in steps of
-    ``PLAN_WAIT_STEP_S``: a signal handler (which runs only in the main thread, between its
-    bytecodes) is not held up by a long C call such as a sort, and may raise to abandon it."""
-    result = {}
-
-    def run():
-        try:
-            result["value"] = function(*args)
-        except BaseException as exc:  # handed to the waiting thread
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, name="mongofeed-planner", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(PLAN_WAIT_STEP_S)
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
 def reply_batch_docs(sample_bytes: int) -> int:
     """Documents per server reply so one reply stays near ``REPLY_TARGET_BYTES``."""
     return max(1, min(10_000, REPLY_TARGET_BYTES // max(1, 2 * sample_bytes)))
@@ -279,7 +174,7 @@ def id_key(doc_id) -> bytes:
     """An ``_id`` as the server tells them apart: its BSON type and value. Python's ``==``
     and ``hash`` merge true, 1 and 1.0, which are three ``_id``s to MongoDB (and to the
     planner, which orders them by type first)."""
-    return bson.encode({"": doc_id}, codec_options=CODEC_OPTIONS)
+    return bson.encode({"": doc_id}, codec_options=BSON_OPTIONS)
 
 
 def id_chunks(ids: list, max_bytes: int = ID_QUERY_MAX_BYTES) -> list[list]:
@@ -294,6 +189,43 @@ def id_chunks(ids: list, max_bytes: int = ID_QUERY_MAX_BYTES) -> list[list]:
         chunks[-1].append(doc_id)
         size += nbytes
     return chunks
+
+
+class BatchPart(NamedTuple):
+    """Documents of one batch that one query reads: their collection, ``_id``s, and places
+    in the batch (None: all of it, in order)."""
+
+    collection: str
+    ids: list
+    at: list | None = None
+
+
+def read_batches(reader_for, batches: list[list[BatchPart]]) -> list[tuple[list, list, list]]:
+    """For each batch (its parts): its documents (as ``BatchReader.read`` gives them), their
+    ``_id``s and their collections, in the batch's order. All the batches' documents of one
+    collection are read together (``reader_for(collection).read``): one query per
+    collection (more only when the ids do not fit in one)."""
+    wanted: dict[str, list[tuple[int, int]]] = {}
+    for b, parts in enumerate(batches):
+        for p, part in enumerate(parts):
+            wanted.setdefault(part.collection, []).append((b, p))
+    found = {}
+    for collection, keys in wanted.items():
+        docs = reader_for(collection).read([i for b, p in keys for i in batches[b][p].ids])
+        start = 0
+        for b, p in keys:
+            found[b, p] = docs[start:start + len(batches[b][p].ids)]
+            start += len(batches[b][p].ids)
+    made = []
+    for b, parts in enumerate(batches):
+        count = sum(len(part.ids) for part in parts)
+        docs, ids, collections = [None] * count, [None] * count, [None] * count
+        for p, part in enumerate(parts):
+            places = range(len(part.ids)) if part.at is None else part.at
+            for place, doc_id, doc in zip(places, part.ids, found[b, p], strict=True):
+                docs[place], ids[place], collections[place] = doc, doc_id, part.collection
+        made.append((docs, ids, collections))
+    return made
 
 
 class BatchReader:
@@ -332,7 +264,7 @@ class BatchReader:
         found, failures = {}, []
         for raw in raw_docs:
             try:
-                doc = bson.decode(raw.raw, CODEC_OPTIONS)
+                doc = bson.decode(raw.raw, BSON_OPTIONS)
             except Exception as exc:  # bson raises several kinds of errors for bad bytes
                 failures.append(f"{type(exc).__name__}: {exc}")
                 continue
@@ -379,125 +311,33 @@ class BatchReader:
             return stream.read()
 
 
-class WindowChanged(Exception):
-    """A window's ``_id`` ranges hold other documents than when the plan was made."""
-
-
-def expect_count(window: BatchWindow, found: Window) -> Window:
-    """``found`` if it holds the documents the plan counted in ``window``'s ranges: any
-    other number would move documents between batches, so none of them is made."""
-    if len(found) != window.count:
-        raise WindowChanged(
-            f"the documents of window {window.window} changed since the daemon planned: "
-            f"its _id ranges held {window.count} when they were listed and hold "
-            f"{len(found)} now (documents were inserted or deleted). Restart the daemon "
-            f"to plan again; if the collection kept its count and its first and last "
-            f"_id, delete its plan cache (serve.plan_cache) first")
-    return found
-
-
-class Window:
-    """One window's documents: the raw replies as read, and each document's place in them,
-    sorted by ``_id``. Documents are decoded one at a time, when a batch takes them, so the
-    window costs its BSON bytes and three integers per document."""
-
-    def __init__(self, replies: list[bytes]):
-        self.replies = replies
-        reply_of, offsets, sizes, keys = [], [], [], []
-        for number, raw in enumerate(replies):
-            offset = 0
-            while offset < len(raw):
-                size = int.from_bytes(raw[offset:offset + 4], "little")
-                reply_of.append(number)
-                offsets.append(offset)
-                sizes.append(size)
-                keys.append(raw_id_key(raw, offset, size))
-                offset += size
-        order = sorted(range(len(keys)), key=keys.__getitem__)
-        self.reply_of = np.array(reply_of, np.int32)[order]
-        self.offsets = np.array(offsets, np.int64)[order]
-        self.sizes = np.array(sizes, np.int64)[order]
-        self.nbytes = sum(len(raw) for raw in replies)
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def batch(self, spec: BatchWindow, seed: int, epoch: int, collection: str):
-        """The ``_id``s and documents of the batch ``spec`` slices from this window: its
-        positions of the window's order, which is keyed by seed, epoch and window."""
-        order = window_order(seed, epoch, spec.window, spec.count)
-        return self.documents(order.at(np.arange(spec.start, spec.stop)), collection)
-
-    def documents(self, positions, collection: str) -> tuple[list, list]:
-        """The ``_id``s and documents at ``positions`` of the sorted window: each document
-        decoded, or the DecodeError of one that pymongo cannot decode."""
-        ids, docs = [], []
-        for p in np.asarray(positions).tolist():
-            offset, size = int(self.offsets[p]), int(self.sizes[p])
-            raw = memoryview(self.replies[self.reply_of[p]])[offset:offset + size]
-            try:
-                doc = bson.decode(raw, CODEC_OPTIONS)
-            except Exception as exc:  # bson raises several kinds of errors for bad bytes
-                doc_id = raw_id_value(raw)
-                doc = DecodeError(collection, doc_id, WHOLE_DOCUMENT, WHOLE_DOCUMENT,
-                                  "BSON that pymongo decodes",
-                                  f"a document that pymongo cannot decode "
-                                  f"({type(exc).__name__}: {exc})")
-                ids.append(doc_id)
-            else:
-                ids.append(doc["_id"])
-            docs.append(doc)
-        return ids, docs
-
-
-# _id as a document's first element, by BSON type: its value's width and how to read it
-_ID_READERS = {
-    0x07: (12, bytes),                                                      # ObjectId
-    0x10: (4, lambda b: int.from_bytes(b, "little", signed=True)),          # int32
-    0x12: (8, lambda b: int.from_bytes(b, "little", signed=True)),          # int64
-}
-
-
-def raw_id_key(raw: bytes, offset: int, size: int):
-    """A sort key of a raw document's ``_id`` that orders one type as MongoDB does (bytes
-    of an ObjectId, an integer's value), read without decoding the document where ``_id``
-    is its first element of a common type (as MongoDB stores it); decoded otherwise."""
-    element = raw[offset + 4]
-    reader = _ID_READERS.get(element)
-    if reader is not None and raw[offset + 5:offset + 9] == b"_id\x00":
-        width, read = reader
-        return read(raw[offset + 9:offset + 9 + width])
-    value = raw_id_value(memoryview(raw)[offset:offset + size])
-    return value.binary if isinstance(value, bson.ObjectId) else value
-
-
-def raw_id_value(raw) -> object:
-    """The ``_id`` of a raw document, also of one that does not decode as a whole."""
-    try:
-        return bson.decode(raw, CODEC_OPTIONS)["_id"]
-    except Exception:  # noqa: BLE001 - pymongo cannot decode it: say so
-        return "(an _id pymongo cannot decode)"
-
-
 class MongoSource:
-    """Where a daemon's documents come from: the MongoDB of ``[source]``. Picklable, so a
-    spawned worker receives it and connects by itself."""
+    """Where a daemon's documents come from: the MongoDB of ``[source]`` (``collection``
+    names another of its database, for a feed's sources). Picklable, so a spawned worker
+    receives it and connects by itself."""
 
     def __init__(self, config: SourceConfig):
         self.config = config
 
+    def _at(self, collection: str | None) -> SourceConfig:
+        return self.config if collection is None else replace(self.config,
+                                                              collection=collection)
+
     def connect(self, appname: str) -> pymongo.MongoClient:
         return connect(self.config, appname)
 
-    def list_ids(self, client: pymongo.MongoClient, query: dict) -> Ids:
-        return list_ids(client, self.config, query)
+    def list_ids(self, client: pymongo.MongoClient, query: dict,
+                 collection: str | None = None) -> Ids:
+        return list_ids(client, self._at(collection), query)
 
-    def list_splits(self, client: pymongo.MongoClient, query: dict, range_docs: int):
-        return list_splits(client, self.config, query, range_docs)
+    def list_splits(self, client: pymongo.MongoClient, query: dict, range_docs: int,
+                    collection: str | None = None):
+        return list_splits(client, self._at(collection), query, range_docs)
 
-    def fingerprint(self, client: pymongo.MongoClient, query: dict) -> dict:
-        return fingerprint(client, self.config, query)
+    def fingerprint(self, client: pymongo.MongoClient, query: dict,
+                    collection: str | None = None) -> dict:
+        return fingerprint(client, self._at(collection), query)
 
     def reader(self, client: pymongo.MongoClient, sample_bytes: int,
-               projection: dict | None = None) -> BatchReader:
-        return BatchReader(client, self.config, sample_bytes, projection)
+               projection: dict | None = None, collection: str | None = None) -> BatchReader:
+        return BatchReader(client, self._at(collection), sample_bytes, projection)

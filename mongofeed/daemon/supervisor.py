@@ -51,10 +51,11 @@ from ..wire import (
 from .config import Config
 from .control import Control
 from .planner import Plan
+from .planning import plan_feed
 from .pool import WorkerPool
 from .sessions import Session, SessionTable
 from .sink import Sink, SlabBatch
-from .source import MongoSource, plan_feed
+from .source import MongoSource
 from .transform import load_functions
 from .worker import run_worker
 
@@ -393,7 +394,7 @@ class Supervisor:
         session.skips += meta.skips
         for message in meta.skipped:
             log.warning("skipped: %s", message)
-        if not self.sink.accept(session, task.epoch, task.index, batch):
+        if not self.sink.accept(session, task.epoch, task.index, batch, task.drawn()):
             self.end_session(session)
 
     def dispatch(self):

@@ -209,26 +209,32 @@ class BatchMaker:
     def sample_nbytes(self) -> int:
         return self.decoder.sample_nbytes()
 
-    def make(self, feed: str, epoch: int, index: int, docs: list[tuple[int, dict]], out=None
+    def make(self, feed: str, epoch: int, index: int, docs: list[tuple[int, dict]],
+             collections: list[str] | None = None, out=None
              ) -> tuple[dict[str, np.ndarray], list[DecodeError]]:
         """The arrays of batch ``index`` of ``epoch`` of ``feed`` from its readable documents
         (each with its position in the batch), and the documents left out under
-        on_error = "skip". ``out(name, shape, dtype)`` may give where an array's final value
-        is to be written (a worker's shared-memory slab), for those the daemon converts."""
+        on_error = "skip". ``collections``: the collection of each position of the batch,
+        for the errors, where they differ (a feed of sources). ``out(name, shape, dtype)``
+        may give where an array's final value is to be written (a worker's shared-memory
+        slab), for those the daemon converts."""
+        of_docs = [collections[position] for position, _ in docs] if collections else None
         if not (self.document_function or self.batch_function):
-            fields, problems, _ = self.decoder.decode_kept([doc for _, doc in docs], out)
+            fields, problems, _ = self.decoder.decode_kept([doc for _, doc in docs], of_docs,
+                                                           out)
             return fields, problems
-        fields, problems, kept = self.decoder.decode_kept([doc for _, doc in docs])
+        fields, problems, kept = self.decoder.decode_kept([doc for _, doc in docs], of_docs)
         rows = [docs[k] for k in kept]
         batch = dict(fields)
         origin = {name: f"field {name!r}" for name in fields}
         if self.document_function:
-            batch, rows = self._documents(feed, epoch, index, rows, batch, origin, problems)
+            batch, rows = self._documents(feed, epoch, index, rows, batch, origin, problems,
+                                          collections)
         if self.batch_function and rows:  # not on a batch whose documents were all skipped
             self._batch(feed, epoch, index, batch, origin)
         return self._finish(batch, len(rows), origin, out), problems
 
-    def _documents(self, feed, epoch, index, rows, fields, origin, problems):
+    def _documents(self, feed, epoch, index, rows, fields, origin, problems, collections):
         """Run the document function on each row: the batch with its outputs (they replace
         fields of the same name), and the rows kept."""
         name = self.names["transform.document"]
@@ -246,7 +252,8 @@ class BatchMaker:
                 values = self._document_values(result, keys)
             except (Exception, SystemExit) as exc:  # user code: never the worker's end
                 problem = exc.args[0] if isinstance(exc, _Misfit) else f"raised {describe(exc)}"
-                error = FunctionError(self.collection, doc.get("_id"), name, problem)
+                error = FunctionError(collections[position] if collections else
+                                      self.collection, doc.get("_id"), name, problem)
                 if not self.traceback_logged and not isinstance(exc, _Misfit):
                     self.traceback_logged = True  # once per worker; each failure is in status
                     log.warning("%s", error, exc_info=exc)

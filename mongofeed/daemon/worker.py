@@ -5,8 +5,9 @@ sockets are created here, in the child, never inherited. The loop:
 
 1. say ``ready`` on the task socket (DEALER to the supervisor's ROUTER);
 2. take a task (feed, epoch, index, the batch's ``_id``s), read the documents with ONE
-   ``$in`` query (of the paths the config uses only), decode them into preallocated arrays
-   and run the user's functions on them (``transform.BatchMaker``);
+   ``$in`` query (of the paths the config uses only; a feed of sources: one per source's
+   collection), decode them into preallocated arrays and run the user's functions on them
+   (``transform.BatchMaker``);
 3. with shared memory (the task names a region and a slab), write the arrays into the slab
    (the last cast or scale of an array writes its result there directly, so a large batch
    costs no fresh allocation) and push ``[meta, header]`` to the sink; otherwise push
@@ -63,7 +64,7 @@ from ..wire import (
 )
 from .config import Config
 from .planner import BatchWindow
-from .source import describe_failure, is_transient
+from .source import BatchPart, describe_failure, is_transient, read_batches
 from .transform import BatchFunctionError, BatchMaker, projection
 
 log = logging.getLogger(__name__)
@@ -91,11 +92,13 @@ class Worker:
         self.sink.linger = SOCKET_LINGER_MS
         self.sink.sndhwm = 2
         self.sink.connect(sink_endpoint)
+        self.source = source
         self.client = source.connect(f"mongofeed-worker-{slot}")
         self.batches = BatchMaker(config, read_gridfs=self._read_gridfs)  # imports the functions
         self.reader = source.reader(self.client, self.batches.sample_nbytes(),
                                     projection(config))
-        self.windows = OrderedDict()  # (feed, epoch, window) -> source.Window, recent last
+        self.readers = {config.source.collection: self.reader}  # by collection
+        self.windows = OrderedDict()  # (feed, epoch, window) -> windows.Window, recent last
         self.parent = multiprocessing.parent_process()
         self.specs = [a.spec() for a in config.arrays.values()]
         self.names = list(config.arrays)
@@ -104,6 +107,22 @@ class Worker:
 
     def _read_gridfs(self, bucket, file_id):
         return self.reader.read_gridfs(bucket, file_id)
+
+    def reader_for(self, collection: str):
+        """The reader of ``collection`` (of the source's database), made on first use."""
+        if collection not in self.readers:
+            self.readers[collection] = self.source.reader(
+                self.client, self.batches.sample_nbytes(), projection(self.config),
+                collection=collection)
+        return self.readers[collection]
+
+    def parts(self, task: TaskMessage) -> list[BatchPart]:
+        """What a task reads, per collection: its ids, or each of its sources' ids."""
+        if task.parts is None:
+            return [BatchPart(self.config.source.collection, task.ids)]
+        sources = self.config.feeds[task.feed].sources
+        return [BatchPart(sources[part.source].collection, part.ids, part.at)
+                for part in task.parts]
 
     def parent_alive(self) -> bool:
         return self.parent is None or self.parent.is_alive()
@@ -167,8 +186,9 @@ class Worker:
 
     def produce(self, tasks: list[TaskMessage]):
         """The sink message of each task, in order: its batch, or its error. All the tasks'
-        documents are read with ONE query (more only if their ids do not fit in one); tasks
-        of the windowed order are made from their window (``produce_from_window``)."""
+        documents of one collection are read with ONE query (more only if their ids do not
+        fit in one); tasks of the windowed order are made from their window
+        (``produce_from_window``)."""
         for task in tasks:
             if task.window is not None:
                 yield self.produce_from_window(task)
@@ -176,16 +196,14 @@ class Worker:
         if not tasks:
             return
         try:
-            docs = self.retrying(self.reader.read, [i for task in tasks for i in task.ids])
+            read = self.retrying(read_batches, self.reader_for,
+                                 [self.parts(task) for task in tasks])
         except Exception as exc:  # not transient: retrying or restarting would not help
             for task in tasks:
                 yield self.failed(task, exc)
             return
-        start = 0
-        for task in tasks:
-            count = len(task.ids)
-            yield self.produce_one(task, docs[start:start + count])
-            start += count
+        for task, (docs, ids, collections) in zip(tasks, read, strict=True):
+            yield self.produce_one(task, docs, ids, collections)
 
     def window(self, feed: str, epoch: int, spec: BatchWindow):
         """The window's documents: kept from an earlier task or warm command, else read with
@@ -220,11 +238,13 @@ class Worker:
             return self.failed(task, exc)
         return self.produce_one(task, docs, ids)
 
-    def produce_one(self, task: TaskMessage, docs: list, ids: list | None = None) -> list:
-        """The batch of ``task`` from its documents as read (in plan order), or its error."""
+    def produce_one(self, task: TaskMessage, docs: list, ids: list,
+                    collections: list | None = None) -> list:
+        """The batch of ``task`` from its documents as read (in plan order), their ``_id``s
+        and, where they differ, their collections; or its error."""
         started = time.perf_counter()
         try:
-            arrays, problems = self.retrying(self.decode, task, docs, ids)
+            arrays, problems = self.retrying(self.decode, task, docs, ids, collections)
             if task.region is None:
                 header_and_arrays = pack_batch(task.epoch, task.index, arrays, self.specs)
             else:
@@ -257,15 +277,16 @@ class Worker:
             log.error("worker %d: %s", self.slot, error, exc_info=exc)
         return [BatchMeta(task.task, self.slot, task.attempt, error=error).pack()]
 
-    def decode(self, task: TaskMessage, docs: list, ids: list | None = None) -> tuple[dict, list]:
+    def decode(self, task: TaskMessage, docs: list, ids: list,
+               collections: list | None = None) -> tuple[dict, list]:
         """One batch's arrays from its documents as read (GridFS fields are read here), and
-        the documents left out under on_error = "skip". ``ids``: the documents' ``_id``s
-        where the task does not list them (the windowed order)."""
+        the documents left out under on_error = "skip"; ``collections``: each document's,
+        where they differ (a feed of sources)."""
         readable, problems = [], []
-        ids = task.ids if ids is None else ids
         for position, (doc_id, doc) in enumerate(zip(ids, docs, strict=True)):
             if doc is None:
-                problems.append(self.missing_error(doc_id))
+                problems.append(self.missing_error(
+                    doc_id, collections[position] if collections else None))
             elif isinstance(doc, DecodeError):  # pymongo cannot decode it
                 problems.append(doc)
             else:
@@ -275,7 +296,8 @@ class Worker:
         out = None
         if task.region is not None:  # final arrays straight into the slab, where they can be
             out = self.region(task.region).placer(task.slab, self.layout, self.names)
-        arrays, skipped = self.batches.make(task.feed, task.epoch, task.index, readable, out)
+        arrays, skipped = self.batches.make(task.feed, task.epoch, task.index, readable,
+                                            collections, out)
         return arrays, problems + skipped
 
     def retrying(self, operation, *args):
@@ -300,8 +322,8 @@ class Worker:
                 self.tasks.send_multipart(WorkerEvent(EVENT, self.slot, waiting=False).pack())
             return result
 
-    def missing_error(self, doc_id) -> DecodeError:
-        return DecodeError(self.config.source.collection, doc_id, "_id", "_id",
+    def missing_error(self, doc_id, collection: str | None = None) -> DecodeError:
+        return DecodeError(collection or self.config.source.collection, doc_id, "_id", "_id",
                            "the document listed when the plan was made",
                            "missing (deleted since the daemon started)")
 

@@ -226,12 +226,21 @@ def format_status(status: dict, previous: dict | None, interval: float) -> str:
     lines += ["", f"{'feed':<10} {'documents':>10} {'batches/epoch':>14}"]
     for name, feed in status["feeds"].items():
         lines.append(f"{name:<10} {feed['samples_per_epoch']:>10} {feed['batches_per_epoch']:>14}")
+        for source in feed.get("sources", []):
+            lines.append(f"  source {source['name']}: {source['draws']} of {source['documents']}"
+                         f" documents per epoch ({source['copies']:.3g} copies)")
     lines += ["", (f"{'session':<17} {'feed':<8} {'shard':<6} {'epoch':>6} {'progress':>12} "
                    f"{'waiting':>8} {'skips':>6} {'idle s':>7}")]
     for s in status["sessions"]:
         lines.append(f"{s['session']:<17} {s['feed']:<8} {s['shard']:<6} {s['epoch']:>6} "
                      f"{s['batch']:>5}/{s['batches_per_epoch']:<6} {s['waiting']:>8} "
                      f"{s['skips']:>6} {s['idle_s']:>7}")
+    for s in status["sessions"]:
+        drawn = s.get("drawn") or {}
+        total = sum(drawn.values())
+        if total:
+            lines.append(f"{s['session']} drawn: " + ", ".join(
+                f"{name} {count} ({count / total:.1%})" for name, count in drawn.items()))
     if not status["sessions"]:
         lines.append("(no consumer connected)")
     counters = ", ".join(f"{k} {v}" for k, v in status["counters"].items())

@@ -26,6 +26,16 @@ silently. Check a config against the data before training with
 TABLE_NOTES = {
     "feeds.*": "One table per feed, e.g. `[feeds.train]`; one daemon serves them all. "
                "Without any, a single feed `train` selects every document.",
+    "feeds.*.sources.*": "One table per source of a feed, e.g. `[feeds.train.sources.cats]`: "
+                         "the feed is then a mixture of its sources (README, \"Mixing "
+                         "sources\"). Each source has exactly one weight: `proportion` (on "
+                         "every source of the feed, summing to 1, with the feed's "
+                         "`epoch_size`: the shares `p * epoch_size` are rounded down, and the "
+                         "samples left over go one each to the sources with the largest "
+                         "remainders), or `repeat` (rounded half up) and `choose`. All sources "
+                         "read `source.database`, and their documents must fit the declared "
+                         "fields: `serve` checks three of each (the first, middle and last "
+                         "`_id`) before it starts.",
     "fields.*": "One table per value read from each document, e.g. `[fields.image]`; "
                 "without `[arrays.*]` each is an array of every batch (then at least one).",
     "transform": "Your own preprocessing, run in every worker of the daemon: see "

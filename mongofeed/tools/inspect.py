@@ -1,8 +1,9 @@
 """``mongofeed inspect``: look at the data through the config before a training run starts.
 
-It reports each feed's document count (and whether its filter can use an index), the fields
-of one sample document with their types and sizes (binary values only by length), and makes
-the first batch of a feed exactly as a worker would (the same projection, decoding and
+It reports each feed's document count (and whether its filter can use an index; for a feed
+of sources, each source's count and what each epoch draws from it), the fields of one sample
+document with their types and sizes (binary values only by length), and makes the first
+batch of a feed exactly as a worker would (the same projection, decoding and
 [transform] functions), with the same errors ``serve`` raises: a ``ConfigError`` for a wrong
 key or function reference, a ``DecodeError`` naming the ``_id`` and field (or function) of a
 document that does not fit, a ``BatchFunctionError`` for the batch function.
@@ -20,7 +21,10 @@ from pymongo.errors import PyMongoError
 
 from ..daemon.config import Config, redact_uri
 from ..daemon.planner import BatchCut
-from ..daemon.source import MongoSource, describe_failure, plan_feed
+from ..daemon.planner.ids import rows_to_values
+from ..daemon.planner.mixture import draw_counts
+from ..daemon.planning import plan_feed
+from ..daemon.source import BatchPart, MongoSource, describe_failure, read_batches
 from ..daemon.transform import BatchMaker, projection
 from ..errors import ConfigError, DecodeError, SourceError
 
@@ -40,19 +44,19 @@ def inspect_source(config: Config, feed: str | None = None) -> dict:
     try:
         # The plan first: it names a missing collection or too few documents clearly.
         plan = plan_feed(source, client, config, config.feeds[feed])
-        collection = client[config.source.database][config.source.collection]
+        database = client[config.source.database]
+        collection = database[config.source.collection]
         try:
             report = {
                 "source": {"uri": redact_uri(config.source.uri),
                            "database": config.source.database,
                            "collection": config.source.collection,
                            "documents": collection.estimated_document_count()},
-                "feeds": _feeds(config, collection),
-                "sample": _sample(collection, config.feeds[feed].filter),
+                "feeds": _feeds(config, database),
+                "sample": _sample(database, config.feeds[feed], config.source.collection),
             }
             report["order"] = _order(client, collection, report)
-            reader = source.reader(client, 1, projection(config))
-            report["dry_run"] = _dry_run(config, reader, feed, plan)
+            report["dry_run"] = _dry_run(config, source, client, feed, plan)
         except PyMongoError as exc:
             raise SourceError(describe_failure(config.source, exc)) from None
     finally:
@@ -60,22 +64,59 @@ def inspect_source(config: Config, feed: str | None = None) -> dict:
     return report
 
 
-def _feeds(config: Config, collection) -> dict:
-    """Documents per feed, and the filter fields that no index starts with."""
-    leading = {next(iter(index["key"])) for index in collection.list_indexes()}
+def _feeds(config: Config, database) -> dict:
+    """Documents per feed, and the filter fields that no index starts with; for a feed of
+    sources, the same per source and what each epoch draws from it."""
     feeds = {}
     for name, feed in config.feeds.items():
-        count = collection.count_documents(feed.filter)
+        if feed.sources:
+            feeds[name] = _mixture(config, database, feed)
+            continue
+        count = database[config.source.collection].count_documents(feed.filter)
         cut = BatchCut(count, config.batch.size, config.batch.drop_last)
-        unindexed = [key for key in _filter_fields(feed.filter) if key not in leading]
         feeds[name] = {
             "filter": feed.filter, "documents": count, "shuffle": feed.shuffle,
             "batches_per_epoch": cut.batches_per_epoch(config.serve.shard),
-            "unindexed": unindexed,
-            "suggestions": [f"db[{config.source.collection!r}].create_index({key!r})"
-                            for key in unindexed],
+            **_index_hints(database[config.source.collection], feed.filter),
         }
     return feeds
+
+
+def _index_hints(collection, query: dict) -> dict:
+    leading = {next(iter(index["key"])) for index in collection.list_indexes()}
+    unindexed = [key for key in _filter_fields(query) if key not in leading]
+    return {"unindexed": unindexed,
+            "suggestions": [f"db[{collection.name!r}].create_index({key!r})"
+                            for key in unindexed]}
+
+
+def _mixture(config: Config, database, feed) -> dict:
+    """A feed of sources: each source's documents, weight and draws per epoch (copies: draws
+    per document), as ``planner.mixture.draw_counts`` fixes them; ``problem`` where the
+    counts cannot give them (``serve`` refuses such a feed)."""
+    sources, counts = [], []
+    for spec in feed.sources.values():
+        query = feed.source_query(spec)
+        counts.append(database[spec.collection].count_documents(query))
+        sources.append({"name": spec.name, "collection": spec.collection, "filter": query,
+                        spec.weight.kind: spec.weight.value, "documents": counts[-1],
+                        **_index_hints(database[spec.collection], query)})
+    described = {"filter": feed.filter, "shuffle": True, "epoch_size": feed.epoch_size,
+                 "sources": sources, "unindexed": [], "suggestions": []}
+    try:
+        draws = draw_counts([s.name for s in feed.sources.values()],
+                            [s.weight for s in feed.sources.values()], counts, feed.epoch_size)
+    except ValueError as exc:
+        return {**described, "documents": 0, "batches_per_epoch": 0, "problem": str(exc)}
+    for described_source, drawn in zip(sources, draws, strict=True):
+        described_source.update(draws=drawn, copies=round(drawn / described_source["documents"],
+                                                          4))
+    cut = BatchCut(sum(draws), config.batch.size, config.batch.drop_last)
+    return {**described, "documents": sum(draws),
+            "batches_per_epoch": cut.batches_per_epoch(config.serve.shard),
+            "unindexed": list(dict.fromkeys(key for s in sources for key in s["unindexed"])),
+            "suggestions": list(dict.fromkeys(hint for s in sources
+                                              for hint in s["suggestions"]))}
 
 
 def _filter_fields(query: Mapping) -> list[str]:
@@ -90,9 +131,14 @@ def _filter_fields(query: Mapping) -> list[str]:
     return names
 
 
-def _sample(collection, query: dict) -> dict:
-    """The fields of one selected document: path -> type and size, never the bytes."""
-    doc = collection.find_one(query)
+def _sample(database, feed, collection: str) -> dict:
+    """The fields of one selected document (of a feed of sources: of its first source):
+    path -> type and size, never the bytes."""
+    query = feed.filter
+    if feed.sources:
+        first = next(iter(feed.sources.values()))
+        collection, query = first.collection, feed.source_query(first)
+    doc = database[collection].find_one(query)
     if doc is None:
         return {"_id": None, "fields": {}}
     fields: dict[str, dict] = {}
@@ -169,20 +215,36 @@ def _order(client, collection, report: dict) -> dict:
             "cache_bytes": cache_bytes, "recommended": recommended, "why": why}
 
 
-def _dry_run(config: Config, reader, feed: str, plan) -> dict:
+def _dry_run(config: Config, source, client, feed: str, plan) -> dict:
     """Make the first batch that ``serve`` would send for ``feed``, as a worker does: the
     fields decoded and the [transform] functions run on them."""
+    readers = {}
+
+    def reader_for(collection: str):
+        if collection not in readers:
+            readers[collection] = source.reader(client, 1, projection(config),
+                                                collection=collection)
+        return readers[collection]
+
+    reader = reader_for(config.source.collection)
     maker = BatchMaker(config, read_gridfs=reader.read_gridfs)
     g = plan.global_index(config.serve.shard, 0, 0)
+    collections = None
     if plan.windowed:
         spec = plan.batch_window(0, g)
         window = reader.read_window(spec, config.feeds[feed].filter)
         _, read = window.batch(spec, config.batch.seed, 0, config.source.collection)
+    elif plan.mixed:
+        sources = config.feeds[feed].sources
+        [parts] = plan.batch_parts(0, [g])
+        [(read, _, collections)] = read_batches(reader_for, [
+            [BatchPart(sources[p.source].collection, rows_to_values(p.ids), p.at.tolist())
+             for p in parts]])
     else:
         read = reader.read(plan.batch_ids(0, g))
     docs = [(position, doc) for position, doc in enumerate(read) if isinstance(doc, dict)]
     unreadable = [doc for doc in read if isinstance(doc, DecodeError)]
-    arrays, skipped = maker.make(feed, 0, 0, docs)
+    arrays, skipped = maker.make(feed, 0, 0, docs, collections)
     return {
         "feed": feed, "documents": len(docs), "missing": read.count(None),
         "functions": dict(config.transform.functions),
@@ -203,6 +265,24 @@ def _describe_array(array: np.ndarray) -> dict:
     return described
 
 
+def _source_lines(feed: dict) -> list[str]:
+    """A feed of sources' sources, one line each: documents, weight, draws per epoch."""
+    if "sources" not in feed:
+        return []
+    lines = [f"  {'source':<12} {'documents':>10} {'weight':<18} {'draws/epoch':>12} "
+             f"{'copies':>7}  collection, filter"]
+    for source in feed["sources"]:
+        kind = next(k for k in ("proportion", "repeat", "choose") if k in source)
+        draws = source.get("draws", "-")
+        copies = f"{source['copies']:.3g}" if "copies" in source else "-"
+        lines.append(f"  {source['name']:<12} {source['documents']:>10} "
+                     f"{kind + ' = ' + format(source[kind], 'g'):<18} {draws:>12} {copies:>7}"
+                     f"  {source['collection']}, {source['filter']}")
+    if "problem" in feed:
+        lines.append(f"  problem: {feed['problem']}")
+    return lines
+
+
 def format_report(report: dict) -> str:
     """The report as text for a terminal."""
     source = report["source"]
@@ -212,6 +292,7 @@ def format_report(report: dict) -> str:
     for name, feed in report["feeds"].items():
         lines.append(f"{name:<10} {feed['documents']:>10} {feed['batches_per_epoch']:>14}  "
                      f"{feed['filter']}")
+        lines += _source_lines(feed)
     for name, feed in report["feeds"].items():
         for key, command in zip(feed["unindexed"], feed["suggestions"], strict=True):
             lines.append(f"hint: feed {name!r} filters on {key!r}, which has no index; listing "
@@ -221,7 +302,7 @@ def format_report(report: dict) -> str:
     lines += ["", f"order: shuffle = {choice[order['recommended']]} suits {order['server']} "
               f"here: {order['why']}"]
     for name, feed in report["feeds"].items():
-        if feed["shuffle"] not in (order["recommended"], False):
+        if feed["shuffle"] not in (order["recommended"], False) and "sources" not in feed:
             lines.append(f"hint: feed {name!r} has shuffle = {choice[feed['shuffle']]}")
     sample = report["sample"]
     lines += ["", f"sample document _id {sample['_id']}:"]

@@ -25,7 +25,7 @@ from PIL import Image
 from pymongo.errors import PyMongoError
 
 from mongofeed import Consumer, FeedError
-from mongofeed.daemon.source import WHOLE_DOCUMENT
+from mongofeed.errors import WHOLE_DOCUMENT
 from mongofeed.testing import Daemon
 from tests.support import write_toml
 

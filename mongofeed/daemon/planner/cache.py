@@ -26,15 +26,14 @@ from pathlib import Path
 
 import bson
 import numpy as np
-from bson.codec_options import CodecOptions, DatetimeConversion
 
+from ...wire import BSON_OPTIONS
 from .ids import INT64, OBJECTID, OBJECTS, Ids
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # of the files; part of their name, so another format is another file
 SUFFIX = ".plan"
-CODEC_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 
 
 def default_folder() -> Path:
@@ -63,7 +62,7 @@ class PlanCache:
             with open(path, "rb") as f:
                 size = int.from_bytes(f.read(4), "little")
                 f.seek(0)
-                header = bson.decode(f.read(size), CODEC_OPTIONS)
+                header = bson.decode(f.read(size), BSON_OPTIONS)
                 if header.get("check") != check:
                     log.info("plan cache %s: stale (stored %s, now %s)", path,
                              header.get("check"), check)
@@ -108,7 +107,7 @@ def write_ids(f, ids: Ids):
 
 def read_ids(f, kind: str, count: int) -> Ids:
     if kind == OBJECTS:
-        values = [doc[""] for doc in bson.decode_file_iter(f, CODEC_OPTIONS)]
+        values = [doc[""] for doc in bson.decode_file_iter(f, BSON_OPTIONS)]
     elif kind in (OBJECTID, INT64):
         values = np.fromfile(f, dtype="S12" if kind == OBJECTID else np.int64, count=count)
     else:

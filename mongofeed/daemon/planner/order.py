@@ -49,13 +49,14 @@ class Permutation:
         self.widths = (bits // 2, bits - bits // 2)  # of the left and right half
         self.keys = _round_keys(tuple(key))
 
-    def _encrypt(self, x: np.ndarray) -> np.ndarray:
-        """One pass through the network. A round maps (L, R) to (R, L ^ F(R)), truncated to
-        L's width: invertible whatever the widths, which swap sides each round (an even
-        number of rounds puts them back)."""
+    def _encrypt(self, x: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """One pass through the network, with ``keys``: one row per round, of one key (a
+        column) or of one key per element of ``x``. A round maps (L, R) to (R, L ^ F(R)),
+        truncated to L's width: invertible whatever the widths, which swap sides each round
+        (an even number of rounds puts them back)."""
         left_bits, right_bits = self.widths
         left, right = x >> np.uint64(right_bits), x & np.uint64((1 << right_bits) - 1)
-        for round_key in self.keys:
+        for round_key in keys:
             mixed = _mix(right ^ round_key) & np.uint64((1 << left_bits) - 1)
             left, right = right, left ^ mixed
             left_bits, right_bits = right_bits, left_bits
@@ -63,12 +64,27 @@ class Permutation:
 
     def at(self, positions) -> np.ndarray:
         """The values at ``positions`` (each in ``range(n)``), as int64."""
-        out = self._encrypt(np.asarray(positions, dtype=np.uint64))
+        return self._walk(np.asarray(positions, dtype=np.uint64), self.keys[:, None])
+
+    def _walk(self, x: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """``x`` through the network until every value lands in ``range(n)``."""
+        out = self._encrypt(x, keys)
         outside = np.flatnonzero(out >= self.n)
         while outside.size:
-            out[outside] = self._encrypt(out[outside])
+            out[outside] = self._encrypt(out[outside],
+                                         keys if keys.shape[1] == 1 else keys[:, outside])
             outside = outside[out[outside] >= self.n]
         return out.astype(np.int64)
+
+
+def permute_many(n: int, keys: list[tuple], which, positions) -> np.ndarray:
+    """``positions[i]`` through the permutation of ``range(n)`` keyed by ``keys[which[i]]``
+    (as ``Permutation(n, keys[which[i]]).at``), in one vectorised pass for all the keys: the
+    copies of one source in a mixture's batch."""
+    permutation = Permutation(n, ())
+    rows = np.stack([_round_keys(tuple(key)) for key in keys], axis=1)  # (rounds, keys)
+    return permutation._walk(np.asarray(positions, dtype=np.uint64),
+                             rows[:, np.asarray(which)])
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> Permutation:

@@ -30,9 +30,10 @@ DOCUMENT_OVERHEAD_BYTES = 64  # what a document holds beside its fields' values 
 
 
 class PlanBase:
-    """What both orders share: the cut of an epoch into global batches and shards."""
+    """What every plan shares: the cut of an epoch into global batches and shards."""
 
     cut: BatchCut
+    mixed = False  # a feed of several sources (``mixture.MixturePlan``)
 
     @property
     def count(self) -> int:
