@@ -80,7 +80,7 @@ import bson
 import numpy as np
 from bson.codec_options import CodecOptions, DatetimeConversion
 
-from .errors import ConfigError, ProtocolError
+from ..errors import ConfigError, ProtocolError
 
 PROTOCOL_VERSION = 4           # 2: the hello reply's secret token is the data identity;
                                # 3: the hello's start offset and skipped batches (a resume);
