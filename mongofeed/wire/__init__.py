@@ -9,7 +9,8 @@ makes before trusting one.
     consumer DEALER ──credit (and slab releases)──▶ data ROUTER
                     ◀──[header, array...] or [header naming a slab]──
 
-  internal (ipc:// in the daemon's private folder; loopback tcp where ipc is missing)
+  internal (serve.internal_transport: ipc:// in the daemon's private folder by default;
+            loopback tcp on random ports with "tcp", or where ZeroMQ has no ipc)
     supervisor ROUTER ──task / warm / stop──▶ worker DEALER
                       ◀──ready / event──
     worker PUSH ──[meta, header] (arrays in a slab) or [meta, header, array...]──▶ sink PULL
