@@ -6,6 +6,7 @@ the data socket (step 2)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Self
 
 from ..errors import ProtocolError
 from .arrays import ArraySpec, Conversion
@@ -77,40 +78,36 @@ class HelloRequest:
 
 
 @dataclass(frozen=True)
-class ByeRequest:
-    """End the session whose secret token this is (only its owner knows it)."""
+class TokenRequest:
+    """A request about the session whose secret token this is (only the peer that said hello
+    knows it); ``op`` says which request."""
 
     token: str
+    op: ClassVar[str]
 
     def pack(self) -> bytes:
-        return encode_json({"op": "bye", "token": self.token})
+        return encode_json({"op": self.op, "token": self.token})
 
     @classmethod
-    def from_json(cls, body: dict) -> ByeRequest:
-        return cls(_token(body, "bye"))
+    def from_json(cls, body: dict) -> Self:
+        token = body.get("token")
+        if not (isinstance(token, str) and len(token) == TOKEN_CHARS):
+            raise ProtocolError(f"{cls.op} needs the session's token ({TOKEN_CHARS} characters), "
+                                f"as the hello reply gave it")
+        return cls(token)
 
 
-@dataclass(frozen=True)
-class HeartbeatRequest:
+class ByeRequest(TokenRequest):
+    """End the session whose token this is."""
+
+    op = "bye"
+
+
+class HeartbeatRequest(TokenRequest):
     """The consumer of the session whose token this is is alive (sent every second, also
     while it takes no batch)."""
 
-    token: str
-
-    def pack(self) -> bytes:
-        return encode_json({"op": "heartbeat", "token": self.token})
-
-    @classmethod
-    def from_json(cls, body: dict) -> HeartbeatRequest:
-        return cls(_token(body, "heartbeat"))
-
-
-def _token(body: dict, op: str) -> str:
-    token = body.get("token")
-    if not (isinstance(token, str) and len(token) == TOKEN_CHARS):
-        raise ProtocolError(f"{op} needs the session's token ({TOKEN_CHARS} characters), "
-                            f"as the hello reply gave it")
-    return token
+    op = "heartbeat"
 
 
 @dataclass(frozen=True)
