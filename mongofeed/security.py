@@ -16,7 +16,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from .errors import ConfigError
-from .wire import endpoint_host
+from .wire.endpoints import endpoint_host
 
 LOOPBACK_NAMES = ("localhost",)
 

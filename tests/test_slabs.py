@@ -102,7 +102,7 @@ def test_slabs_go_free_task_lent_released_and_never_to_two_owners(tmp_path):
 
 
 def test_slabs_sent_without_a_copy_are_free_once_zeromq_is_done(tmp_path, monkeypatch):
-    monkeypatch.setattr("mongofeed.wire.FRAME_MAX_BYTES", zmq.COPY_THRESHOLD)
+    monkeypatch.setattr("mongofeed.wire.batches.FRAME_MAX_BYTES", zmq.COPY_THRESHOLD)
     specs = (ArraySpec("x", "uint8", (100_000,)),)
     layout = SlabLayout.of(specs, 2)
     slabs = SessionSlabs.create(tmp_path, 2, layout)

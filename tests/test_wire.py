@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import mongofeed.wire
+import mongofeed.wire.batches
 from mongofeed.errors import ProtocolError
 from mongofeed.wire import (
     BATCH_HEADER,
@@ -72,7 +72,7 @@ def test_a_good_batch_round_trips():
 
 
 def test_large_arrays_travel_in_frames_of_a_bounded_size_and_are_joined(monkeypatch):
-    monkeypatch.setattr(mongofeed.wire, "FRAME_MAX_BYTES", 12)
+    monkeypatch.setattr(mongofeed.wire.batches, "FRAME_MAX_BYTES", 12)
     frames = as_bytes(good_batch())  # x: 32 bytes in 12 + 12 + 8, y: 32 in 12 + 12 + 8
     assert [len(f) for f in frames[1:]] == [12, 12, 8, 12, 12, 8]
     head, arrays = unpack_batch(frames, SCHEMA)

@@ -20,7 +20,7 @@ import numpy as np
 from gridfs.errors import GridFSError
 
 from ..errors import DecodeError
-from ..wire import convert
+from ..wire.arrays import convert
 from .config import ON_ERROR, FieldConfig
 from .source import is_transient
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from ..portable import end_process
-from ..wire import READY, STOP, WarmMessage, WorkerEvent
+from ..wire.internal import READY, STOP, WarmMessage, WorkerEvent
 from .config import Config
 from .sessions import Task
 from .worker import WINDOWS_KEPT, run_worker, worker_identity

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from ..wire import BatchHeader, pack_error
+from ..wire.batches import BatchHeader, pack_error
 from .sessions import Session
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ import zmq
 
 from ..portable import shared_memory_name
 from ..region import Region, RegionError, SlabLayout
-from ..wire import Placement, frame_sizes
+from ..wire.batches import Placement, frame_sizes
 
 log = logging.getLogger(__name__)
 

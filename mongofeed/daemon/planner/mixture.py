@@ -33,7 +33,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from ...wire import SourceIds
+from ...wire.internal import SourceIds
 from .batches import BatchCut
 from .ids import Ids
 from .order import ORDER_VERSION, Permutation, permute_many
