@@ -23,13 +23,13 @@ from urllib.parse import unquote_plus
 import bson
 import numpy as np
 
-from .. import portable
-from ..errors import ConfigError
-from ..portable import has_ipc, ipc_path_max
-from ..security import check_exposure
-from ..wire import MAX_NAME_CHARS, ArraySpec, Conversion, check_endpoint, next_port
-from .planner import Shard, Weight
-from .planner.mixture import MAX_EPOCH_SAMPLES, PROPORTION_SUM_TOLERANCE, WEIGHT_KINDS
+from ... import portable
+from ...errors import ConfigError
+from ...portable import has_ipc, ipc_path_max
+from ...security import check_exposure
+from ...wire import MAX_NAME_CHARS, ArraySpec, Conversion, check_endpoint, next_port
+from ..planner import Shard, Weight
+from ..planner.mixture import MAX_EPOCH_SAMPLES, PROPORTION_SUM_TOLERANCE, WEIGHT_KINDS
 
 REQUIRED = object()
 

@@ -1,0 +1,27 @@
+"""The TOML config, as a package; ``parse`` holds it all for now, split by role next."""
+
+from .parse import (
+    MAX_BATCH_BYTES,
+    ON_ERROR,
+    REQUIRED,
+    SCHEMA,
+    SECRET_URI_OPTIONS,
+    VARIABLE,
+    ArrayConfig,
+    Config,
+    FeedConfig,
+    FeedSourceConfig,
+    FieldConfig,
+    SourceConfig,
+    TransformConfig,
+    _type_name,
+    load_config,
+    load_source,
+    parse_config,
+    redact_uri,
+)
+
+__all__ = ["MAX_BATCH_BYTES", "ON_ERROR", "REQUIRED", "SCHEMA", "SECRET_URI_OPTIONS", "VARIABLE",
+           "ArrayConfig", "Config", "FeedConfig", "FeedSourceConfig", "FieldConfig",
+           "SourceConfig", "TransformConfig", "_type_name", "load_config", "load_source",
+           "parse_config", "redact_uri"]
