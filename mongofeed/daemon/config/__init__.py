@@ -5,7 +5,6 @@ from .parse import (
     ON_ERROR,
     REQUIRED,
     SCHEMA,
-    SECRET_URI_OPTIONS,
     VARIABLE,
     ArrayConfig,
     Config,
@@ -18,10 +17,9 @@ from .parse import (
     load_config,
     load_source,
     parse_config,
-    redact_uri,
 )
 
-__all__ = ["MAX_BATCH_BYTES", "ON_ERROR", "REQUIRED", "SCHEMA", "SECRET_URI_OPTIONS", "VARIABLE",
+__all__ = ["MAX_BATCH_BYTES", "ON_ERROR", "REQUIRED", "SCHEMA", "VARIABLE",
            "ArrayConfig", "Config", "FeedConfig", "FeedSourceConfig", "FieldConfig",
            "SourceConfig", "TransformConfig", "_type_name", "load_config", "load_source",
-           "parse_config", "redact_uri"]
+           "parse_config"]

@@ -18,7 +18,6 @@ import tomllib
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote_plus
 
 import bson
 import numpy as np
@@ -26,7 +25,7 @@ import numpy as np
 from ... import portable
 from ...errors import ConfigError
 from ...portable import has_ipc, ipc_path_max
-from ...security import check_exposure
+from ...security import check_exposure, redact_uri
 from ...wire import MAX_NAME_CHARS, ArraySpec, Conversion, check_endpoint, next_port
 from ..planner import Shard, Weight
 from ..planner.mixture import MAX_EPOCH_SAMPLES, PROPORTION_SUM_TOLERANCE, WEIGHT_KINDS
@@ -965,59 +964,6 @@ def _array_list(names: list, key: str, arrays: dict, where: str) -> tuple[str, .
             raise ConfigError(f"{where}: {key} names {name!r}, which is not an array of the "
                               f"batch (known: {', '.join(arrays)})")
     return tuple(names)
-
-
-def redact_uri(text: str) -> str:
-    """``text`` with the secrets of every URI in it replaced by ***, for logs, status and
-    error messages (a driver's message may embed the whole connection string): the
-    password, the options that carry secrets (``SECRET_URI_OPTIONS``) and the values of
-    ``authMechanismProperties`` other than the harmless ones (``AWS_SESSION_TOKEN`` is not)."""
-    return _URI.sub(lambda match: _redact_one(match[0]), text)
-
-
-# The URI options spec's sensitive options (pymongo.common.SENSITIVE_OPTIONS_FOR_REPR, which
-# a test compares with this) and older drivers' names for the key file password.
-SECRET_URI_OPTIONS = frozenset((
-    "tlscertificatekeyfilepassword", "proxyusername", "proxypassword",
-    "sslpemkeypassword", "ssl_pem_passphrase",
-))
-# authMechanismProperties that name things rather than prove identity (pymongo's list).
-PUBLIC_MECHANISM_PROPERTIES = frozenset((
-    "ALLOWED_HOSTS", "CANONICALIZE_HOST_NAME", "ENVIRONMENT", "SERVICE_HOST", "SERVICE_NAME",
-    "SERVICE_REALM", "TOKEN_RESOURCE",
-))
-_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
-
-
-def _redact_one(uri: str) -> str:
-    scheme, _, rest = uri.partition("://")
-    # The user information ends at the last @ before the options (or, for a password with a
-    # ? in it, before the first /); when unsure, more is hidden rather than less.
-    before_query = rest.split("?", 1)[0]
-    at = before_query.rfind("@")
-    if at < 0:
-        at = rest.split("/", 1)[0].rfind("@")
-    userinfo, hosts = (rest[:at], rest[at:]) if at >= 0 else ("", rest)
-    if ":" in userinfo:
-        userinfo = userinfo.split(":", 1)[0] + ":***"
-    path, question, query = hosts.partition("?")
-    if question:
-        query = "&".join(_redact_option(option) for option in query.split("&"))
-    return f"{scheme}://{userinfo}{path}{question}{query}"
-
-
-def _redact_option(option: str) -> str:
-    name, equals, value = option.partition("=")
-    if name.lower() in SECRET_URI_OPTIONS:
-        return f"{name}{equals}***"
-    if name.lower() == "authmechanismproperties":
-        properties = []
-        for prop in unquote_plus(value).split(","):
-            key, colon, prop_value = prop.partition(":")
-            public = key.upper() in PUBLIC_MECHANISM_PROPERTIES
-            properties.append(f"{key}{colon}{prop_value if public else '***'}")
-        return f"{name}{equals}{','.join(properties)}"
-    return option
 
 
 def _as_tuple(t) -> tuple:
