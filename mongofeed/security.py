@@ -1,5 +1,6 @@
-"""CurveZMQ for traffic that leaves the machine: key files, the daemon's allow-list of client
-keys, and the socket options on both sides.
+"""Keeping secrets: CurveZMQ for traffic that leaves the machine (key files, the daemon's
+allow-list of client keys, and the socket options on both sides), and the passwords of
+MongoDB URIs kept out of logs, status and messages (``redact_uri``).
 
 Loopback endpoints need nothing. Binding any other address without keys would hand the
 training data (and the control socket) to anyone on the network, so the daemon refuses it
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+from urllib.parse import unquote_plus
 
 import zmq
 import zmq.auth
@@ -102,3 +105,58 @@ def client_options(server_key: str | None, client_key: str | None) -> dict:
     public, secret = _load(client_key, "client_key", secret=True)
     return {zmq.CURVE_SERVERKEY: server_public, zmq.CURVE_PUBLICKEY: public,
             zmq.CURVE_SECRETKEY: secret}
+
+
+# -- secrets in logs and messages -------------------------------------------------------
+
+def redact_uri(text: str) -> str:
+    """``text`` with the secrets of every URI in it replaced by ***, for logs, status and
+    error messages (a driver's message may embed the whole connection string): the
+    password, the options that carry secrets (``SECRET_URI_OPTIONS``) and the values of
+    ``authMechanismProperties`` other than the harmless ones (``AWS_SESSION_TOKEN`` is not)."""
+    return _URI.sub(lambda match: _redact_one(match[0]), text)
+
+
+# The URI options spec's sensitive options (pymongo.common.SENSITIVE_OPTIONS_FOR_REPR, which
+# a test compares with this) and older drivers' names for the key file password.
+SECRET_URI_OPTIONS = frozenset((
+    "tlscertificatekeyfilepassword", "proxyusername", "proxypassword",
+    "sslpemkeypassword", "ssl_pem_passphrase",
+))
+# authMechanismProperties that name things rather than prove identity (pymongo's list).
+PUBLIC_MECHANISM_PROPERTIES = frozenset((
+    "ALLOWED_HOSTS", "CANONICALIZE_HOST_NAME", "ENVIRONMENT", "SERVICE_HOST", "SERVICE_NAME",
+    "SERVICE_REALM", "TOKEN_RESOURCE",
+))
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def _redact_one(uri: str) -> str:
+    scheme, _, rest = uri.partition("://")
+    # The user information ends at the last @ before the options (or, for a password with a
+    # ? in it, before the first /); when unsure, more is hidden rather than less.
+    before_query = rest.split("?", 1)[0]
+    at = before_query.rfind("@")
+    if at < 0:
+        at = rest.split("/", 1)[0].rfind("@")
+    userinfo, hosts = (rest[:at], rest[at:]) if at >= 0 else ("", rest)
+    if ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    path, question, query = hosts.partition("?")
+    if question:
+        query = "&".join(_redact_option(option) for option in query.split("&"))
+    return f"{scheme}://{userinfo}{path}{question}{query}"
+
+
+def _redact_option(option: str) -> str:
+    name, equals, value = option.partition("=")
+    if name.lower() in SECRET_URI_OPTIONS:
+        return f"{name}{equals}***"
+    if name.lower() == "authmechanismproperties":
+        properties = []
+        for prop in unquote_plus(value).split(","):
+            key, colon, prop_value = prop.partition(":")
+            public = key.upper() in PUBLIC_MECHANISM_PROPERTIES
+            properties.append(f"{key}{colon}{prop_value if public else '***'}")
+        return f"{name}{equals}{','.join(properties)}"
+    return option

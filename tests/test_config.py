@@ -9,14 +9,9 @@ import sys
 import pytest
 
 from mongofeed.consumer import DEFAULT_TIMEOUT_S
-from mongofeed.daemon.config import (
-    MAX_BATCH_BYTES,
-    SECRET_URI_OPTIONS,
-    load_config,
-    parse_config,
-    redact_uri,
-)
+from mongofeed.daemon.config import MAX_BATCH_BYTES, load_config, parse_config
 from mongofeed.errors import ConfigError
+from mongofeed.security import SECRET_URI_OPTIONS, redact_uri
 from tests.support import REPO
 
 

@@ -1,4 +1,4 @@
-"""What differs between operating systems stays in mongofeed/portable.py, and each difference
+"""What differs between operating systems stays in mongofeed/portable/, and each difference
 can be chosen or exercised here on Linux: the internal transport (the tcp that Windows uses),
 its config key and option, the test runner's tcp pass, process termination, the
 shared-memory names. The daemon-level checks over tcp are the runner's tcp pass (``TCP_PASS``).
@@ -38,7 +38,7 @@ from tests.support import REPO
 PLATFORM_QUERIES = {("sys", "platform"), ("sys", "getwindowsversion"), ("os", "name"),
                     ("os", "uname"), ("platform", "system"), ("platform", "win32_ver"),
                     ("platform", "mac_ver"), ("platform", "uname")}
-PORTABLE = REPO / "mongofeed" / "portable.py"
+PORTABLE = REPO / "mongofeed" / "portable"
 
 
 def platform_queries(path: Path) -> list[str]:
@@ -58,13 +58,13 @@ def platform_queries(path: Path) -> list[str]:
 def python_files() -> list[Path]:
     files = [*REPO.glob("mongofeed/**/*.py"), *REPO.glob("tests/**/*.py"),
              *REPO.glob("examples/**/*.py"), *(p for p in REPO.glob("bin/*") if p.is_file())]
-    return sorted(p for p in files if p != PORTABLE)
+    return sorted(p for p in files if PORTABLE not in p.parents)
 
 
-def test_only_the_portable_module_asks_which_platform_this_is():
-    assert platform_queries(PORTABLE), "the scan would not notice a platform query"
+def test_only_the_portable_package_asks_which_platform_this_is():
+    assert platform_queries(PORTABLE / "__init__.py"), "the scan would not notice a platform query"
     offenders = {str(p.relative_to(REPO)): q for p in python_files() if (q := platform_queries(p))}
-    assert offenders == {}, "test a capability, or add a function to mongofeed/portable.py"
+    assert offenders == {}, "test a capability, or add a function to mongofeed/portable/"
 
 
 # -- the internal transport ----------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 
 from mongofeed.consumer import model_io
 from mongofeed.daemon.config import load_config, parse_config
+from mongofeed.daemon.functions import load_functions
 from mongofeed.daemon.transform import (
     BATCH,
     DOCUMENT,
@@ -16,7 +17,6 @@ from mongofeed.daemon.transform import (
     FunctionError,
     ProjectedDocument,
     generator,
-    load_functions,
     projection,
 )
 from mongofeed.errors import ConfigError, ProtocolError

@@ -28,6 +28,7 @@ from bson import json_util
 from .. import __version__
 from ..errors import ProtocolError
 from ..region import RegionError, SlabLayout
+from ..security import redact_uri
 from ..wire import (
     PROTOCOL_VERSION,
     ByeRequest,
@@ -37,7 +38,6 @@ from ..wire import (
     Schema,
     SharedMemoryOffer,
 )
-from .config import redact_uri
 from .planner import Shard
 from .slabs import SessionSlabs
 

@@ -16,7 +16,8 @@ import numpy as np
 from pymongo.errors import PyMongoError
 
 from ..errors import DecodeError, SourceError
-from .config import Config, FeedConfig, FeedSourceConfig, redact_uri
+from ..security import redact_uri
+from .config import Config, FeedConfig, FeedSourceConfig
 from .planner import Ids, MixSource, MixturePlan, Plan, WindowPlan
 from .planner.cache import PlanCache, cache_key
 from .planner.plans import DOCUMENT_OVERHEAD_BYTES, window_shape

@@ -21,8 +21,9 @@ from bson.raw_bson import RawBSONDocument
 from pymongo.errors import ConnectionFailure, OperationFailure, ProtocolError, PyMongoError
 
 from ..errors import WHOLE_DOCUMENT, DecodeError, SourceError
+from ..security import redact_uri
 from ..wire import BSON_OPTIONS
-from .config import SourceConfig, redact_uri
+from .config import SourceConfig
 from .planner import (
     BatchWindow,
     Ids,

@@ -27,33 +27,26 @@ fit its array, is an error of that document (``FunctionError``, a ``DecodeError`
 error of the batch (``BatchFunctionError``), which ends the session with that message. The
 worker goes on either way.
 
-**Security.** The daemon imports exactly the modules its config names, from
-``transform.paths`` and the installed packages: whoever can change the config can run code
-as the daemon, as with ``allow_pickle``.
+The functions are imported, and their signatures checked, by ``functions``.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
 import math
-import sys
-import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, DecodeError, MongoFeedError
+from ..errors import DecodeError, MongoFeedError
 from ..wire import convert
 from .codec import BatchDecoder, Mismatch, numbers
-from .config import VARIABLE, ArrayConfig, Config, TransformConfig
+from .config import VARIABLE, ArrayConfig, Config
+from .functions import describe, load_functions, takes_feed
 
 log = logging.getLogger(__name__)
 
 DOCUMENT, BATCH = 0, 1  # the kind word of a generator's seed
-SIGNATURES = {"transform.document": ("fields", "doc", "rng"),
-              "transform.batch": ("arrays", "rng")}
 
 
 class FunctionError(DecodeError):
@@ -70,72 +63,6 @@ class FunctionError(DecodeError):
 class BatchFunctionError(MongoFeedError):
     """The batch function failed, or the batch does not fit the declared arrays: an error of
     the batch, sent to its session."""
-
-
-# -- loading -------------------------------------------------------------------------------
-
-def load_functions(transform: TransformConfig, where: str) -> dict[str, Callable]:
-    """The configured functions by key, imported (``transform.paths`` first on sys.path);
-    a ``ConfigError`` naming the key when one cannot be imported or called so. ``serve``
-    calls it once in the supervisor, to stop at start, then each worker after its spawn."""
-    for path in reversed(transform.paths):
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    return {key: _load(key, ref, transform, where) for key, ref in transform.functions.items()}
-
-
-def _load(key: str, ref: str, transform: TransformConfig, where: str) -> Callable:
-    module_name, _, attribute = ref.partition(":")
-    what = f"{where}: {key} = {ref!r}"
-    searched = f"transform.paths {list(transform.paths)} and the installed packages"
-    try:
-        target = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and (module_name + ".").startswith(exc.name + "."):
-            raise ConfigError(f"{what}: no module {module_name!r} in {searched}") from None
-        raise ConfigError(f"{what}: importing {module_name} failed: {describe(exc)}") from exc
-    except Exception as exc:  # the module's own code failed
-        raise ConfigError(f"{what}: importing {module_name} failed: {describe(exc)}") from exc
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise ConfigError(f"{what}: module {module_name} ({_file(target)}) has no "
-                              f"{attribute!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ConfigError(f"{what}: {attribute} is a {type(target).__name__}, not a function")
-    try:
-        feed = {"feed": "train"} if _takes_feed(target) else {}
-        inspect.signature(target).bind(*SIGNATURES[key], **feed)
-    except TypeError:
-        raise ConfigError(f"{what}: {attribute} must take ({', '.join(SIGNATURES[key])}) and "
-                          f"optionally feed") from None
-    except ValueError:
-        pass  # no signature to check (a builtin)
-    return target
-
-
-def _takes_feed(function: Callable) -> bool:
-    """Whether ``function`` has a parameter named feed (it then gets the feed's name)."""
-    try:
-        return "feed" in inspect.signature(function).parameters
-    except ValueError:
-        return False
-
-
-def _file(module) -> str:
-    return getattr(module, "__file__", None) or "a namespace package"
-
-
-def describe(exc: BaseException) -> str:
-    """An exception in one line: its type, its message and where it was raised (the
-    innermost frame outside installed packages, else the innermost)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    own = [f for f in frames if "site-packages" not in f.filename]
-    where = ""
-    if frames:
-        frame = (own or frames)[-1]
-        where = f" (at {frame.filename}:{frame.lineno} in {frame.name})"
-    return f"{type(exc).__name__}: {exc}{where}"
 
 
 # -- what the workers read ----------------------------------------------------------------
@@ -201,7 +128,7 @@ class BatchMaker:
         self.document_function = functions.get("transform.document")
         self.batch_function = functions.get("transform.batch")
         self.names = {key: f"{key} {ref!r}" for key, ref in config.transform.functions.items()}
-        self.takes_feed = {key: _takes_feed(function) for key, function in functions.items()}
+        self.takes_feed = {key: takes_feed(function) for key, function in functions.items()}
         self.fetched = frozenset(["_id"] + [p.split(".")[0] for p in read_paths(config)])
         self.declared = {name: a for name, a in config.arrays.items() if a.lengths_of is None}
         self.traceback_logged = False

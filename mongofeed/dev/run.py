@@ -25,14 +25,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
-from ..portable import (
-    INTERNAL_TRANSPORT_ENV,
-    STOP_REQUESTS,
-    exit_status,
-    interrupt,
-    stoppable,
-    venv_python,
-)
+from ..portable import INTERNAL_TRANSPORT_ENV, STOP_REQUESTS, stoppable
+from ..portable.dev import exit_status, interrupt, venv_python
 from . import server
 
 ROOT = server.ROOT

@@ -17,9 +17,10 @@ import time
 import click
 
 from .. import __version__
-from ..daemon.config import load_config, load_source, redact_uri
+from ..daemon.config import load_config, load_source
 from ..errors import ConfigError, MongoFeedError
 from ..portable import INTERNAL_TRANSPORT_ENV, INTERNAL_TRANSPORTS
+from ..security import redact_uri
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

@@ -1,4 +1,4 @@
-"""The configuration reference (docs/configuration.md), generated from ``config.SCHEMA`` so
+"""The configuration reference (docs/configuration.md), generated from ``config.schema.SCHEMA`` so
 it cannot drift from the code; a test compares the committed file with this output.
 
 Regenerate with ``python -m mongofeed.tools.docs > docs/configuration.md``.
@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 
-from ..daemon.config import REQUIRED, SCHEMA, _type_name
+from ..daemon.config.schema import REQUIRED, SCHEMA, type_name
 
 INTRO = """\
 # Configuration reference
 
-<!-- Generated from mongofeed/daemon/config.py (SCHEMA)
+<!-- Generated from mongofeed/daemon/config/schema.py (SCHEMA)
      by `python -m mongofeed.tools.docs`; do not edit. -->
 
 mongofeed reads one TOML file (`mongofeed serve --config FILE`, env `MONGOFEED_CONFIG`).
@@ -60,7 +60,7 @@ def reference_markdown() -> str:
             meaning = spec.doc
             if spec.choices:
                 meaning += " One of: " + ", ".join(f"`{c}`" for c in spec.choices) + "."
-            parts.append(f"| `{key}` | {_type_name(spec.type)} | {_default(spec.default)} | "
+            parts.append(f"| `{key}` | {type_name(spec.type)} | {_default(spec.default)} | "
                          f"{meaning.replace('|', '&#124;')} |\n")
     return "".join(parts)
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 from pymongo.errors import PyMongoError
 
-from ..daemon.config import Config, redact_uri
+from ..daemon.config import Config
 from ..daemon.planner import BatchCut
 from ..daemon.planner.ids import rows_to_values
 from ..daemon.planner.mixture import draw_counts
@@ -27,6 +27,7 @@ from ..daemon.planning import plan_feed
 from ..daemon.source import BatchPart, MongoSource, describe_failure, read_batches
 from ..daemon.transform import BatchMaker, projection
 from ..errors import ConfigError, DecodeError, SourceError
+from ..security import redact_uri
 
 log = logging.getLogger(__name__)
 

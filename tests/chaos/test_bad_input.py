@@ -15,8 +15,8 @@ import psutil
 import pymongo
 import pytest
 
-from mongofeed.daemon.config import redact_uri
-from mongofeed.portable import port_is_free
+from mongofeed.portable.dev import port_is_free
+from mongofeed.security import redact_uri
 from mongofeed.testing import free_port_pair
 from tests.chaos.support import feed_config
 from tests.support import REPO, insert_samples, sample_config, write_toml

@@ -16,11 +16,11 @@ from mongofeed.portable import (
     CAN_SUSPEND,
     CONSOLE_INTERRUPTS,
     STOP_REQUESTS,
-    port_is_free,
     resolve_internal_transport,
     signal_pid,
     stoppable,
 )
+from mongofeed.portable.dev import port_is_free
 from mongofeed.testing import PACKAGE_ROOT, Daemon, internal_transport, pid_alive, wait_until
 from tests.chaos.support import (
     BOTH_PATHS,

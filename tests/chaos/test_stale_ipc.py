@@ -15,10 +15,10 @@ import pytest
 from mongofeed import portable
 from mongofeed.portable import (
     ipc_path_max,
-    port_is_free,
     remove_stale_runtime_dirs,
     resolve_internal_transport,
 )
+from mongofeed.portable.dev import port_is_free
 from mongofeed.testing import Daemon, free_port_pair, internal_transport
 from tests.chaos.support import feed_config, private_tmp
 from tests.chaos.test_bad_input import refused
@@ -104,7 +104,7 @@ def test_daemons_starting_at_once_all_clean_up_without_error(tmp_path):
 
 
 def test_a_tmpdir_too_long_for_ipc_is_refused_naming_tmpdir(tmp_path, mongo_uri, db):
-    """Refused rather than moving the internal sockets to loopback tcp (see portable.py:
+    """Refused rather than moving the internal sockets to loopback tcp (see mongofeed/portable:
     the private folder is what keeps other local users off the workers' sockets)."""
     config = feed_config(tmp_path, mongo_uri, db)
     long_tmp = tmp_path / ("t" * max(1, ipc_path_max() - len(str(tmp_path))))
