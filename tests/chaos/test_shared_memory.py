@@ -44,17 +44,23 @@ def test_held_arrays_never_change_while_workers_write_and_die(tmp_path, mongo_ur
         assert all(b.arrays["x"].flags.writeable for b in held[kept:])  # held too many: copies
         snapshot = [{name: a.copy() for name, a in b.arrays.items()} for b in held]
         batches = [(b.epoch, b.index, b.arrays["idx"].tolist()) for b in held]
-        for slot in range(2):  # workers die while writing the next epochs' slabs
-            batches += read_batches(consumer, BATCHES // 2)
-            kill_quietly(daemon.status()["workers"][slot]["pid"])
-        batches += read_batches(consumer, 3 * BATCHES - len(batches))
+        # Workers die while writing the next epochs' slabs. Between the two kills the trainer
+        # reads 2 x max_pending batches: the daemon makes at most max_pending ahead of what it
+        # sent and sends at most max_pending ahead of what was read, in order, so every task
+        # worker 0 held is delivered before worker 1 dies and no task dies twice (that is a
+        # poison task, failed by design).
+        batches += read_batches(consumer, BATCHES // 2)
+        kill_quietly(daemon.status()["workers"][0]["pid"])
+        batches += read_batches(consumer, 2 * BATCHES)
+        kill_quietly(daemon.status()["workers"][1]["pid"])
+        batches += read_batches(consumer, 4 * BATCHES - len(batches))
         for batch, before in zip(held, snapshot, strict=True):
             for name, array in batch.arrays.items():
                 assert np.array_equal(array, before[name]), (batch.epoch, batch.index, name)
             # each row's x is its idx four times: no slab was written twice or torn
             assert (batch.arrays["x"] == batch.arrays["idx"][:, None]).all()
         session = daemon.status()["sessions"][0]
-    assert_exactly_once(batches, epochs=(0, 1, 2))
+    assert_exactly_once(batches, epochs=(0, 1, 2, 3))
     assert session["transport"] == "shared memory"
     assert session["slabs"]["lent"] >= kept  # still lent: still held
 
