@@ -20,28 +20,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..errors import ProtocolError
 from ..wire import BatchMeta, WorkerEvent, unpack_header
 from .pool import WorkerPool
-from .sessions import Session, SessionTable
+from .sessions import SessionTable
 from .sink import Sink, SlabBatch
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
 class Dispatcher:
-    def __init__(self, sessions: SessionTable, pool: WorkerPool, sink: Sink, counters: dict,
-                 record_error: Callable[[str], None],
-                 end_session: Callable[[Session, str | None], None]):
-        """``counters`` is the supervisor's (status shows them); ``record_error`` keeps a
-        message for status; ``end_session`` ends a session, telling its consumer why."""
-        self.sessions = sessions
-        self.pool = pool
-        self.sink = sink
-        self.counters = counters
-        self.record_error = record_error
-        self.end_session = end_session
+    sessions: SessionTable
+    pool: WorkerPool
+    sink: Sink
+    counters: dict                        # the supervisor's, which status shows
+    record_error: Callable[[str], None]   # keeps a message for status
+    end_session: Callable[..., None]      # (session, error=None): ends it, telling why
 
     def on_worker_message(self, frames):
         event = WorkerEvent.unpack(frames)
