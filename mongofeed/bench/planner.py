@@ -21,7 +21,6 @@ Python list, sorted with a Python key, and a numpy permutation per epoch.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -92,36 +91,6 @@ class _NoClient:
         pass
 
 
-def stub_worker(slot, config, source, task_endpoint, sink_endpoint, log_level):
-    """A worker without a database: each task's batch is zeros, one per document."""
-    import zmq
-
-    from ..daemon.worker import worker_identity
-    from ..wire import READY, BatchMeta, WorkerEvent, pack_batch, unpack_worker_command
-
-    context = zmq.Context()
-    tasks = context.socket(zmq.DEALER)
-    tasks.identity = worker_identity(slot)
-    tasks.connect(task_endpoint)
-    sink = context.socket(zmq.PUSH)
-    sink.connect(sink_endpoint)
-    tasks.send_multipart(WorkerEvent(READY, slot, pid=os.getpid()).pack())
-    specs = [a.spec() for a in config.arrays.values()]
-    parent = multiprocessing.parent_process()
-    while parent.is_alive():
-        if not tasks.poll(500):
-            continue
-        task = unpack_worker_command(tasks.recv_multipart())
-        if task is None:
-            break
-        size = len(task.ids) if task.window is None else \
-            task.window["stop"] - task.window["start"]
-        arrays = {"idx": np.zeros(size, np.int64)}
-        meta = BatchMeta(task.task, slot, task.attempt, docs=size, bytes=arrays["idx"].nbytes)
-        sink.send_multipart([meta.pack(), *pack_batch(task.epoch, task.index, arrays, specs)])
-    context.destroy(linger=0)
-
-
 CONSUMERS_SCRIPT = """
 import sys, time
 from mongofeed import Consumer
@@ -175,7 +144,7 @@ def bench_one(n: int, kind: str, seconds: float, epochs: int) -> dict:
     from ..daemon.config import parse_config
     from ..daemon.planner.order import epoch_order
     from ..daemon.supervisor import Supervisor
-    from ..testing import free_port_pair
+    from ..testing import free_port_pair, stub_worker
 
     port = free_port_pair()
     config = parse_config({
