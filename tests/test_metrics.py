@@ -40,6 +40,8 @@ def test_metrics_match_status(mongo_uri, db, tmp_path):
         assert produced >= delivered
         assert parse_prometheus(text, "mongofeed_worker_documents_total") >= 32
         assert "mongofeed_rejected_messages_total 0.0" in text
+        for counter, value in status["counters"].items():
+            assert f"\nmongofeed_{counter}_total {float(value)}\n" in text, counter
 
 
 def test_metrics_port_is_checked():

@@ -34,6 +34,12 @@ DAEMON_COUNTERS = {
                           "Messages refused as malformed or from an unknown session."),
     "dropped_batches": ("mongofeed_dropped_batches",
                         "Batches dropped because their session ended or they were duplicates."),
+    "evicted_sessions": ("mongofeed_evicted_sessions",
+                         "Silent sessions replaced by a new hello when max_sessions were live."),
+    "poison_tasks": ("mongofeed_poison_tasks",
+                     "Batches not made again after their worker died twice making them."),
+    "windows_read_ahead": ("mongofeed_windows_read_ahead",
+                           "Windows of the windowed order read ahead by an idle worker."),
 }
 
 

@@ -27,8 +27,9 @@ TABLE_NOTES = {
     "feeds.*": "One table per feed, e.g. `[feeds.train]`; one daemon serves them all. "
                "Without any, a single feed `train` selects every document.",
     "feeds.*.sources.*": "One table per source of a feed, e.g. `[feeds.train.sources.cats]`: "
-                         "the feed is then a mixture of its sources (README, \"Mixing "
-                         "sources\"). Each source has exactly one weight: `proportion` (on "
+                         "the feed is then a mixture of its sources ([feeds.md]"
+                         "(feeds.md#mixing-sources-weighted-feeds-and-class-balance)). "
+                         "Each source has exactly one weight: `proportion` (on "
                          "every source of the feed, summing to 1, with the feed's "
                          "`epoch_size`: the shares `p * epoch_size` are rounded down, and the "
                          "samples left over go one each to the sources with the largest "
