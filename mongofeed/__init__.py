@@ -21,12 +21,13 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .consumer import Batch, Consumer, MultiConsumer
+    from .consumer import Batch, Consumer
+    from .multi import MultiConsumer
     from .resume import merge_states
 
 # Imported on first use (PEP 562), so that importing the package does not need zmq, numpy or
 # pymongo: ``python3 -m mongofeed.dev`` runs with a bare Python, before the venv exists.
-_LAZY = {"Batch": ".consumer", "Consumer": ".consumer", "MultiConsumer": ".consumer",
+_LAZY = {"Batch": ".consumer", "Consumer": ".consumer", "MultiConsumer": ".multi",
          "merge_states": ".resume"}
 
 

@@ -1,5 +1,6 @@
 """Helpers for testing and measuring mongofeed with real processes: the daemon as a child
-process, free ports, what the server counted, and a document source without a database.
+process, free ports, what the server counted, and a document source and a worker without a
+database.
 
 Used by the test suite and ``mongofeed bench``; useful in a project's own tests too::
 
@@ -28,6 +29,7 @@ from .consumer import daemon_status
 from .portable import INTERNAL_TRANSPORT_ENV, STOP_REQUESTS, pid_alive, stoppable
 
 READY_TIMEOUT_S = 90.0
+STUB_CRASH_EXIT_CODE = 3  # a stub worker that meets its exit_on_id
 STOP_TIMEOUT_S = 20.0
 PORT_RANGE = (20_000, 32_000)  # below Linux's ephemeral range (32768-), so no client takes it
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +38,7 @@ FERRETDB_REQUESTS = "ferretdb_client_requests_total"
 QUERY_COMMANDS = ("find", "getMore", "aggregate")
 
 __all__ = ["Daemon", "MemorySource", "ServerCounters", "free_port_pair", "internal_transport",
-           "parse_prometheus", "pid_alive", "wait_until", "write_documents"]
+           "parse_prometheus", "pid_alive", "stub_worker", "wait_until", "write_documents"]
 
 
 def free_port_pair() -> int:
@@ -293,6 +295,46 @@ def write_documents(docs, path: str) -> str:
         for doc in docs:
             f.write(bson.encode(doc))
     return path
+
+
+def stub_worker(slot, config, source, task_endpoint, sink_endpoint, log_level,
+                exit_on_id=None):
+    """A worker process that speaks the internal protocol without a database, for stepping
+    the supervisor's loop (``Supervisor(config, source=..., worker_main=stub_worker)``):
+    each task's batch is one array, ``idx``, of the task's ``_id``s (0 for one that is not an
+    integer). A task that holds ``exit_on_id`` (``functools.partial(stub_worker,
+    exit_on_id=...)``) ends the process with ``STUB_CRASH_EXIT_CODE``, as a document that
+    crashes a decoder would. It exits when told to stop, or when its parent is gone."""
+    import multiprocessing
+
+    import numpy as np
+    import zmq
+
+    from .daemon.worker import POLL_INTERVAL_MS, worker_identity
+    from .wire import READY, BatchMeta, WorkerEvent, pack_batch, unpack_worker_command
+
+    context = zmq.Context()
+    tasks = context.socket(zmq.DEALER)
+    tasks.identity = worker_identity(slot)
+    tasks.connect(task_endpoint)
+    sink = context.socket(zmq.PUSH)
+    sink.connect(sink_endpoint)
+    tasks.send_multipart(WorkerEvent(READY, slot, pid=os.getpid()).pack())
+    specs = [a.spec() for a in config.arrays.values()]
+    parent = multiprocessing.parent_process()
+    while parent.is_alive():
+        if not tasks.poll(POLL_INTERVAL_MS):
+            continue
+        task = unpack_worker_command(tasks.recv_multipart())
+        if task is None:
+            break
+        if exit_on_id is not None and exit_on_id in task.ids:
+            os._exit(STUB_CRASH_EXIT_CODE)
+        idx = np.array([i if isinstance(i, int) else 0 for i in task.ids], np.int64)
+        meta = BatchMeta(task.task, slot, task.attempt, docs=len(idx), bytes=idx.nbytes)
+        sink.send_multipart([meta.pack(),
+                             *pack_batch(task.epoch, task.index, {"idx": idx}, specs)])
+    context.destroy(linger=0)
 
 
 def serve_documents(argv: list[str] | None = None):

@@ -13,7 +13,7 @@ from contextlib import ExitStack
 import pytest
 
 from mongofeed import FeedError
-from mongofeed.consumer import MultiConsumer, check_same_plan, check_shards
+from mongofeed.multi import MultiConsumer, check_same_plan, check_shards
 from mongofeed.testing import Daemon, wait_until
 from tests.support import insert_samples, sample_config, write_toml
 

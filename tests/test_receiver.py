@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-import mongofeed.consumer
+import mongofeed.stream
 from mongofeed import Consumer, FeedError
 from mongofeed.testing import Daemon
 from tests.support import insert_samples, sample_config, write_toml
@@ -24,7 +24,7 @@ def test_an_unexpected_failure_in_the_receiver_reaches_the_caller(tmp_path, mong
     def out_of_memory(frame):
         raise MemoryError("injected while unpacking a batch")
 
-    monkeypatch.setattr(mongofeed.consumer, "unpack_header", out_of_memory)
+    monkeypatch.setattr(mongofeed.stream, "unpack_header", out_of_memory)
     with Daemon(path, workers=1) as daemon, Consumer(daemon.bind, timeout=30) as consumer:
         expected = f"receiving failed on session .* from {daemon.bind}: MemoryError: injected"
         with pytest.raises(FeedError, match=expected) as failure:

@@ -5,53 +5,33 @@ internal transport that $MONGOFEED_INTERNAL_TRANSPORT asks for (the test runner'
 
 from __future__ import annotations
 
-import os
 import time
 
-import numpy as np
 import pytest
 import zmq
 
 from mongofeed.daemon.config import parse_config
 from mongofeed.daemon.pool import WorkerState
 from mongofeed.daemon.supervisor import Supervisor
-from mongofeed.daemon.worker import worker_identity
 from mongofeed.portable import resolve_internal_transport
-from mongofeed.testing import MemorySource, free_port_pair, internal_transport, write_documents
+from mongofeed.testing import (
+    MemorySource,
+    free_port_pair,
+    internal_transport,
+    stub_worker,
+    write_documents,
+)
 from mongofeed.wire import (
     PROTOCOL_VERSION,
-    READY,
-    BatchMeta,
-    WorkerEvent,
     decode_json,
     encode_json,
     hello_schema,
-    pack_batch,
     pack_credit,
     unpack_batch,
-    unpack_worker_command,
 )
 
 DOCS, BATCH = 20, 4
 STEP_BUDGET_S = 30.0
-
-
-def stub_worker(slot, config, source, task_endpoint, sink_endpoint, log_level):
-    """A worker without a database: each task's batch holds its ``_id``s as ``idx``."""
-    context = zmq.Context()
-    tasks = context.socket(zmq.DEALER)
-    tasks.identity = worker_identity(slot)
-    tasks.connect(task_endpoint)
-    sink = context.socket(zmq.PUSH)
-    sink.connect(sink_endpoint)
-    tasks.send_multipart(WorkerEvent(READY, slot, pid=os.getpid()).pack())
-    specs = [a.spec() for a in config.arrays.values()]
-    while (task := unpack_worker_command(tasks.recv_multipart())) is not None:
-        arrays = {"idx": np.array(task.ids, np.int64)}
-        meta = BatchMeta(task.task, slot, task.attempt, docs=len(task.ids),
-                         bytes=arrays["idx"].nbytes)
-        sink.send_multipart([meta.pack(), *pack_batch(task.epoch, task.index, arrays, specs)])
-    context.destroy(linger=1000)
 
 
 @pytest.fixture
@@ -132,10 +112,10 @@ def consumer(supervisor):
 def test_workers_are_reached_over_the_requested_internal_transport(supervisor):
     endpoints = supervisor.pool.endpoints
     if resolve_internal_transport(internal_transport()) == "ipc":
-        assert all(e.startswith(f"ipc://{supervisor.runtime_dir}") for e in endpoints)
+        assert all(e.startswith(f"ipc://{supervisor.sockets.runtime_dir}") for e in endpoints)
     else:  # as on Windows: loopback only, and no folder
         assert all(e.startswith("tcp://127.0.0.1:") for e in endpoints), endpoints
-        assert supervisor.runtime_dir is None
+        assert supervisor.sockets.runtime_dir is None
 
 
 def test_stepped_loop_delivers_each_batch_once_in_plan_order(supervisor, consumer):

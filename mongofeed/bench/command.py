@@ -98,8 +98,8 @@ def bench(uri, database, metrics_url, output, quick, only, workers, batch_size,
           scale_count, scale_seconds, planner_counts, planner_kinds, planner_legacy, mixing):
     """Benchmark mongofeed against the usual Keras loaders on the same server and data."""
     if mixing:
-        from .planner import format_mixing
-        from .planner import mixing as measure_mixing
+        from .mixing import format_mixing
+        from .mixing import mixing as measure_mixing
 
         click.echo(format_mixing(measure_mixing()))
         if not planner_counts:

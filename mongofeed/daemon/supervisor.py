@@ -15,46 +15,32 @@ No message can stop the loop: whatever a handler raises, the message is refused 
 counted (``rejected_messages``), logged with its reason (a traceback for the unexpected, at
 most one warning per ``REJECT_LOG_INTERVAL_S``), and the loop goes on.
 
-The roles live in their own modules: the worker pool [pool], sessions and tasks [sessions],
-delivery to consumers [sink], control requests [control].
+The roles live in their own modules: the sockets and how they are bound [sockets], the
+worker pool [pool], sessions and tasks [sessions], tasks to workers and their batches back
+[dispatch], delivery to consumers [sink], control requests [control].
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections import deque
 from collections.abc import Callable
 
 import zmq
 
-from ..errors import ProtocolError, SourceError
-from ..portable import (
-    bind_internal,
-    make_runtime_dir,
-    on_stop_signals,
-    remove_stale_shared_memory,
-    shared_memory_dir,
-)
-from ..security import CurveServer
-from ..wire import (
-    MAX_CONTROL_BYTES,
-    BatchMeta,
-    WorkerEvent,
-    encode_json,
-    pack_error,
-    unpack_credit,
-    unpack_header,
-    unpack_request,
-)
+from ..errors import ProtocolError
+from ..portable import on_stop_signals, remove_stale_shared_memory, shared_memory_dir
+from ..wire import encode_json, pack_error, unpack_credit, unpack_request
 from .config import Config
 from .control import Control
+from .dispatch import Dispatcher
 from .planner import Plan
 from .planning import plan_feed
 from .pool import WorkerPool
 from .sessions import Session, SessionTable
-from .sink import Sink, SlabBatch
+from .sink import Sink
+from .sockets import Sockets
 from .source import MongoSource
 from .transform import load_functions
 from .worker import run_worker
@@ -66,7 +52,6 @@ LOOP_WINDOW_S = 60.0           # status reports the longest iteration of this la
 DRAIN_LIMIT = 100              # messages per socket per iteration, so no socket starves
 READY_TIMEOUT_S = 60.0
 ERRORS_KEPT = 20
-SOCKET_LINGER_MS = 0
 REJECT_LOG_INTERVAL_S = 10.0   # one warning per interval; the others at debug level
 
 
@@ -127,9 +112,7 @@ class Supervisor:
         self.stopping = False
         self.planning = False  # while true, a stop signal raises StopRequested
         self.last_reject_log = -REJECT_LOG_INTERVAL_S
-        self.context = None
-        self.curve = None  # CurveServer when serve.server_key is set
-        self.runtime_dir = None
+        self.sockets = None  # bound by start
         self.shared_memory_dir = None  # where session regions are made; None: no regions
         self.pool = None
         self.metrics_server = None
@@ -158,24 +141,14 @@ class Supervisor:
         user's functions, sockets and keys come first, so a bad function reference, a port in
         use or a bad key is refused at once, not after a long listing."""
         load_functions(self.config.transform, self.config.path)  # a ConfigError stops us here
-        self.context = zmq.Context()
         serve = self.config.serve
         try:
-            if serve.server_key:
-                self.curve = CurveServer(self.context, serve.server_key, serve.client_keys)
-            # Replies keep ZeroMQ's default queue: with a small one, replies to a peer that
-            # reads every one were dropped now and then (seen in the fuzz test; a ROUTER
-            # counts a queue's fill from the reader's lagging reports, and drops beyond it).
-            self.control = self._bind(zmq.ROUTER, serve.control, MAX_CONTROL_BYTES)
-            # Batches sent but not read stay in this queue: at most max_pending per consumer.
-            self.data = self._bind(zmq.ROUTER, serve.bind, MAX_CONTROL_BYTES, serve.max_pending)
-            self.data.router_mandatory = 1
-            task_endpoint, sink_endpoint = self._bind_internal()
+            self.sockets = sockets = Sockets(serve)
             self.shared_memory_dir = shared_memory_dir()
             remove_stale_shared_memory(self.shared_memory_dir)
             self.plan_feeds()
-            self.pool = WorkerPool(self.config, self.source, self.task_socket, task_endpoint,
-                                   sink_endpoint, self.log_level, self.record_error,
+            self.pool = WorkerPool(self.config, self.source, sockets.tasks, sockets.task_endpoint,
+                                   sockets.sink_endpoint, self.log_level, self.record_error,
                                    self.worker_main)
             if serve.metrics_port is not None:
                 from .metrics import start_metrics_server
@@ -185,47 +158,11 @@ class Supervisor:
         except BaseException:
             self.close()
             raise
-        self.sink = Sink(self.data, serve.max_pending)
-        self.poller = zmq.Poller()
-        for socket in (self.control, self.data, self.task_socket, self.sink_socket):
-            self.poller.register(socket, zmq.POLLIN)
+        self.sink = Sink(sockets.data, serve.max_pending)
+        self.dispatcher = Dispatcher(self.sessions, self.pool, self.sink, self.counters,
+                                     self.record_error, self.end_session)
+        self.poller = sockets.poller()
         self.pool.start_all()
-
-    def _bind_internal(self) -> tuple[str, str]:
-        """Bind the sockets to the workers (tasks, sink) over serve.internal_transport: ipc in
-        a private folder, or loopback tcp [portable]; their endpoints for the workers."""
-        if self.config.serve.internal_transport == "ipc":
-            self.runtime_dir = make_runtime_dir()
-        self.task_socket = self._socket(zmq.ROUTER)
-        task_endpoint = bind_internal(self.task_socket, self.runtime_dir, "tasks")
-        self.task_socket.router_mandatory = 1
-        self.task_socket.router_handover = 1  # a restarted worker reuses its slot's identity
-        self.sink_socket = self._socket(zmq.PULL)
-        sink_endpoint = bind_internal(self.sink_socket, self.runtime_dir, "sink")
-        return task_endpoint, sink_endpoint
-
-    def _socket(self, kind: int) -> zmq.Socket:
-        socket = self.context.socket(kind)
-        socket.linger = SOCKET_LINGER_MS
-        return socket
-
-    def _bind(self, kind: int, endpoint: str, max_message: int,
-              sndhwm: int | None = None) -> zmq.Socket:
-        """A public socket; its limits are set before the bind, because every connection
-        takes them from the listener, which copies them when it binds."""
-        socket = self._socket(kind)
-        socket.maxmsgsize = max_message
-        if sndhwm is not None:
-            socket.sndhwm = sndhwm
-        if self.curve is not None:
-            self.curve.apply(socket)
-        try:
-            socket.bind(endpoint)
-        except zmq.ZMQError as exc:
-            socket.close()
-            raise SourceError(f"cannot bind {endpoint}: {exc.strerror}; is another "
-                              f"'mongofeed serve' running? choose another --bind") from None
-        return socket
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S):
         """Run the loop until every worker has said ready (or ``timeout`` passes)."""
@@ -276,17 +213,10 @@ class Supervisor:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
             self.metrics_server = None
-        if self.curve is not None:
-            self.curve.stop()
-            self.curve = None
         for session in list(self.sessions.sessions.values()):
             self.sessions.end(session)  # removes its region
-        if self.context is not None:
-            self.context.destroy(linger=SOCKET_LINGER_MS)
-            self.context = None
-        if self.runtime_dir:
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
-            self.runtime_dir = None
+        if self.sockets is not None:
+            self.sockets.close()
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -306,20 +236,21 @@ class Supervisor:
 
     def step(self, events: dict):
         """One iteration's work, after the poll: what every consumer's traffic waits for."""
-        if self.sink_socket in events:
-            self.drain(self.sink_socket, self.on_batch)
-        if self.task_socket in events:
-            self.drain(self.task_socket, self.on_worker_message)
-        if self.data in events:
-            self.drain(self.data, self.on_consumer_message)
-        if self.control in events:
-            self.drain(self.control, self.on_control)
+        sockets = self.sockets
+        if sockets.sink in events:
+            self.drain(sockets.sink, self.dispatcher.on_batch)
+        if sockets.tasks in events:
+            self.drain(sockets.tasks, self.dispatcher.on_worker_message)
+        if sockets.data in events:
+            self.drain(sockets.data, self.on_consumer_message)
+        if sockets.control in events:
+            self.drain(sockets.control, self.on_control)
         for task_ids, death in self.pool.check():
-            self.reissue(task_ids, death)
+            self.dispatcher.reissue(task_ids, death)
         self.sessions.poll_sent()
         self.expire_sessions()
         self.sessions.plan_tasks()
-        self.dispatch()
+        self.dispatcher.dispatch()
 
     def drain(self, socket: zmq.Socket, handler, limit: int = DRAIN_LIMIT):
         """Handle up to ``limit`` messages of ``socket``; one that makes its handler raise is
@@ -348,89 +279,13 @@ class Supervisor:
                 self.counters["rejected_messages"], type(exc).__name__ + ": " if unexpected
                 else "", exc, exc_info=exc if unexpected else None)
 
-    def on_worker_message(self, frames):
-        event = WorkerEvent.unpack(frames)
-        if event.slot >= len(self.pool.records):
-            raise ProtocolError(f"worker message from slot {event.slot}, which does not exist")
-        self.pool.on_event(event)
-
-    def on_batch(self, frames):
-        meta = BatchMeta.unpack(frames[0])
-        if meta.slot >= len(self.pool.records):
-            raise ProtocolError(f"batch from slot {meta.slot}, which does not exist")
-        record = self.pool.heard(meta.slot)
-        self.pool.delivered(record, meta.task)
-        task, session = self.sessions.finish(meta.task, meta.attempt)
-        if session is None:
-            # A session that ended, or a late duplicate of a re-issued task: never delivered.
-            self.counters["dropped_batches"] += 1
-            return
-        batch = frames[1:]
-        if meta.error is None and meta.slab is not None:
-            try:
-                if meta.slab != task.slab or len(batch) != 1:
-                    raise ProtocolError(f"slab {meta.slab} for a task of slab {task.slab}")
-                header = unpack_header(batch[0])
-                if isinstance(header, str):
-                    raise ProtocolError("an error in place of a batch header")
-                session.schema.placements(header)  # its counts fit the schema
-            except ProtocolError as exc:
-                meta = BatchMeta(meta.task, meta.slot, error=f"{task.describe()}: a bad batch "
-                                 f"from worker {meta.slot}: {exc}")
-            else:
-                batch = SlabBatch(meta.slab, header)
-        elif task.slab is not None:
-            session.slabs.give_back(task.slab)  # the batch came as frames, or not at all
-        if meta.error is not None:
-            record.errors += 1
-            record.last_error = meta.error
-            self.record_error(meta.error)  # it names the feed, epoch and batch
-            self.end_session(session, meta.error)
-            return
-        record.batches += 1
-        record.docs += meta.docs
-        record.bytes += meta.bytes
-        record.skips += meta.skips
-        session.skips += meta.skips
-        for message in meta.skipped:
-            log.warning("skipped: %s", message)
-        if not self.sink.accept(session, task.epoch, task.index, batch, task.drawn()):
-            self.end_session(session)
-
-    def dispatch(self):
-        """Hand pending tasks to ready workers, the least loaded first (a window's tasks to
-        the worker that reads the window), and windows to read ahead; a task that outlived
-        a worker waits, first in line, for an idle worker to make it alone."""
-        for key, spec in self.sessions.take_warm():
-            self.counters["windows_read_ahead"] += self.pool.warm(key, spec)
-        while (task := self.sessions.next_pending()) is not None:
-            record = self.pool.worker_for(task)
-            if record is None:
-                return
-            self.sessions.take_pending()
-            if not self.pool.send(record, task):
-                self.sessions.requeue([task.id])
-                return
-
-    def reissue(self, task_ids: list[int], death: str):
-        """A worker died with these tasks in hand: make them again, except those that have
-        now outlived ``MAX_TASK_DEATHS`` workers, which fail their sessions."""
-        for task in self.sessions.orphaned(task_ids):
-            self.counters["poison_tasks"] += 1
-            message = (f"{task.describe()}: the worker making it died {task.deaths} times "
-                       f"(last: {death}); it is not made again")
-            self.record_error(message)
-            session = self.sessions.get(task.session)
-            if session is not None:
-                self.end_session(session, message)
-
     def on_consumer_message(self, frames):
         identity = frames[0].bytes
         message = unpack_credit(frames[1:])
         session = self.sessions.get(identity)
         if session is None:
             try:
-                self.data.send_multipart([identity] + pack_error(
+                self.sockets.data.send_multipart([identity] + pack_error(
                     "unknown session: the daemon was restarted or the session ended; "
                     "create a new consumer"), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -470,7 +325,8 @@ class Supervisor:
                      f"the daemon could not handle this request ({type(exc).__name__}); "
                      f"its log has the details"}
         try:
-            self.control.send_multipart([identity, encode_json(reply)], flags=zmq.NOBLOCK)
+            self.sockets.control.send_multipart([identity, encode_json(reply)],
+                                                flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
 

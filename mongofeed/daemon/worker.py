@@ -103,7 +103,7 @@ class Worker:
         self.specs = [a.spec() for a in config.arrays.values()]
         self.names = list(config.arrays)
         self.layout = SlabLayout.of(self.specs, config.batch.size)
-        self.regions: dict[str, Region] = {}  # mapped session regions, by path
+        self.regions = MappedRegions()
 
     def _read_gridfs(self, bucket, file_id):
         return self.reader.read_gridfs(bucket, file_id)
@@ -130,7 +130,7 @@ class Worker:
     def run(self):
         self.tasks.send_multipart(WorkerEvent(READY, self.slot, pid=os.getpid()).pack())
         while self.parent_alive():
-            self.unmap_removed_regions()
+            self.regions.unmap_removed()
             if not self.tasks.poll(POLL_INTERVAL_MS):
                 continue
             tasks, stop = self.take_tasks()
@@ -141,18 +141,6 @@ class Worker:
             if stop:
                 return
         log.warning("worker %d: supervisor is gone, exiting", self.slot)
-
-    def unmap_removed_regions(self):
-        """Unmap the regions of sessions that ended (their files are gone), so that their
-        memory is freed."""
-        for path in [p for p in self.regions if not os.path.exists(p)]:
-            self.regions.pop(path).close()
-
-    def region(self, path: str) -> Region:
-        region = self.regions.get(path)
-        if region is None:
-            region = self.regions[path] = Region.open(path)
-        return region
 
     def take_tasks(self) -> tuple[list[TaskMessage], bool]:
         """The next task and every task already queued behind it (read with one query), and
@@ -249,7 +237,7 @@ class Worker:
                 header_and_arrays = pack_batch(task.epoch, task.index, arrays, self.specs)
             else:
                 values = list(arrays.values())
-                self.region(task.region).write(task.slab, self.layout, values)
+                self.regions.get(task.region).write(task.slab, self.layout, values)
                 header_and_arrays = [BatchHeader.of(task.epoch, task.index, values,
                                                     self.specs).pack()]
         except Exception as exc:
@@ -295,7 +283,7 @@ class Worker:
             raise problems[0]
         out = None
         if task.region is not None:  # final arrays straight into the slab, where they can be
-            out = self.region(task.region).placer(task.slab, self.layout, self.names)
+            out = self.regions.get(task.region).placer(task.slab, self.layout, self.names)
         arrays, skipped = self.batches.make(task.feed, task.epoch, task.index, readable,
                                             collections, out)
         return arrays, problems + skipped
@@ -330,10 +318,33 @@ class Worker:
     def close(self):
         self.client.close()
         self.context.destroy(linger=SOCKET_LINGER_MS)
-        for region in self.regions.values():
-            region.close()
+        self.regions.close()
         if not self.parent_alive():  # killed: nobody else removes its regions now
             remove_stale_shared_memory(shared_memory_dir(), owner=self.parent.pid)
+
+
+class MappedRegions:
+    """The session regions a worker writes batches into, by path: mapped on first use, and
+    unmapped once the supervisor has removed the file (the session ended), so that their
+    memory is freed."""
+
+    def __init__(self):
+        self.regions: dict[str, Region] = {}
+
+    def get(self, path: str) -> Region:
+        region = self.regions.get(path)
+        if region is None:
+            region = self.regions[path] = Region.open(path)
+        return region
+
+    def unmap_removed(self):
+        for path in [p for p in self.regions if not os.path.exists(p)]:
+            self.regions.pop(path).close()
+
+    def close(self):
+        for region in self.regions.values():
+            region.close()
+        self.regions = {}
 
 
 def clip(message: str) -> str:

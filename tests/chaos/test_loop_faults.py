@@ -6,56 +6,28 @@ real Consumer reads from it."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-import os
 import threading
 
-import numpy as np
 import pytest
 import zmq
 
 from mongofeed import Consumer, FeedError
 from mongofeed.daemon.config import parse_config
 from mongofeed.daemon.supervisor import Supervisor
-from mongofeed.daemon.worker import worker_identity
 from mongofeed.testing import (
+    STUB_CRASH_EXIT_CODE,
     MemorySource,
     free_port_pair,
     internal_transport,
+    stub_worker,
     write_documents,
-)
-from mongofeed.wire import (
-    READY,
-    BatchMeta,
-    WorkerEvent,
-    pack_batch,
-    unpack_worker_command,
 )
 
 DOCS, BATCH = 40, 4
 POISON_ID = 13
 READY_TIMEOUT_S = 60
-
-
-def stub_worker(slot, config, source, task_endpoint, sink_endpoint, log_level):
-    """A worker without a database: a batch's ``idx`` holds its ``_id``s; a batch that holds
-    POISON_ID kills the process, as a document that crashes a decoder would."""
-    context = zmq.Context()
-    tasks = context.socket(zmq.DEALER)
-    tasks.identity = worker_identity(slot)
-    tasks.connect(task_endpoint)
-    sink = context.socket(zmq.PUSH)
-    sink.connect(sink_endpoint)
-    tasks.send_multipart(WorkerEvent(READY, slot, pid=os.getpid()).pack())
-    specs = [a.spec() for a in config.arrays.values()]
-    while (task := unpack_worker_command(tasks.recv_multipart())) is not None:
-        if POISON_ID in task.ids:
-            os._exit(3)
-        arrays = {"idx": np.array(task.ids, np.int64)}
-        meta = BatchMeta(task.task, slot, task.attempt, docs=len(task.ids),
-                         bytes=arrays["idx"].nbytes)
-        sink.send_multipart([meta.pack(), *pack_batch(task.epoch, task.index, arrays, specs)])
-    context.destroy(linger=1000)
 
 
 @contextlib.contextmanager
@@ -70,7 +42,9 @@ def running_supervisor(tmp_path, ids=range(DOCS)):
         "serve": {"workers": 1, "bind": f"tcp://127.0.0.1:{free_port_pair()}",
                   "internal_transport": internal_transport()},
     })
-    supervisor = Supervisor(config, source=MemorySource(documents), worker_main=stub_worker)
+    # A batch that holds POISON_ID kills its worker, as a document that crashes a decoder would.
+    supervisor = Supervisor(config, source=MemorySource(documents),
+                            worker_main=functools.partial(stub_worker, exit_on_id=POISON_ID))
     ready, failure = threading.Event(), []
 
     def run():
@@ -111,7 +85,7 @@ def test_a_task_that_kills_its_worker_twice_fails_its_session_naming_the_batch(t
     print(f"poison task failed its session after {restarts} worker restarts: {failed.value}")
     assert (f"feed 'train', epoch 0, batch {poisoned}: the worker making it died 2 times "
             f"(last: worker 0") in str(failed.value)
-    assert "exited with code 3" in str(failed.value)
+    assert f"exited with code {STUB_CRASH_EXIT_CODE}" in str(failed.value)
     assert received == list(range(poisoned))  # everything before it, once, in order
     assert counters["poison_tasks"] == 1 and restarts >= 1
 

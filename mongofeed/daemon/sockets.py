@@ -1,0 +1,100 @@
+"""The supervisor's sockets, bound: the public ones consumers reach and the internal ones its
+workers connect to.
+
+```
+ consumers                                            workers
+ DEALER ── hello/heartbeat/bye/status ──▶ control ROUTER  (serve.control)
+ DEALER ◀─ batches ── credit, releases ─▶ data ROUTER     (serve.bind)
+                                          tasks ROUTER  ── task/warm/stop ──▶ DEALER (slot)
+                                          sink PULL     ◀── batches ───────── PUSH
+```
+
+The public sockets speak CurveZMQ when ``serve.server_key`` is set, and get their limits
+(largest message, send queue) before the bind, because every connection takes them from
+the listener, which copies them when it binds. The internal ones use
+``serve.internal_transport``: ipc in a private folder (removed on close), or loopback tcp
+[portable]. No socket lingers: at the close nothing waits for a peer.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import zmq
+
+from ..errors import SourceError
+from ..portable import bind_internal, make_runtime_dir
+from ..security import CurveServer
+from ..wire import MAX_CONTROL_BYTES
+from .config import ServeConfig
+
+SOCKET_LINGER_MS = 0
+
+
+class Sockets:
+    def __init__(self, serve: ServeConfig):
+        """Bind every socket; raises (a port in use, a bad key) with nothing left open."""
+        self.context = zmq.Context()
+        self.curve = None  # CurveServer when serve.server_key is set
+        self.runtime_dir = None  # the ipc endpoints' private folder
+        try:
+            if serve.server_key:
+                self.curve = CurveServer(self.context, serve.server_key, serve.client_keys)
+            # Replies keep ZeroMQ's default queue: with a small one, replies to a peer that
+            # reads every one were dropped now and then (seen in the fuzz test; a ROUTER
+            # counts a queue's fill from the reader's lagging reports, and drops beyond it).
+            self.control = self.public(zmq.ROUTER, serve.control, MAX_CONTROL_BYTES)
+            # Batches sent but not read stay in this queue: at most max_pending per consumer.
+            self.data = self.public(zmq.ROUTER, serve.bind, MAX_CONTROL_BYTES, serve.max_pending)
+            self.data.router_mandatory = 1
+            if serve.internal_transport == "ipc":
+                self.runtime_dir = make_runtime_dir()
+            self.tasks = self.socket(zmq.ROUTER)
+            self.task_endpoint = bind_internal(self.tasks, self.runtime_dir, "tasks")
+            self.tasks.router_mandatory = 1
+            self.tasks.router_handover = 1  # a restarted worker reuses its slot's identity
+            self.sink = self.socket(zmq.PULL)
+            self.sink_endpoint = bind_internal(self.sink, self.runtime_dir, "sink")
+        except BaseException:
+            self.close()
+            raise
+
+    def socket(self, kind: int) -> zmq.Socket:
+        socket = self.context.socket(kind)
+        socket.linger = SOCKET_LINGER_MS
+        return socket
+
+    def public(self, kind: int, endpoint: str, max_message: int,
+               sndhwm: int | None = None) -> zmq.Socket:
+        """A public socket, its limits set before the bind (see the module)."""
+        socket = self.socket(kind)
+        socket.maxmsgsize = max_message
+        if sndhwm is not None:
+            socket.sndhwm = sndhwm
+        if self.curve is not None:
+            self.curve.apply(socket)
+        try:
+            socket.bind(endpoint)
+        except zmq.ZMQError as exc:
+            socket.close()
+            raise SourceError(f"cannot bind {endpoint}: {exc.strerror}; is another "
+                              f"'mongofeed serve' running? choose another --bind") from None
+        return socket
+
+    def poller(self) -> zmq.Poller:
+        """A poller for what arrives on any of them."""
+        poller = zmq.Poller()
+        for socket in (self.control, self.data, self.tasks, self.sink):
+            poller.register(socket, zmq.POLLIN)
+        return poller
+
+    def close(self):
+        if self.curve is not None:
+            self.curve.stop()
+            self.curve = None
+        if self.context is not None:
+            self.context.destroy(linger=SOCKET_LINGER_MS)
+            self.context = None
+        if self.runtime_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            self.runtime_dir = None
