@@ -99,11 +99,7 @@ class Proxy:
         except OSError:
             pass
         finally:
-            for s in (client, server):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _shutdown(client, server)
 
     @staticmethod
     def _pump(source, target):
@@ -113,11 +109,7 @@ class Proxy:
         except OSError:
             pass
         finally:
-            for s in (source, target):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _shutdown(source, target)
 
 
 def _receive(sock, size: int) -> bytes:
@@ -129,3 +121,12 @@ def _receive(sock, size: int) -> bytes:
             return b""
         data += chunk
     return bytes(data)
+
+
+def _shutdown(*sockets):
+    """Shut both directions of each socket down, whatever state it is in already."""
+    for s in sockets:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
