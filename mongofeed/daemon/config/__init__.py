@@ -17,6 +17,7 @@ from .model import (
     FeedConfig,
     FeedSourceConfig,
     FieldConfig,
+    ServeConfig,
     SourceConfig,
     TransformConfig,
 )
@@ -24,5 +25,6 @@ from .parse import MAX_BATCH_BYTES, load_config, load_source, parse_config
 from .schema import ON_ERROR, SCHEMA
 
 __all__ = ["MAX_BATCH_BYTES", "ON_ERROR", "SCHEMA", "VARIABLE", "ArrayConfig", "Config",
-           "FeedConfig", "FeedSourceConfig", "FieldConfig", "SourceConfig", "TransformConfig",
+           "FeedConfig", "FeedSourceConfig", "FieldConfig", "ServeConfig",
+           "SourceConfig", "TransformConfig",
            "load_config", "load_source", "parse_config"]
