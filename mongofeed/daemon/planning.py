@@ -104,6 +104,11 @@ def list_planned(source, client, config: Config, collection: str, query: dict,
         key = cache_key(redact_uri(config.source.uri), config.source.database, collection,
                         query, order)
         hit = cache.load(key, check)
+        if hit is not None and not wait_aside(
+                lambda: source.still_stored(client, hit["ids"], **where)):
+            log.info("%s.%s: a stored _id is gone (reloaded?); listing again",
+                     config.source.database, collection)
+            hit = None
     if hit is not None:
         ids, digest, count, last = hit["ids"], hit["digest"], hit["count"], hit.get("last")
         origin = {"from_cache": hit["path"]}

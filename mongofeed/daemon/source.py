@@ -145,7 +145,8 @@ def fingerprint(client: pymongo.MongoClient, source: SourceConfig, query: dict) 
     and where the server answers them from its indexes (MongoDB), the first and last
     ``_id`` (the ``_id`` index) and the number of documents a filter selects. FerretDB 1.x
     reads the whole collection for a sort or a filtered count, as for a listing, so there
-    the check is the count and size alone (README, Limits, says what that misses)."""
+    the check is the count and size, and after loading, ``still_stored`` (README, Limits,
+    says what that misses)."""
     db = client[source.database]
     collection = db[source.collection]
     try:
@@ -164,6 +165,20 @@ def fingerprint(client: pymongo.MongoClient, source: SourceConfig, query: dict) 
     except PyMongoError as exc:
         raise SourceError(describe_failure(source, exc)) from None
     return check
+
+
+def still_stored(client: pymongo.MongoClient, source: SourceConfig, ids) -> bool:
+    """Whether the first, middle and last ``_id`` of a stored listing are still in the
+    collection: a reload (the same documents under new ``_id``s, or another data set of the
+    same count and size) fails it on every server. Lookups by ``_id`` alone, the one query
+    FerretDB 1.x answers without a scan (30 to 170 ms each there)."""
+    collection = client[source.database][source.collection]
+    positions = sorted({0, len(ids) // 2, len(ids) - 1}) if len(ids) else []
+    try:
+        return all(collection.find_one({"_id": ids[i]}, {"_id": 1}) is not None
+                   for i in positions)
+    except PyMongoError as exc:
+        raise SourceError(describe_failure(source, exc)) from None
 
 
 def reply_batch_docs(sample_bytes: int) -> int:
@@ -338,6 +353,10 @@ class MongoSource:
     def fingerprint(self, client: pymongo.MongoClient, query: dict,
                     collection: str | None = None) -> dict:
         return fingerprint(client, self._at(collection), query)
+
+    def still_stored(self, client: pymongo.MongoClient, ids,
+                     collection: str | None = None) -> bool:
+        return still_stored(client, self._at(collection), ids)
 
     def reader(self, client: pymongo.MongoClient, sample_bytes: int,
                projection: dict | None = None, collection: str | None = None) -> BatchReader:

@@ -7,7 +7,8 @@ One file per (server, database, collection, filter, order), named by a hash of t
 and the window shape) and the ids as stored in memory (12-byte rows, int64, or BSON
 elements for the fallback). It is used only if the check the daemon makes at start
 (``source.fingerprint``: the collection's count and data size, and where the server answers
-from its indexes, the first and last ``_id`` and the filter's count) equals the stored one;
+from its indexes, the first and last ``_id`` and the filter's count) equals the stored one
+and the plan's first, middle and last ``_id`` are still stored (``source.still_stored``);
 otherwise the daemon lists again and replaces it. A change that keeps all of these goes
 unseen: README, Limits, says which.
 
