@@ -129,6 +129,8 @@ dtype = "int64"
 [output]
 inputs = ["image"]
 targets = ["label"]
+[serve]
+plan_cache = "off"  # every row lists its ids: start-up does not depend on earlier runs
 """
     with open(path, "w") as f:
         f.write(text)
