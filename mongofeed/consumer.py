@@ -128,7 +128,8 @@ class Consumer:
     On the daemon's host (``shared_memory``, on unless False or ``MONGOFEED_SHARED_MEMORY=0``)
     the arrays of a batch view the daemon's shared memory, read-only, and the daemon reuses
     that memory once they are gone. Drop them (or copy what you keep) within the next
-    ``held_batches`` batches: while you hold more, ``get`` hands copies instead of views, so
+    ``held_batches`` batches (the daemon lends up to its ``serve.max_held_batches``, 18 by
+    default, for them): while you hold more, ``get`` hands copies instead of views, so
     nothing waits, but each costs a copy. ``get`` may be called from any thread, one at a
     time.
     """
@@ -187,13 +188,14 @@ class Consumer:
         """Say hello (at ``state``'s position, or at ``start_epoch``) and start receiving."""
         if state is None:
             request = HelloRequest(self.feed, start_epoch, self._shard,
-                                   shared_memory=self._shared_memory)
+                                   shared_memory=self._shared_memory,
+                                   held_batches=self._held_batches)
         else:
             if state.needs_its_shard:  # before the hello names that shard's batches
                 host, hosts = self._daemon_shard()
                 state.check_shard((host + hosts * self._shard[0], hosts * self._shard[1]))
             request = HelloRequest(self.feed, state.epoch, self._shard, state.job_offset,
-                                   state.extra, self._shared_memory)
+                                   state.extra, self._shared_memory, self._held_batches)
         control_socket = control_connect(self._context, self.control, self._curve)
         info = None
         try:
@@ -217,7 +219,8 @@ class Consumer:
         self._progress = EpochProgress.of(start, start.epoch)
         token = info["token"]
         region = self._attach(offer) if offer else None
-        flow = Flow.of(self.prefetch, self._held_batches, info.get("credit_window"), region)
+        flow = Flow.of(self.prefetch, self._held_batches, info.get("credit_window"), region,
+                       offer.held_batches if region else 0)
         self._stream = Stream(self._context, self.endpoint, self.session, token, schema,
                               start, info.get("ordered", True), flow, self._curve, region,
                               offer is not None)

@@ -100,7 +100,7 @@ class MongoFeedSequence(keras.utils.PyDataset):
         if not 0 <= index < len(self):
             raise IndexError(f"batch index {index} out of range(0, {len(self)})")
         consumer = self.consumer
-        if keras_reads_the_signature():
+        if index < SIGNATURE_PEEK_BATCHES and keras_reads_the_signature():
             arrays = signature_batch(consumer.schema, index)
         else:
             arrays = self.replay.take().arrays
@@ -203,6 +203,9 @@ FRAMES_SEARCHED = 8  # our on_epoch_end, a subclass's override or two, then Kera
 
 def _pass_end_callers():
     try:
+        from keras.src.trainers.data_adapters.data_adapter_utils import (
+            NUM_BATCHES_FOR_TENSOR_SPEC,
+        )
         from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
         from keras.src.trainers.epoch_iterator import EpochIterator
 
@@ -210,7 +213,7 @@ def _pass_end_callers():
             EpochIterator.reset.__code__: False,
             EpochIterator._enumerate_iterator.__code__: True,
             EpochIterator.catch_stop_iteration.__wrapped__.__code__: True,
-        }, PyDatasetAdapter.get_tf_dataset.__code__
+        }, PyDatasetAdapter.get_tf_dataset.__code__, NUM_BATCHES_FOR_TENSOR_SPEC
     except (ImportError, AttributeError) as exc:
         raise ImportError(
             f"mongofeed.keras knows how {KERAS_CHECKED} ends an epoch pass over a PyDataset, "
@@ -218,7 +221,8 @@ def _pass_end_callers():
             f"keras=={KERAS_CHECKED_VERSION}, or mongofeed.Consumer directly") from exc
 
 
-_ADAPTER_END, _PASS_USED_BY_CALLER, _SIGNATURE_PEEK = _pass_end_callers()
+# The signature peek reads the first SIGNATURE_PEEK_BATCHES batches (seq[0] and seq[1]).
+_ADAPTER_END, _PASS_USED_BY_CALLER, _SIGNATURE_PEEK, SIGNATURE_PEEK_BATCHES = _pass_end_callers()
 PEEK_FRAMES_SEARCHED = 3  # our __getitem__, the peek's list comprehension, get_tf_dataset
 _KERAS_DIR = os.path.dirname(keras.__file__) + os.sep
 

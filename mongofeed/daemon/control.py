@@ -11,9 +11,11 @@ name, and bye and heartbeat need the token.
 
 ``hello`` also makes the session's shared memory (``slabs``), where the daemon has a folder
 for it: workers write the session's batches there, whatever the consumer. Its
-``2 x serve.max_pending`` slabs are the session's memory bound (``max_pending`` produced
-ahead, ``max_pending`` sent or lent). A consumer that offers to map it (``"shared_memory":
-true``) is told where it is; whether it could map it, it says in its first credit message.
+``2 x serve.max_pending`` slabs (``max_pending`` produced ahead, ``max_pending`` sent or
+lent) and the batches a consumer that offers to map it keeps as views (its hello's
+``held_batches``, at most ``serve.max_held_batches``) are within the session's memory bound.
+That consumer (``"shared_memory": true``) is told where the region is; whether it could map
+it, it says in its first credit message.
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ class Control:
             feed, shard, epoch, self.config.serve.ordered, offset, frozenset(skip),
             Schema(feed, supervisor.plans[feed].batch_size, self.specs()))
         supervisor.counters["sessions_opened"] += 1
-        refusal = self.make_slabs(session)
+        held = min(request.held_batches, self.config.serve.max_held_batches) \
+            if request.shared_memory else 0
+        refusal = self.make_slabs(session, held)
         log.info("session %s: feed %s from epoch %d (after %d global batches, %d skipped), "
                  "shard %s%s", session.name, feed, epoch, offset, len(skip), shard,
                  f", region {session.slabs.path}" if session.slabs else "")
@@ -92,7 +96,7 @@ class Control:
             if session.slabs is not None:
                 region = session.slabs.region
                 reply["shared_memory"] = SharedMemoryOffer(
-                    region.path, region.nonce, region.slabs, region.slab_bytes).to_json()
+                    region.path, region.nonce, region.slabs, region.slab_bytes, held).to_json()
             else:
                 reply["shared_memory_refused"] = refusal
         return reply
@@ -100,16 +104,17 @@ class Control:
     def specs(self):
         return tuple(a.spec() for a in self.config.arrays.values())
 
-    def make_slabs(self, session) -> str | None:
-        """Give ``session`` a region of ``2 x serve.max_pending`` slabs; the reason if there
-        is none (no folder for shared memory here, or no room in it)."""
+    def make_slabs(self, session, held: int) -> str | None:
+        """Give ``session`` a region of ``2 x serve.max_pending`` slabs and ``held`` more for
+        the batches its consumer keeps as views; the reason if there is none (no folder for
+        shared memory here, or no room in it)."""
         folder = self.supervisor.shared_memory_dir
         if folder is None:
             return "the daemon's host has no folder for shared memory"
         layout = SlabLayout.of(self.specs(), self.config.batch.size)
         try:
-            session.slabs = SessionSlabs.create(folder, 2 * self.config.serve.max_pending,
-                                                layout)
+            session.slabs = SessionSlabs.create(
+                folder, 2 * self.config.serve.max_pending + held, layout)
         except RegionError as exc:
             log.warning("session %s: no shared memory, its batches travel as messages: %s",
                         session.name, exc)

@@ -18,9 +18,10 @@ Memory per session is bounded by ``max_pending`` batches produced ahead (tasks i
 plus batches waiting here) and ``max_pending`` more sent but not yet read: a session's credit
 is capped at that, and so is the data socket's send queue per connection (its high-water
 mark), so a consumer that grants credit without ever reading cannot make batches pile up in
-ZeroMQ's queue. ``Config.session_memory_bound`` is the sum in bytes. A session's region has
-exactly that many slabs: ``max_pending`` for production, ``max_pending`` lent or being sent
-(a consumer that keeps more slabs than that only stalls its own session).
+ZeroMQ's queue. A session's region has a slab for each: ``max_pending`` for production,
+``max_pending`` lent or being sent, and one for each view its consumer asked to keep (at
+most ``serve.max_held_batches``); a consumer that keeps more slabs than that only stalls its
+own session. ``Config.session_memory_bound`` is the sum in bytes.
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ import numpy as np
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 4           # 2: the hello reply's secret token is the data identity;
+PROTOCOL_VERSION = 5           # 2: the hello reply's secret token is the data identity;
                                # 3: the hello's start offset and skipped batches (a resume);
-                               # 4: binary batch headers, shared memory, frames cut at 16 MiB
+                               # 4: binary batch headers, shared memory, frames cut at 16 MiB;
+                               # 5: the hello asks for held batches, the offer grants them
 MAX_CONTROL_BYTES = 64 * 1024  # one JSON message: a control request or reply, a credit, a meta
 MAX_JSON_DEPTH = 32            # our messages nest at most 6 deep (the status reply)
 MAX_NUMBER_CHARS = 40          # a JSON number's text; ours are counts, sizes and seconds

@@ -29,7 +29,8 @@ class HelloRequest:
     ``start_offset`` global batches of ``start_epoch`` (which the job consumed) and leaves
     out the global batches in ``skip`` (which this rank took out of order).
     ``shared_memory``: the consumer offers to map the session's shared memory (it may be on
-    the daemon's host)."""
+    the daemon's host); ``held_batches``: how many batches it means to keep as views of that
+    memory beyond its credit (the daemon grants up to its ``serve.max_held_batches``)."""
 
     feed: str
     start_epoch: int = 0
@@ -37,12 +38,14 @@ class HelloRequest:
     start_offset: int = 0
     skip: tuple[int, ...] = ()
     shared_memory: bool = False
+    held_batches: int = 0
 
     def pack(self) -> bytes:
         return encode_json({"op": "hello", "protocol": PROTOCOL_VERSION, "feed": self.feed,
                             "start_epoch": self.start_epoch, "shard": list(self.shard),
                             "start_offset": self.start_offset, "skip": list(self.skip),
-                            "shared_memory": self.shared_memory})
+                            "shared_memory": self.shared_memory,
+                            "held_batches": self.held_batches})
 
     @classmethod
     def from_json(cls, body: dict) -> HelloRequest:
@@ -55,7 +58,9 @@ class HelloRequest:
             raise ProtocolError(f"hello needs a feed name (a string of 1 to {MAX_NAME_CHARS} "
                                 f"characters), got {feed!r:.60}")
         start_epoch, start_offset = body.get("start_epoch", 0), body.get("start_offset", 0)
-        for name, value in (("start_epoch", start_epoch), ("start_offset", start_offset)):
+        held_batches = body.get("held_batches", 0)
+        for name, value in (("start_epoch", start_epoch), ("start_offset", start_offset),
+                            ("held_batches", held_batches)):
             if not _is_count(value):
                 raise ProtocolError(f"{name} must be an integer from 0 to {2**40 - 1}, got "
                                     f"{value!r:.60}")
@@ -74,7 +79,7 @@ class HelloRequest:
             raise ProtocolError(f"shared_memory must be true or false, got "
                                 f"{shared_memory!r:.20}")
         return cls(feed, start_epoch, (shard[0], shard[1]), start_offset, tuple(sorted(skip)),
-                   shared_memory)
+                   shared_memory, held_batches)
 
 
 @dataclass(frozen=True)
@@ -168,16 +173,19 @@ def hello_schema(reply: dict) -> Schema:
 @dataclass(frozen=True)
 class SharedMemoryOffer:
     """A hello reply's ``shared_memory``: the session's region file on the daemon's host
-    (``region``), which a consumer on that host maps instead of receiving the arrays."""
+    (``region``), which a consumer on that host maps instead of receiving the arrays, and
+    how many of its slabs the consumer may keep as views beyond its credit window
+    (``held_batches``, what the daemon granted of what the hello asked)."""
 
     path: str
     nonce: bytes
     slabs: int
     slab_bytes: int
+    held_batches: int
 
     def to_json(self) -> dict:
         return {"path": self.path, "nonce": self.nonce.hex(), "slabs": self.slabs,
-                "slab_bytes": self.slab_bytes}
+                "slab_bytes": self.slab_bytes, "held_batches": self.held_batches}
 
     @classmethod
     def from_reply(cls, reply: dict) -> SharedMemoryOffer | None:
@@ -186,12 +194,13 @@ class SharedMemoryOffer:
             return None
         try:
             made = cls(offer["path"], bytes.fromhex(offer["nonce"]), offer["slabs"],
-                       offer["slab_bytes"])
+                       offer["slab_bytes"], offer["held_batches"])
         except (TypeError, KeyError, ValueError):
             raise ProtocolError(f"malformed shared_memory in the hello reply: "
                                 f"{offer!r:.200}") from None
         if not (isinstance(made.path, str) and _is_count(made.slabs) and made.slabs > 0
-                and _is_count(made.slab_bytes) and made.slab_bytes > 0):
+                and _is_count(made.slab_bytes) and made.slab_bytes > 0
+                and _is_count(made.held_batches) and made.held_batches < made.slabs):
             raise ProtocolError(f"malformed shared_memory in the hello reply: {offer!r:.200}")
         return made
 

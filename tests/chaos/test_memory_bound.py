@@ -1,5 +1,6 @@
 """A client that grants all the credit it may and never reads cannot make the daemon hold
-more than its stated memory bound (issue 9, item 7)."""
+more than its stated memory bound (issue 9, item 7), also one that claims to map the
+session's shared memory and asks for far more views than the daemon lends."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import time
 
 import numpy as np
 import psutil
+import pytest
 
+from mongofeed.daemon.config.schema import DEFAULT_MAX_HELD_BATCHES
 from mongofeed.testing import Daemon
-from mongofeed.wire import HelloRequest, pack_credit
+from mongofeed.wire import Credit, HelloRequest
 from tests.chaos.support import RawPeer
 from tests.support import sample_config, write_toml
 
@@ -37,8 +40,9 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def test_a_client_that_never_reads_cannot_grow_the_daemon(tmp_path, mongo_uri, db,
-                                                           context):
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["tcp", "claims-shared-memory"])
+def test_a_client_that_never_reads_cannot_grow_the_daemon(tmp_path, mongo_uri, db, context,
+                                                           shared_memory):
     rng = np.random.default_rng(0)
     db["blobs"].insert_many([{"i": i, "blob": rng.bytes(SAMPLE_BYTES)} for i in range(DOCS)])
     config = write_toml(tmp_path / "blobs.toml", sample_config(
@@ -49,21 +53,29 @@ def test_a_client_that_never_reads_cannot_grow_the_daemon(tmp_path, mongo_uri, d
     with Daemon(config, workers=2) as daemon:
         status = daemon.status()
         before = tree_rss(daemon.process.pid)
-        reply = RawPeer(context, daemon.control).request(HelloRequest("train").pack())
-        # A consumer that lets nothing in: one message in its queue, a tiny TCP window.
+        hello = HelloRequest("train", shared_memory=shared_memory, held_batches=10**6)
+        reply = RawPeer(context, daemon.control).request(hello.pack())
+        # A consumer that lets nothing in: one message in its queue, a tiny TCP window; or
+        # one that says it maps the region and never releases a slab.
         hog = RawPeer(context, daemon.bind, identity=reply["token"].encode(), rcvhwm=1,
                       rcvbuf=4096)
+        hog.send(Credit(0, (), attached=True if shared_memory else None).pack())
         peak = before
         deadline = time.monotonic() + PRODUCTION_S
         while time.monotonic() < deadline:
-            hog.send(pack_credit(1_000_000))  # all the credit it may, and a heartbeat
+            hog.send(Credit(1_000_000).pack())  # all the credit it may, and a heartbeat
             time.sleep(1)
             peak = max(peak, tree_rss(daemon.process.pid))
         after = daemon.status()
     [session] = after["sessions"]  # alive all along: it heartbeats
     bound = status["session_memory_bound_bytes"]
-    assert bound == 2 * MAX_PENDING * BATCH * SAMPLE_BYTES
+    assert bound == (2 * MAX_PENDING + DEFAULT_MAX_HELD_BATCHES) * BATCH * SAMPLE_BYTES
     assert status["memory_bound_bytes"] == status["max_sessions"] * bound
+    if shared_memory:  # the views it asked for, within what the daemon lends
+        assert session["transport"] == "shared memory"
+        assert session["slabs"]["slabs"] == 2 * MAX_PENDING + DEFAULT_MAX_HELD_BATCHES
+    else:  # a session over tcp holds no views: the tighter bound holds
+        bound = 2 * MAX_PENDING * BATCH * SAMPLE_BYTES
     growth = peak - before
     print(f"daemon tree RSS {before / 2**20:.0f} MiB -> peak {peak / 2**20:.0f} MiB "
           f"(+{growth / 2**20:.1f} MiB) in {PRODUCTION_S} s; session bound "

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from mongofeed import Consumer
+from mongofeed.daemon.config.schema import DEFAULT_MAX_HELD_BATCHES
 from mongofeed.portable import CAN_SUSPEND
 from mongofeed.testing import Daemon, wait_until
 from tests.chaos.support import (
@@ -92,11 +93,12 @@ def test_slow_consumer_keeps_daemon_memory_bounded(tmp_path, mongo_uri, db, shar
                      shared_memory=shared_memory, held_batches=held_batches) as consumer:
         status = daemon.status()
         bound = status["session_memory_bound_bytes"]
-        # max_pending batches produced ahead, as many sent and not yet read
-        assert bound == 2 * status["batch_bytes"] * max_pending
+        # max_pending batches produced ahead, as many sent and not yet read, and the views
+        # a consumer on the host may keep
+        assert bound == status["batch_bytes"] * (2 * max_pending + DEFAULT_MAX_HELD_BATCHES)
         slabs = status["sessions"][0]["slabs"]
-        if slabs is not None:  # the region: a slab for each of those batches
-            assert slabs["slabs"] == 2 * max_pending
+        if slabs is not None:  # the region: a slab for each of those batches it asked for
+            assert slabs["slabs"] == 2 * max_pending + (held_batches if shared_memory else 0)
             assert slabs["slab_bytes"] < status["batch_bytes"] + 64 * 3  # each array aligned
         batches, rss = [], []
         pids = [status["pid"]] + [w["pid"] for w in status["workers"]]
@@ -108,9 +110,9 @@ def test_slow_consumer_keeps_daemon_memory_bounded(tmp_path, mongo_uri, db, shar
                     session = daemon.status()["sessions"][0]
                     held = session["waiting"] + session["in_production"]
                     assert held <= max_pending, session
-                    if slabs is not None:  # lent or being sent: within the other half
+                    if slabs is not None:  # lent or being sent: within the rest
                         lent = session["slabs"]["lent"] + session["slabs"]["sending"]
-                        assert lent <= max_pending, session
+                        assert lent <= max_pending + held_batches, session
             rss.append(sum(rss_bytes(p) for p in pids))
     assert_exactly_once(batches, epochs=(0, 1, 2))
     print(f"memory bound {bound} bytes; daemon RSS per epoch {rss}")

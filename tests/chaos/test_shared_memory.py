@@ -1,6 +1,7 @@
 """The daemon's shared memory under faults: arrays a trainer holds never change while workers
-write and die; a trainer that cannot map the region (another host) is served over tcp; a
-daemon without a shared-memory folder serves everyone with messages."""
+write and die; the batches the Keras adapter keeps to hand again stay views however few
+batches the daemon makes ahead; a trainer that cannot map the region (another host) is
+served over tcp; a daemon without a shared-memory folder serves everyone with messages."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from mongofeed import Consumer
+from mongofeed.daemon.config.schema import DEFAULT_MAX_HELD_BATCHES
 from mongofeed.testing import Daemon
 from tests.chaos.support import (
     BATCHES,
@@ -63,6 +65,33 @@ def test_held_arrays_never_change_while_workers_write_and_die(tmp_path, mongo_ur
     assert_exactly_once(batches, epochs=(0, 1, 2, 3))
     assert session["transport"] == "shared memory"
     assert session["slabs"]["lent"] >= kept  # still lent: still held
+
+
+def test_the_batches_keras_keeps_to_hand_again_are_views_with_a_small_max_pending(
+        tmp_path, mongo_uri, db):
+    from mongofeed.keras import MongoFeedSequence
+    from mongofeed.replay import DEFAULT_REPLAY_BATCHES
+
+    max_pending = 2  # what 2 workers read ahead of batches over 32 MiB
+    config = feed_config(tmp_path, mongo_uri, db, serve={"max_pending": max_pending})
+    with Daemon(config, workers=2) as daemon:
+        seq = MongoFeedSequence(daemon.bind, "train", timeout=30)
+        try:
+            seq.on_epoch_begin()
+            # A pass Keras may still drop: all of it is kept, and each batch is a view.
+            kept = [seq[i] for i in range(DEFAULT_REPLAY_BATCHES)]
+            assert seq.consumer.shared_memory
+            assert not any(x.flags.writeable for x, _ in kept)  # no copy among them
+            slabs = daemon.status()["sessions"][0]["slabs"]
+            assert slabs["slabs"] == 2 * max_pending + DEFAULT_MAX_HELD_BATCHES
+            assert slabs["lent"] >= DEFAULT_REPLAY_BATCHES
+            rest = [seq[i] for i in range(DEFAULT_REPLAY_BATCHES, len(seq))]
+            seq.on_epoch_end()
+        finally:
+            seq.close()
+    # each row's x is its document's i four times
+    assert_exactly_once([(0, j, x[:, 0].astype(int).tolist())
+                         for j, (x, _) in enumerate(kept + rest)], epochs=(0,))
 
 
 def test_a_trainer_that_cannot_map_the_region_is_served_over_tcp(tmp_path, mongo_uri, db):

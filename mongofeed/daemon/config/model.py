@@ -189,6 +189,7 @@ class ServeConfig:
     control: str
     ordered: bool
     max_pending: int
+    max_held_batches: int
     tasks_per_worker: int  # derived from the batch size in bytes, not a config key
     shard: Shard
     session_timeout: float
@@ -221,9 +222,10 @@ class Config:
     @property
     def session_memory_bound(self) -> int:
         """Bytes of batches the daemon holds for one session at most: ``max_pending``
-        produced ahead (in production or waiting at the sink) and ``max_pending`` sent but
-        not yet read (credit and the data socket's queue are capped at that)."""
-        return 2 * self.serve.max_pending * self.batch_nbytes
+        produced ahead (in production or waiting at the sink), ``max_pending`` sent but not
+        yet read (credit and the data socket's queue are capped at that) and, for a consumer
+        that maps its shared memory, ``max_held_batches`` it keeps as views."""
+        return (2 * self.serve.max_pending + self.serve.max_held_batches) * self.batch_nbytes
 
     @property
     def memory_bound(self) -> int:

@@ -160,6 +160,9 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> Config:
     if not 1 <= max_pending <= MAX_PENDING:
         raise ConfigError(f"{where}: serve.max_pending must be from 1 to {MAX_PENDING}, "
                           f"not {max_pending}")
+    if not 0 <= serve["max_held_batches"] <= MAX_PENDING:
+        raise ConfigError(f"{where}: serve.max_held_batches must be from 0 to {MAX_PENDING}, "
+                          f"not {serve['max_held_batches']}")
     if not 1 <= serve["max_sessions"] <= MAX_SESSIONS:
         raise ConfigError(f"{where}: serve.max_sessions must be from 1 to {MAX_SESSIONS}, "
                           f"not {serve['max_sessions']}")

@@ -23,6 +23,7 @@ ON_ERROR = ("fail", "skip")
 CAST_ON = ("daemon", "consumer")
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_STALL_TIMEOUT_S = 20.0  # well under a consumer's default timeout (60 s)
+DEFAULT_MAX_HELD_BATCHES = 18  # what the Keras and tf.data adapters ask for by default
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_pending": Key(int, None, "Batches produced ahead per session (memory bound; "
                            "default: workers x the batches each reads ahead, up to 16 and "
                            "64 MiB per worker)."),
+        "max_held_batches": Key(int, DEFAULT_MAX_HELD_BATCHES, "Batches a consumer on this "
+                                "host may keep as views of shared memory beyond its credit "
+                                "(it asks in its hello: the Keras and tf.data adapters ask for "
+                                "the batches they keep to hand again, plus 2; a Consumer for "
+                                "its held_batches). Each is a slab of the session's region, in "
+                                "the memory bound; a batch kept beyond them is a copy."),
         "shard": Key(str, "0/1", "Serve only part r of R of every epoch (\"r/R\"): one daemon "
                      "per trainer host, disjoint and equal, no coordinator (env MONGOFEED_SHARD)."),
         "stall_timeout": Key((int, float), DEFAULT_STALL_TIMEOUT_S, "Seconds a worker may hold "
