@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from bson import Int64, ObjectId
 from gridfs.errors import NoFile
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 from pymongo.errors import AutoReconnect, OperationFailure
 
-from mongofeed.daemon.codec import BatchDecoder, DocumentFailure, get_path
+from mongofeed.daemon.codec import BatchDecoder, DocumentFailure, decode_column, get_path
 from mongofeed.daemon.config import FieldConfig
 from mongofeed.errors import DecodeError
 
@@ -460,3 +460,62 @@ def test_raw_round_trips_exactly(batch):
     out = arrays["x"]
     assert out.dtype == np.dtype(dtype) and out.shape == (len(samples), *shape)
     assert out.tobytes() == b"".join(s.tobytes() for s in samples)
+
+
+# -- the column path: the same arrays as document by document, or none -------------------------
+
+SCALAR_VALUES = st.one_of(
+    st.integers(-2**70, 2**70), st.sampled_from([0, 1, 2**53 + 1, -2**63, 2**63 - 1, 2**63]),
+    st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**60, 2**60).map(float),
+    st.booleans(), st.builds(Int64,
+    st.integers(-2**63, 2**63 - 1)), st.none(), st.text(max_size=2))
+
+
+@settings(max_examples=400, deadline=None)
+@given(values=st.lists(SCALAR_VALUES, min_size=1, max_size=6),
+       dtype=st.sampled_from(["int8", "uint8", "int32", "int64", "float32", "float64", "bool"]),
+       one_hot=st.sampled_from([None, 3]))
+@example(values=[2**53 + 1, 1.0], dtype="int64", one_hot=None)  # float64 would round the int
+def test_a_scalar_column_is_what_the_documents_give_one_by_one(values, dtype, one_hot):
+    if one_hot and dtype in ("float32", "float64", "bool"):
+        one_hot = None  # one_hot takes integer labels
+    field = make_field("y", decode="scalar", dtype=dtype, shape=(), one_hot=one_hot)
+    docs = [{"_id": i, "y": v} for i, v in enumerate(values)]
+    column = decode_column(field, docs)
+    decoder = BatchDecoder({"y": field}, COLLECTION)
+    try:
+        rows, _, _ = decoder._decode_rows(docs, None)
+    except DecodeError:
+        assert column is None  # what the documents refuse, the column does not take
+        return
+    if column is not None:
+        assert column.dtype == rows["y"].dtype
+        assert np.array_equal(column, rows["y"], equal_nan=column.dtype.kind == "f")
+
+
+@settings(max_examples=100, deadline=None)
+@given(values=st.lists(st.one_of(st.binary(min_size=5, max_size=7), st.integers(0, 3)),
+                       min_size=1, max_size=5))
+def test_a_raw_column_is_what_the_documents_give_one_by_one(values):
+    field = make_field("x", dtype="uint8", shape=(2, 3))
+    docs = [{"_id": i, "x": v} for i, v in enumerate(values)]
+    column = decode_column(field, docs)
+    if all(isinstance(v, bytes) and len(v) == 6 for v in values):
+        rows, _, _ = BatchDecoder({"x": field}, COLLECTION)._decode_rows(docs, None)
+        assert column.flags.writeable and np.array_equal(column, rows["x"])
+    else:
+        assert column is None
+
+
+def test_a_batch_of_plain_values_is_decoded_by_column_and_a_bad_one_named_by_rows():
+    fields = [make_field("x", dtype="uint8", shape=(2,)), make_field("y", decode="scalar",
+                                                                      dtype="int64", shape=())]
+    docs = [{"_id": i, "x": bytes([i, i]), "y": i} for i in range(4)]
+    arrays, errors = decode(fields, docs)
+    assert errors == [] and arrays["y"].tolist() == [0, 1, 2, 3]
+    assert arrays["x"].tolist() == [[0, 0], [1, 1], [2, 2], [3, 3]]
+    docs[2]["y"] = "two"
+    with pytest.raises(DecodeError, match="_id 2"):
+        decode(fields, docs)
+    arrays, errors = decode(fields, docs, on_error="skip")
+    assert arrays["y"].tolist() == [0, 1, 3] and [e.doc_id for e in errors] == [2]

@@ -2,9 +2,10 @@
 
 Every value is checked strictly against its ``FieldConfig``: a document that does not fit
 raises a ``DecodeError`` naming the collection, ``_id``, field and path, so that bad data is
-never silently truncated, wrapped or resized. Each field is decoded per document into a
-staging array allocated once per batch; the transforms (one_hot, cast, scale) then run on the
-whole array at once. A text field (``decode = "string"`` or ``"bytes"``) becomes an array of
+never silently truncated, wrapped or resized. A batch whose values all have the plain form
+(raw bytes of the right size, numbers the dtype holds) is decoded a column at a time; any
+other, per document into staging arrays allocated once per batch, which names the document
+that does not fit. The transforms (one_hot, cast, scale) then run on the whole array at once. A text field (``decode = "string"`` or ``"bytes"``) becomes an array of
 Python objects, for the user's functions (``transform.py``) only.
 """
 
@@ -23,6 +24,7 @@ from ..errors import DecodeError
 from ..wire.arrays import convert
 from .config import ON_ERROR, FieldConfig
 from .source import is_transient
+from .values import Mismatch, misfits, numbers
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +43,6 @@ class DocumentFailure(Exception):
     def __init__(self, collection: str, doc_id, field: str, cause: Exception):
         super().__init__(f"collection {collection!r}, _id {doc_id!r}: field {field!r}: "
                          f"{type(cause).__name__}: {cause}")
-
-
-class Mismatch(Exception):
-    """A value does not fit its field (or a declared array); the caller adds the context:
-    document, field or function."""
-
-    def __init__(self, found: str, expected: str | None = None):
-        super().__init__(found)
-        self.found = found
-        self.expected = expected
 
 
 def get_path(doc: Mapping, path: str):
@@ -93,11 +85,36 @@ class BatchDecoder:
 
     def decode_kept(self, docs: list[dict], collections: list[str] | None = None, out=None
                     ) -> tuple[dict[str, np.ndarray], list[DecodeError], list[int]]:
-        """As ``decode``, and the index in ``docs`` of each row of the arrays. Kept rows are
-        written compactly, so trimming the staging arrays needs no copy. ``collections``:
+        """As ``decode``, and the index in ``docs`` of each row of the arrays. ``collections``:
         each document's, for the errors, where they come from several (a feed of sources).
         ``out(name, shape, dtype)`` may give where a field's final array is to be written (a
-        worker's slab)."""
+        worker's slab). A batch whose every field ``decode_column`` can take is decoded a
+        column at a time; any other, document by document (``_decode_rows``)."""
+        staging = self._decode_columns(docs)
+        if staging is not None:
+            errors, kept = [], list(range(len(docs)))
+        else:
+            staging, errors, kept = self._decode_rows(docs, collections)
+        arrays = {}
+        for name, field in self.fields.items():
+            target = None
+            if out is not None and not field.is_text:
+                target = out(name, (len(kept), *field.out_shape), field.out_dtype)
+            arrays[name] = _transform(field, staging[name], target)
+        return arrays, errors, kept
+
+    def _decode_columns(self, docs: list[dict]) -> dict[str, np.ndarray] | None:
+        columns = {}
+        for name, field in self.fields.items():
+            column = decode_column(field, docs)
+            if column is None:
+                return None
+            columns[name] = column
+        return columns
+
+    def _decode_rows(self, docs: list[dict], collections: list[str] | None):
+        """Each document's fields into staging arrays allocated once per batch, kept rows
+        written compactly (trimming them needs no copy); the arrays, errors and kept rows."""
         staging = {name: np.empty((len(docs), *f.shape), f.dtype or object)
                    for name, f in self.fields.items()}
         errors, kept = [], []
@@ -112,13 +129,7 @@ class BatchDecoder:
                 errors.append(err)
                 continue
             kept.append(index)
-        arrays = {}
-        for name, field in self.fields.items():
-            target = None
-            if out is not None and not field.is_text:
-                target = out(name, (len(kept), *field.out_shape), field.out_dtype)
-            arrays[name] = _transform(field, staging[name][:len(kept)], target)
-        return arrays, errors, kept
+        return {name: array[:len(kept)] for name, array in staging.items()}, errors, kept
 
     def sample_nbytes(self) -> int:
         """Bytes of one sample over all output arrays, to bound the memory of a batch."""
@@ -164,6 +175,44 @@ class BatchDecoder:
             self._warned_pickle = True
             log.warning("field %r uses decode = 'pickle': unpickling executes code stored in "
                         "the database; use it for trusted legacy data only", field.name)
+
+
+def decode_column(field: FieldConfig, docs: list[dict]) -> np.ndarray | None:
+    """The values of ``field`` in all of ``docs`` as one array, with a few calls per batch
+    instead of several per document, where every value has the plain form of its kind: raw
+    bytes of the field's size, or numbers all ints (bools included) or all floats that the
+    dtype holds exactly (and class labels in range). None for anything else, which the
+    per-document path then decodes, or refuses naming the document. Same arrays either way:
+    a batch of ints is not mixed with floats (float64 would round ints past 2**53)."""
+    if not docs or field.decode not in ("raw", "scalar") or field.gridfs:
+        return None
+    try:
+        values = [get_path(doc, field.path) for doc in docs]
+    except KeyError:
+        return None
+    if field.decode == "raw":
+        nbytes = _nbytes(field)
+        if not all(isinstance(v, bytes) and len(v) == nbytes for v in values):
+            return None
+        column = np.empty((len(values), *field.shape), field.dtype)  # writable, like rows
+        flat = memoryview(column).cast("B")
+        for i, value in enumerate(values):
+            flat[i * nbytes:(i + 1) * nbytes] = value
+        return column
+    if not (all(isinstance(v, int) for v in values)
+            or all(isinstance(v, float) for v in values)):
+        return None
+    try:
+        array = np.array(values)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    dtype = np.dtype(field.dtype)
+    if array.dtype.kind not in "biuf" or (not np.can_cast(array.dtype, dtype, "safe")
+                                          and misfits(array, dtype).any()):
+        return None
+    if field.one_hot and ((array < 0) | (array >= field.one_hot)).any():
+        return None
+    return array.astype(dtype)
 
 
 def _describe(field: FieldConfig) -> str:
@@ -294,58 +343,6 @@ _DECODERS = {
     "string": _decode_string,
     "bytes": _decode_bytes,
 }
-
-
-def numbers(value, dtype: str, shape: tuple | None) -> np.ndarray:
-    """``value`` as an array (of ``shape`` unless None) whose numbers ``dtype`` holds
-    exactly; ``Mismatch`` naming what was found otherwise."""
-    try:
-        array = np.asarray(value)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise Mismatch("a ragged or non-numeric list") from exc
-    if array.dtype.kind not in "biuf":
-        if array.ndim == 0 and isinstance(value, int):
-            raise Mismatch(repr(value), _range_text(dtype))  # beyond 64 bits
-        raise Mismatch(f"non-numeric values ({array.dtype})")
-    if shape is not None and array.shape != shape:
-        raise Mismatch(f"shape {array.shape}")
-    if np.can_cast(array.dtype, dtype, "safe"):
-        return array  # every value fits: no need to look
-    bad = _misfits(array, np.dtype(dtype))
-    if bad.any():
-        index = tuple(np.argwhere(bad)[0])
-        found = repr(array[index].item())
-        if index:
-            found += " at " + "".join(f"[{i}]" for i in index)
-        raise Mismatch(found, _range_text(dtype))
-    return array
-
-
-def _misfits(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Mask of the elements that dtype cannot hold exactly (casting would change them)."""
-    if dtype.kind == "f":
-        limit = np.finfo(dtype).max
-        return np.isfinite(array) & ((array > limit) | (array < -limit))
-    if dtype.kind == "b":
-        if array.dtype.kind == "f":
-            return np.ones(array.shape, bool)
-        return (array != 0) & (array != 1)
-    info = np.iinfo(dtype)
-    # hi + 1, not hi: float(2**63 - 1) rounds up to 2**63, which int64 cannot hold.
-    bad = (array < info.min) | (array >= info.max + 1)
-    if array.dtype.kind == "f":
-        bad |= ~np.isfinite(array) | (array != np.trunc(array))
-    return bad
-
-
-def _range_text(dtype: str) -> str:
-    dtype = np.dtype(dtype)
-    if dtype.kind == "f":
-        return f"numbers within ±{np.finfo(dtype).max:.4g} ({dtype})"
-    if dtype.kind == "b":
-        return "true/false or 0/1 (bool)"
-    info = np.iinfo(dtype)
-    return f"integers in [{info.min}, {info.max}] ({dtype})"
 
 
 def _check_labels(field: FieldConfig, labels) -> None:

@@ -40,9 +40,10 @@ import numpy as np
 
 from ..errors import DecodeError, MongoFeedError
 from ..wire import convert
-from .codec import BatchDecoder, Mismatch, numbers
+from .codec import BatchDecoder
 from .config import VARIABLE, ArrayConfig, Config
 from .functions import describe, load_functions, takes_feed
+from .values import Mismatch, numbers
 
 log = logging.getLogger(__name__)
 
