@@ -16,10 +16,11 @@ training step sees:
 - ``on_epoch_begin`` begins a pass: whatever Keras read since the last pass it used comes
   first again;
 - ``on_epoch_end`` from a pass that training used commits it, after checking that it was one
-  whole epoch of the feed (``steps_per_epoch`` smaller than the epoch is refused loudly).
+  whole epoch of the feed: Keras's ``steps_per_epoch`` (or ``steps``) other than the epoch
+  is refused loudly, whatever a prefetching iterator read ahead meanwhile.
 
 How a pass *ended*, and which calls are the signature peek, need Keras's internals: see
-``keras_used_the_pass`` and ``keras_reads_the_signature``. Keras's worker threads and
+``keras_pass_end`` and ``keras_reads_the_signature``. Keras's worker threads and
 processes are not used (see ``MongoFeedSequence``).
 
 ``FollowFitEpochs`` keeps a sequence at fit's epoch: a ``fit`` that
@@ -117,7 +118,7 @@ class MongoFeedSequence(keras.utils.PyDataset):
 
     def on_epoch_end(self):
         """Keras ends a pass: commit it if training used it (one whole epoch, checked)."""
-        used = keras_used_the_pass()
+        used, steps = keras_pass_end()
         in_pass, self._in_pass = self._in_pass, False
         if used is False:
             return  # handed again by the next on_epoch_begin
@@ -126,9 +127,12 @@ class MongoFeedSequence(keras.utils.PyDataset):
                             "subclass that overrides on_epoch_begin must call "
                             "super().on_epoch_begin()")
         handed, epochs = self.replay.commit()
-        if used and (handed != len(self) or len(epochs) != 1):
+        if used and (handed != len(self) or len(epochs) != 1 or steps not in (None, len(self))):
+            what = (f"Keras ended a pass of {handed} batches (feed epochs {epochs})"
+                    if steps in (None, len(self)) else
+                    f"Keras was asked for {steps} steps per epoch")
             raise FeedError(
-                f"Keras ended a pass of {handed} batches (feed epochs {epochs}) but feed "
+                f"{what} but feed "
                 f"{self.consumer.feed!r} has {len(self)} per epoch: MongoFeedSequence serves "
                 f"whole epochs, so leave steps_per_epoch, validation_steps and steps unset "
                 f"(or equal to len(seq)). If they are, this Keras ({keras.__version__}) reads "
@@ -227,17 +231,20 @@ PEEK_FRAMES_SEARCHED = 3  # our __getitem__, the peek's list comprehension, get_
 _KERAS_DIR = os.path.dirname(keras.__file__) + os.sep
 
 
-def keras_used_the_pass() -> bool | None:
-    """Whether the pass that ``on_epoch_end`` ends was used by training (True) or discarded
-    (False); None when the call does not come from Keras's own training loop (user code)."""
+def keras_pass_end() -> tuple[bool | None, int | None]:
+    """How the pass that ``on_epoch_end`` ends was used: whether training used it (True) or
+    discarded it (False), None when the call does not come from Keras's own training loop
+    (user code); and the steps per epoch Keras was asked for (``steps_per_epoch`` or
+    ``steps``; None when it reads whole epochs), from its epoch iterator: a prefetching
+    iterator may have read the whole epoch when Keras stops after fewer steps."""
     frame = sys._getframe(2)
     for _ in range(FRAMES_SEARCHED):
         if frame is None:
-            return None
+            return None, None
         if frame.f_code is _ADAPTER_END:
             caller = frame.f_back
             if caller is None or not caller.f_code.co_filename.startswith(_KERAS_DIR):
-                return None  # code of the user's that drives Keras's adapter itself
+                return None, None  # code of the user's that drives Keras's adapter itself
             used = _PASS_USED_BY_CALLER.get(caller.f_code)
             if used is None:
                 raise FeedError(
@@ -245,9 +252,9 @@ def keras_used_the_pass() -> bool | None:
                     f"{caller.f_code.co_qualname} ({caller.f_code.co_filename}), which "
                     f"mongofeed does not know ({KERAS_CHECKED} is): it cannot tell whether "
                     f"training used those batches. Use {KERAS_CHECKED}, or mongofeed.Consumer")
-            return used
+            return used, getattr(caller.f_locals.get("self"), "steps_per_epoch", None)
         frame = frame.f_back
-    return None
+    return None, None
 
 
 def keras_reads_the_signature() -> bool:

@@ -5,8 +5,9 @@ raises a ``DecodeError`` naming the collection, ``_id``, field and path, so that
 never silently truncated, wrapped or resized. A batch whose values all have the plain form
 (raw bytes of the right size, numbers the dtype holds) is decoded a column at a time; any
 other, per document into staging arrays allocated once per batch, which names the document
-that does not fit. The transforms (one_hot, cast, scale) then run on the whole array at once. A text field (``decode = "string"`` or ``"bytes"``) becomes an array of
-Python objects, for the user's functions (``transform.py``) only.
+that does not fit. The transforms (one_hot, cast, scale) then run on the whole array at
+once. A text field (``decode = "string"`` or ``"bytes"``) becomes an array of Python
+objects, for the user's functions (``transform.py``) only.
 """
 
 from __future__ import annotations
