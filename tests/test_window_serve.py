@@ -61,9 +61,16 @@ def test_windowed_order_is_exact_and_the_same_across_runs_crashes_and_shards(
     with Daemon(ahead, workers=2) as daemon:
         with Consumer(daemon.bind) as consumer:
             first = [consumer.get().arrays["idx"].tolist() for _ in range(7)]
-            for worker in daemon.status()["workers"]:  # mid-window: re-issued, re-read
-                os.kill(worker["pid"], signal.SIGKILL)
-            rest = [consumer.get().arrays["idx"].tolist() for _ in range(2 * 51 - 7)]
+            # Each worker killed mid-window (its tasks re-issued, its window re-read), one
+            # after the other: between the kills the trainer reads more batches than can be
+            # on their way or in production (credit and max_pending, 2 each), so the first
+            # victim's tasks are delivered before the second dies (killed at once, a task
+            # re-issued to the second could die twice: failed as poison, by design).
+            victims = daemon.status()["workers"]
+            os.kill(victims[0]["pid"], signal.SIGKILL)
+            first += [consumer.get().arrays["idx"].tolist() for _ in range(8)]
+            os.kill(victims[1]["pid"], signal.SIGKILL)
+            rest = [consumer.get().arrays["idx"].tolist() for _ in range(2 * 51 - len(first))]
         assert first + rest == reference[0] + reference[1]
         status = daemon.status()
         assert sum(w["restarts"] for w in status["workers"]) == 2

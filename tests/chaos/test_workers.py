@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -35,8 +36,13 @@ def test_sigkilled_worker_is_replaced_and_its_tasks_reissued(tmp_path, mongo_uri
         batches = read_batches(consumer, BATCHES // 3)
         assert daemon.status()["sessions"][0]["transport"] == transport(shared_memory)
         victim = daemon.status()["workers"][0]
-        # Freeze the victim so tasks pile up on it undelivered, then kill it.
+        # Freeze the victim so tasks pile up on it undelivered, then kill it. The trainer
+        # reads on meanwhile, so the daemon plans new tasks (with the whole epoch made
+        # ahead, none would reach the victim while nobody reads).
         os.kill(victim["pid"], signal.SIGSTOP)
+        reader = threading.Thread(target=lambda: batches.extend(
+            read_batches(consumer, 2 * BATCHES - len(batches))))
+        reader.start()
         assert wait_until(lambda: daemon.status()["workers"][0]["inflight"] > 0, 10)
         killed_at = time.monotonic()
         kill_quietly(victim["pid"])
@@ -49,7 +55,8 @@ def test_sigkilled_worker_is_replaced_and_its_tasks_reissued(tmp_path, mongo_uri
         assert wait_until(replaced, 10), daemon.status()["workers"]
         print(f"replacement ready {time.monotonic() - killed_at:.2f} s after SIGKILL")
         assert not pid_alive(victim["pid"])
-        batches += read_batches(consumer, 2 * BATCHES - len(batches))
+        reader.join(60)
+        assert not reader.is_alive()
         status = daemon.status()
     assert_exactly_once(batches, epochs=(0, 1))
     assert any(f"worker 0 (pid {victim['pid']}) exited" in e for e in status["errors"])
