@@ -297,7 +297,7 @@ def write_documents(docs, path: str) -> str:
     return path
 
 
-def stub_worker(slot, config, source, task_endpoint, sink_endpoint, log_level,
+def stub_worker(slot, config, source, task_endpoint, sink_endpoint, log_level, received=None,
                 exit_on_id=None):
     """A worker process that speaks the internal protocol without a database, for stepping
     the supervisor's loop (``Supervisor(config, source=..., worker_main=stub_worker)``):
@@ -325,7 +325,10 @@ def stub_worker(slot, config, source, task_endpoint, sink_endpoint, log_level,
     while parent.is_alive():
         if not tasks.poll(POLL_INTERVAL_MS):
             continue
-        task = unpack_worker_command(tasks.recv_multipart())
+        frames = tasks.recv_multipart()
+        if received is not None:
+            received.value += 1  # as a worker counts what it took (daemon/pool.py)
+        task = unpack_worker_command(frames)
         if task is None:
             break
         if exit_on_id is not None and exit_on_id in task.ids:

@@ -104,10 +104,11 @@ class Dispatcher:
                 self.sessions.requeue([task.id])
                 return
 
-    def reissue(self, task_ids: list[int], death: str):
-        """A worker died with these tasks in hand: make them again, except those that have
-        now outlived ``MAX_TASK_DEATHS`` workers, which fail their sessions."""
-        for task in self.sessions.orphaned(task_ids):
+    def reissue(self, task_ids: list[int], taken: list[int], death: str):
+        """A worker died with these tasks sent to it (``taken``: those it had received):
+        make them again, except those that have now outlived ``MAX_TASK_DEATHS`` workers,
+        which fail their sessions."""
+        for task in self.sessions.orphaned(task_ids, taken):
             self.counters["poison_tasks"] += 1
             message = (f"{task.describe()}: the worker making it died {task.deaths} times "
                        f"(last: {death}); it is not made again")

@@ -6,7 +6,11 @@ reaped and restarted, after a growing delay when it keeps dying early; one that 
 without a sign of life for ``serve.stall_timeout`` is killed and handled like any other
 death. The tasks a dead worker had not delivered go back to the caller to be re-issued; a
 task that already outlived a worker is sent to an idle worker and nothing joins it there
-until it is done, so a second death names the task that causes it. The tasks of one window
+until it is done, so a second death names the task that causes it. A death counts against
+only the tasks the worker had received: each worker process counts the commands it takes off
+its socket in memory it shares with the supervisor (which survives its SIGKILL), and the
+pool numbers the commands it sends, so a task sent to a worker that died before reading it
+(killed with the others, say) is made again without blame. The tasks of one window
 of the windowed order go to the worker that reads the window.
 """
 
@@ -52,6 +56,9 @@ class WorkerRecord:
     started_at: float = 0.0
     restart_at: float = 0.0
     inflight: list = field(default_factory=list)  # task ids, in the order they were sent
+    sent_as: dict = field(default_factory=dict)   # task id -> its command's number (from 1)
+    commands: int = 0          # commands sent to the current process
+    received: object = None    # shared counter: commands the current process took (RawValue)
     windows: list = field(default_factory=list)   # windows it was given, most recent last
     alone: bool = False        # holds one task that outlived a worker; gets no other
     stalled: bool = False      # killed for holding a task without a sign of life
@@ -100,9 +107,12 @@ class WorkerPool:
             self.start(record)
 
     def start(self, record: WorkerRecord):
+        record.received = self.mp.RawValue("q", 0)
+        record.commands = 0
         record.process = self.mp.Process(
             target=self.worker_main, name=f"mongofeed-worker-{record.slot}", daemon=True,
-            args=(record.slot, self.config, self.source, *self.endpoints, self.log_level))
+            args=(record.slot, self.config, self.source, *self.endpoints, self.log_level,
+                  record.received))
         record.process.start()
         record.state = WorkerState.STARTING
         record.started_at = record.last_heard = time.monotonic()
@@ -130,14 +140,15 @@ class WorkerPool:
         """A batch of ``record``'s came back: the task is no longer in its hands."""
         if task_id in record.inflight:
             record.inflight.remove(task_id)
+            record.sent_as.pop(task_id, None)
         record.alone = record.alone and bool(record.inflight)
         if record.state in (WorkerState.STARTING, WorkerState.READY, WorkerState.BUSY):
             record.state = WorkerState.BUSY if record.inflight else WorkerState.READY
 
-    def check(self) -> list[tuple[list[int], str]]:
+    def check(self) -> list[tuple[list[int], list[int], str]]:
         """Reap dead workers, restart those whose backoff is over, kill stalled ones;
-        returns, for each worker that died, the ids of the tasks it had not delivered and
-        how it died."""
+        returns, for each worker that died, the ids of the tasks it had not delivered, those
+        of them it had received, and how it died."""
         now = time.monotonic()
         deaths = []
         for record in self.records:
@@ -152,8 +163,11 @@ class WorkerPool:
                 self.kill_if_stalled(record, now)
                 continue
             record.process.join()
-            deaths.append((record.inflight, self.back_off(record, now)))
+            received = record.received.value
+            taken = [task for task in record.inflight if record.sent_as[task] <= received]
+            deaths.append((record.inflight, taken, self.back_off(record, now)))
             record.inflight = []
+            record.sent_as = {}
             record.alone = False
             record.windows = []
         return deaths
@@ -236,6 +250,7 @@ class WorkerPool:
                 feed, epoch, spec.to_wire()).pack(), flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             return False
+        holder.commands += 1
         return True
 
     def send(self, record: WorkerRecord, task: Task) -> bool:
@@ -248,6 +263,8 @@ class WorkerPool:
             return False
         if not record.inflight:
             record.last_heard = time.monotonic()  # the stall clock starts with the work
+        record.commands += 1
+        record.sent_as[task.id] = record.commands
         record.inflight.append(task.id)
         record.alone = task.deaths > 0
         record.state = WorkerState.BUSY

@@ -15,9 +15,10 @@ takes the place of the session that has been silent longest, if that one has sen
 for ``EVICT_SILENCE_S`` (a consumer heartbeats every second, so one that lives is never
 evicted, and hellos nobody follows up cannot keep trainers out).
 
-A task whose worker died is re-issued, but alone to an idle worker (a worker reads the tasks
-it holds together, so the first death cannot tell which one killed it); a task held by a
-worker that died ``MAX_TASK_DEATHS`` times is not re-issued again: its session fails.
+A task whose worker died is re-issued; if that worker had received it, alone to an idle
+worker (a worker reads the tasks it holds together, so the first death cannot tell which one
+killed it); a task received by ``MAX_TASK_DEATHS`` workers that died is not re-issued again:
+its session fails.
 
 A session with shared memory (``slabs.SessionSlabs``) gives each task a slab when it is
 planned; the task keeps it through re-issues, and each issue is a new ``attempt``, so that a
@@ -335,12 +336,13 @@ class SessionTable:
                 task.attempt += 1
                 self.pending.appendleft(task_id)
 
-    def orphaned(self, task_ids: list[int]) -> list[Task]:
-        """Tasks of a worker that died: each counts the death and goes first in line again,
-        to be made alone; returns those that reached ``MAX_TASK_DEATHS`` instead (poison:
-        their sessions must fail rather than kill workers forever)."""
+    def orphaned(self, task_ids: list[int], taken: list[int]) -> list[Task]:
+        """Tasks of a worker that died: each that it had received (``taken``) counts the
+        death, and all go first in line again (those with a death to be made alone);
+        returns those that reached ``MAX_TASK_DEATHS`` instead (poison: their sessions must
+        fail rather than kill workers forever)."""
         poison = []
-        for task_id in task_ids:
+        for task_id in taken:
             task = self.tasks.get(task_id)
             if task is not None:
                 task.deaths += 1

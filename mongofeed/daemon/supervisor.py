@@ -245,8 +245,8 @@ class Supervisor:
             self.drain(sockets.data, self.on_consumer_message)
         if sockets.control in events:
             self.drain(sockets.control, self.on_control)
-        for task_ids, death in self.pool.check():
-            self.dispatcher.reissue(task_ids, death)
+        for task_ids, taken, death in self.pool.check():
+            self.dispatcher.reissue(task_ids, taken, death)
         self.sessions.poll_sent()
         self.expire_sessions()
         self.sessions.plan_tasks()

@@ -80,8 +80,9 @@ WINDOWS_KEPT = 2  # windows of the windowed order a worker holds: the current an
 
 class Worker:
     def __init__(self, slot: int, config: Config, source, task_endpoint: str,
-                 sink_endpoint: str):
+                 sink_endpoint: str, received=None):
         self.slot = slot
+        self.received = received  # shared with the supervisor: commands taken (pool.py)
         self.config = config
         self.context = zmq.Context()
         self.tasks = self.context.socket(zmq.DEALER)
@@ -147,8 +148,11 @@ class Worker:
         whether the supervisor asked us to stop."""
         tasks, stop = [], False
         while len(tasks) < self.config.serve.tasks_per_worker:
+            frames = self.tasks.recv_multipart()
+            if self.received is not None:
+                self.received.value += 1  # before anything can kill us: this one counts
             try:
-                task = unpack_worker_command(self.tasks.recv_multipart())
+                task = unpack_worker_command(frames)
             except ProtocolError as exc:
                 log.error("worker %d: ignoring a malformed command: %s", self.slot, exc)
                 task = False
@@ -360,12 +364,13 @@ def worker_identity(slot: int) -> bytes:
 
 
 def run_worker(slot: int, config: Config, source, task_endpoint: str, sink_endpoint: str,
-               log_level: int = logging.WARNING):
-    """Process entry point (must be importable by ``spawn``)."""
+               log_level: int = logging.WARNING, received=None):
+    """Process entry point (must be importable by ``spawn``); ``received`` is the pool's
+    shared count of the commands this process took."""
     ignore_console_interrupts()  # the supervisor decides how to stop us
     logging.basicConfig(level=log_level, format=f"%(asctime)s worker-{slot} %(levelname)s "
                         "%(message)s")
-    worker = Worker(slot, config, source, task_endpoint, sink_endpoint)
+    worker = Worker(slot, config, source, task_endpoint, sink_endpoint, received)
     try:
         worker.run()
     finally:

@@ -115,3 +115,45 @@ def test_with_default_timeouts_a_hung_worker_is_replaced_before_the_consumer_giv
     assert_exactly_once(batches, epochs=(0, 1))
     assert not pid_alive(victim["pid"])
     assert any("without a sign of life" in e for e in status["errors"])
+
+
+@needs_suspend
+@BOTH_PATHS
+def test_workers_killed_before_reading_their_tasks_do_not_poison_them(tmp_path, mongo_uri, db,
+                                                                       shared_memory):
+    """Workers killed together (an OOM kill, a killed process group): a task re-issued to a
+    worker that dies before it reads the task has not outlived two workers, so it is made
+    again rather than failing the session as poison."""
+    config = feed_config(tmp_path, mongo_uri, db)
+    with Daemon(config, workers=2) as daemon:
+        first, second = daemon.status()["workers"]
+        os.kill(first["pid"], signal.SIGSTOP)  # idle; the tasks it is sent wait unread
+        with Consumer(daemon.bind, "train", timeout=60, shared_memory=shared_memory) as consumer:
+            batches, failures = [], []
+
+            def read():
+                try:
+                    batches.extend(read_batches(consumer, 2 * BATCHES))
+                except Exception as exc:  # the test reports it
+                    failures.append(exc)
+
+            reader = threading.Thread(target=read)
+            reader.start()
+
+            def first_holds_tasks_second_is_idle():
+                workers = daemon.status()["workers"]
+                return workers[0]["inflight"] > 0 and workers[1]["state"] == "ready"
+
+            assert wait_until(first_holds_tasks_second_is_idle, 20), daemon.status()["workers"]
+            os.kill(second["pid"], signal.SIGSTOP)
+            kill_quietly(first["pid"])  # its unread tasks go to the frozen second worker
+            assert wait_until(lambda: daemon.status()["workers"][1]["inflight"] > 0, 20), \
+                daemon.status()["workers"]
+            kill_quietly(second["pid"])  # which dies before it reads them
+            reader.join(90)
+            assert not reader.is_alive()
+            status = daemon.status()
+    assert not failures, failures
+    assert_exactly_once(batches, epochs=(0, 1))
+    assert status["counters"]["poison_tasks"] == 0
+    assert sum(w["restarts"] for w in status["workers"]) >= 2
