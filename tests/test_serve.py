@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import numpy as np
@@ -112,6 +113,28 @@ def test_connections_do_not_grow_with_epochs(tmp_path, mongo_uri, samples, accep
     # supervisor's planning client is the one fixed extra client.
     per_client = (after_first_epoch - before) / 4
     assert per_client <= 3, f"{after_first_epoch - before} connections for 4 clients"
+
+
+def test_a_slow_trainer_wakes_one_worker_not_all(tmp_path, mongo_uri, samples):
+    """A trainer slower than the daemon has every batch it asked for when new tasks are
+    planned: they join one busy worker (read with one query) instead of waking every worker
+    for one batch each, which on a small host takes CPU from the trainer."""
+    def made(daemon) -> list[int]:
+        return [w["batches"] for w in daemon.status()["workers"]]
+
+    with run_daemon(tmp_path, mongo_uri, samples, workers=4, batch={"size": 4}) as daemon, \
+            Consumer(daemon.bind, feed="train", timeout=30, prefetch=2) as consumer:
+        ids = []
+        for epoch in range(3):
+            if epoch == 1:  # past the start, when the daemon fills its read-ahead
+                before = made(daemon)
+            for batch in consumer.epoch():
+                ids += batch.arrays["idx"].tolist()
+                time.sleep(0.05)  # training on it
+        during = [after - start for after, start in zip(made(daemon), before, strict=True)]
+    assert sorted(ids) == sorted(3 * list(range(TRAIN_DOCS)))
+    print(f"batches made per worker in epochs 1 and 2: {during}")
+    assert max(during) >= 0.75 * sum(during) > 0, during  # spread, each would make a quarter
 
 
 def test_departed_consumer_does_not_affect_the_next(tmp_path, mongo_uri, samples):

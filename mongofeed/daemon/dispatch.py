@@ -10,7 +10,8 @@ The supervisor's loop calls it for the worker side of each iteration:
 - ``reissue``: the tasks of a worker that died are made again, except those that outlived
   ``sessions.MAX_TASK_DEATHS`` workers, which fail their sessions;
 - ``dispatch``: pending tasks go to the least loaded worker (a window's tasks to the worker
-  that reads the window), and windows are read ahead.
+  that reads the window; those of a consumer that has all it asked for, to the busiest
+  worker with room), and windows are read ahead.
 
 A handler that finds a message malformed raises ``ProtocolError``; the loop refuses and
 counts it.
@@ -92,11 +93,18 @@ class Dispatcher:
     def dispatch(self):
         """Hand pending tasks to ready workers, the least loaded first (a window's tasks to
         the worker that reads the window), and windows to read ahead; a task that outlived
-        a worker waits, first in line, for an idle worker to make it alone."""
+        a worker waits, first in line, for an idle worker to make it alone.
+
+        A task of a session whose consumer has all the batches it asked for (a trainer
+        slower than the daemon) is not urgent: it joins the busiest worker with room, so
+        that one worker reads several with one query and the others are not woken for
+        one batch each; on two cores that was a third less daemon CPU per batch while
+        Keras trained (docs/benchmarks.md)."""
         for key, spec in self.sessions.take_warm():
             self.counters["windows_read_ahead"] += self.pool.warm(key, spec)
         while (task := self.sessions.next_pending()) is not None:
-            record = self.pool.worker_for(task)
+            session = self.sessions.get(task.session)
+            record = self.pool.worker_for(task, pack=session is not None and session.stocked())
             if record is None:
                 return
             self.sessions.take_pending()

@@ -204,24 +204,28 @@ class WorkerPool:
             record.stalled = True
             record.process.kill()
 
-    def least_loaded(self, alone: bool = False) -> WorkerRecord | None:
+    def least_loaded(self, alone: bool = False, pack: bool = False) -> WorkerRecord | None:
         """The worker with the fewest tasks in hand that can take one more, if any; with
-        ``alone``, an idle one (for a task that must be made by itself)."""
+        ``alone``, an idle one (for a task that must be made by itself); with ``pack``, the
+        one with the most (tasks that are not urgent join others, which it reads with the
+        same query, and the other workers stay asleep)."""
         limit = 1 if alone else self.config.serve.tasks_per_worker
         free = [r for r in self.records
                 if r.accepts_tasks and not r.alone and len(r.inflight) < limit]
-        return min(free, key=lambda r: len(r.inflight)) if free else None
+        if not free:
+            return None
+        return (max if pack and not alone else min)(free, key=lambda r: len(r.inflight))
 
-    def worker_for(self, task: Task) -> WorkerRecord | None:
-        """Who makes ``task``: the least loaded worker with room, or for a task of the
-        windowed order the worker that was given its window, which holds the window's
-        documents (a window is read once, whatever the tasks in hand: the session's
-        ``max_pending`` bounds them). A task that outlived a worker goes to an idle one
-        (which then holds its window)."""
+    def worker_for(self, task: Task, pack: bool = False) -> WorkerRecord | None:
+        """Who makes ``task``: the least loaded worker with room (with ``pack``, the most
+        loaded), or for a task of the windowed order the worker that was given its window,
+        which holds the window's documents (a window is read once, whatever the tasks in
+        hand: the session's ``max_pending`` bounds them). A task that outlived a worker goes
+        to an idle one (which then holds its window)."""
         key = task.window_key
         if key is not None and not task.deaths:
             return self.window_holder(key)[0]
-        record = self.least_loaded(alone=task.deaths > 0)
+        record = self.least_loaded(alone=task.deaths > 0, pack=pack)
         if record is not None and key is not None:
             record.windows = [*record.windows, key][-WINDOWS_KEPT:]
         return record

@@ -146,6 +146,11 @@ class Session:
     def ahead(self) -> int:
         return self.in_production + len(self.ready)
 
+    def stocked(self) -> bool:
+        """Whether the consumer has every batch it granted credit for (on hand or on the
+        way): its next task is not urgent, a trainer slower than the daemon (``dispatch``)."""
+        return self.active and self.credit == 0
+
     def next_task(self) -> tuple[int, int]:
         """Advance the plan cursor and return the (epoch, index) it pointed at."""
         position = (self.plan_epoch, self.plan_index)
