@@ -3,7 +3,9 @@ compares every loader with.
 
 - ``raw_drain``: one process draining one cursor of raw BSON, no decoding (the server);
 - ``zmq_loopback``: batch-sized messages over ZeroMQ on tcp loopback (the transport);
-- ``memcpy_batches``: a plain copy of each batch's bytes (the memory).
+- ``memcpy_batches``: a plain copy of each batch's bytes (the memory);
+- ``wake_cost``: what this machine charges the same fixed Python work back to back and after
+  an idle wait (the CPU of a trainer that waits for every batch is mostly the latter).
 
 The pipeline ceiling (the whole daemon serving documents from memory) is a mongofeed row
 with ``mongofeed.testing.MemorySource``.
@@ -18,6 +20,8 @@ import numpy as np
 from ..testing import ServerCounters
 
 MEMCPY_WORKING_SET_BYTES = 256 * 2**20
+WAKE_COST_ROUNDS = 200
+WAKE_COST_SLEEP_S = 1.0  # at most this long asleep in all
 
 
 def raw_drain(spec: dict) -> dict:
@@ -108,3 +112,36 @@ def memcpy_batches(dtypes, shapes):
                 yield tuple(target)
 
     return batches()
+
+
+def _fixed_work(buffer: bytearray) -> int:
+    """About what a consumer does per batch in Python: small dicts and tuples, array views."""
+    total = 0
+    for i in range(8):
+        header = {"epoch": 0, "index": i, "dims": (i, i + 1)}
+        base = np.frombuffer(buffer, np.uint8, 4096, i * 4096)
+        total += len(header) + np.ndarray((8, 8), np.float32, base, 0).shape[0]
+    return total
+
+
+def wake_cost(gap_s: float) -> dict:
+    """This thread's CPU for the same fixed work, back to back and each time after sleeping
+    ``gap_s`` (a trainer's wait for its next batch). On an idle virtual CPU the second is
+    several times the first (caches and predictors cold after the wait): the part of a
+    waiting trainer's CPU per batch that no code of the data path can remove."""
+    buffer = bytearray(8 * 4096)
+    for _ in range(WAKE_COST_ROUNDS // 10):
+        _fixed_work(buffer)
+    started = time.thread_time()
+    for _ in range(WAKE_COST_ROUNDS):
+        _fixed_work(buffer)
+    warm = (time.thread_time() - started) / WAKE_COST_ROUNDS
+    rounds = max(10, min(WAKE_COST_ROUNDS, int(WAKE_COST_SLEEP_S / max(gap_s, 1e-6))))
+    after_gap = 0.0
+    for _ in range(rounds):
+        time.sleep(gap_s)
+        started = time.thread_time()
+        _fixed_work(buffer)
+        after_gap += time.thread_time() - started
+    return {"wake_gap_ms": gap_s * 1e3, "work_us": warm * 1e6,
+            "work_after_gap_us": after_gap / rounds * 1e6}

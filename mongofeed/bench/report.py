@@ -151,7 +151,17 @@ def shared_memory_targets(data: str, rows, add):
         add(f"{data}: training-process CPU per batch over shared memory", cpu * 1000,
             f"<= {SHARED_MEMORY_CPU_MS * 1000:.0f} us", cpu <= SHARED_MEMORY_CPU_MS,
             f"{shm['name']} {cpu * 1000:.0f} us ({shm['batch_bytes'] / 1e6:,.2f} MB batches); "
-            + (f"over tcp {tcp['train_cpu_ms_per_batch'] * 1000:,.0f} us" if tcp else ""))
+            + (f"over tcp {tcp['train_cpu_ms_per_batch'] * 1000:,.0f} us; " if tcp else "")
+            + wake_note(shm))
+
+
+def wake_note(row: dict) -> str:
+    """What this machine charges a trainer for waiting between batches (``wake_cost``)."""
+    if row.get("work_us") is None:
+        return ""
+    return (f"this machine runs the same fixed Python work in {row['work_us']:.0f} us back to "
+            f"back, {row['work_after_gap_us']:.0f} us after the row's "
+            f"{row['wake_gap_ms']:.1f} ms wait per batch")
 
 
 def augment_target(data: str, rows, add):

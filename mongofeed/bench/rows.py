@@ -24,7 +24,7 @@ import numpy as np
 
 from ..testing import Daemon, ServerCounters, write_documents
 from .augment import augment, crop_shape
-from .ceilings import memcpy_batches, nbytes, raw_drain, zmq_loopback
+from .ceilings import memcpy_batches, nbytes, raw_drain, wake_cost, zmq_loopback
 from .peers import decode_batch, epochs_of, make_sequences, tensorpack_batches
 
 AUGMENT_LOADERS = ("mongofeed-augment", "keras-augment")
@@ -218,6 +218,9 @@ def row_main():
                 from .. import keras as _  # noqa: F401 - imported before the baseline
 
                 result = measure(spec, start, per_epoch)
+                if loader.startswith("ceiling") and result.get("batches"):
+                    # The trainer waited this long per batch: what that costs on this machine.
+                    result.update(wake_cost(result["seconds"] / result["batches"]))
             else:
                 kind = make_sequences()[loader]
                 threads = loader == "keras-augment"  # __getitem__ in the training process
