@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from mongofeed.daemon.planner import WHOLE, BatchCut, Ids, IdsBuilder, Plan, Shard, sort_key
 from mongofeed.daemon.planner.ids import INT64, OBJECTID, OBJECTS, IdsDigest, parse_reply
 from mongofeed.daemon.planner.order import Permutation, epoch_order
+from mongofeed.daemon.planner.plans import ORDER_CHUNK, ORDER_CHUNKS_KEPT
 
 
 def epoch_batches(plan: Plan, epoch: int, shard: Shard = WHOLE, offset: int = 0) -> list:
@@ -48,6 +49,25 @@ def test_the_order_is_the_same_on_every_machine_and_version():
     assert epoch_order(0, 0, 10).at(np.arange(10)).tolist() == [5, 3, 1, 0, 2, 8, 9, 6, 4, 7]
     assert epoch_order(7, 3, 10**8).at([0, 1, 99_999_999]).tolist() == [
         54_189_523, 99_033_960, 19_816_187]
+
+
+def test_the_kept_order_chunks_give_the_permutation_itself():
+    """``order_at`` serves positions from kept chunks of the order: across chunk borders,
+    strided (shards), out of order and after chunks were dropped, the values are those of
+    the permutation computed directly."""
+    n = 5 * ORDER_CHUNK + 123
+    plan = Plan(list(range(n)), 64, seed=4)
+    order = epoch_order(4, 2, n)
+    rng = np.random.default_rng(0)
+    requests = [np.arange(ORDER_CHUNK - 10, ORDER_CHUNK + 10), np.arange(0, n, 997),
+                rng.permutation(n)[:300], np.arange(n - 5, n), np.array([3])]
+    for _ in range(3):  # more chunks than are kept are asked for between repeats
+        for positions in requests:
+            assert plan.order_at(2, positions).tolist() == order.at(positions).tolist()
+        for epoch in range(3, 3 + ORDER_CHUNKS_KEPT):
+            plan.order_at(epoch, np.array([0]))
+    assert len(plan._chunks) == ORDER_CHUNKS_KEPT
+    assert plan.batch_ids(2, 70) == order.at(np.arange(70 * 64, 71 * 64)).tolist()
 
 
 def test_unshuffled_plan_is_id_order():
