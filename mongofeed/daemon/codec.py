@@ -48,6 +48,8 @@ class DocumentFailure(Exception):
 
 def get_path(doc: Mapping, path: str):
     """The value at a dotted path ("a.b.0.c": digit parts index lists); KeyError if absent."""
+    if "." not in path and type(doc) is dict:  # the common case, at a batch's every document
+        return doc[path]
     value = doc
     for part in path.split("."):
         if isinstance(value, list) and part.isascii() and part.isdigit():
