@@ -75,7 +75,7 @@ def shape_option(text: str) -> tuple[int, ...]:
 @click.option("--seconds", type=float, help="Steady-state seconds per row "
               "[default: 12, --quick 1].")
 @click.option("--fit-epochs", type=int, help="Epochs of the Keras fit comparison "
-              "(0: skip) [default: 8, --quick 0].")
+              "(0: skip) [default: 20, --quick 0].")
 @click.option("--scale-count", type=int, help="Small documents (8x8 pixels and a label) in "
               "the large collection, read by one raw cursor and by mongofeed in each order "
               "(0: skip) [default: 200000, --quick 0].")
@@ -124,7 +124,7 @@ def bench(uri, database, metrics_url, output, quick, only, workers, batch_size,
         [1, 2] if quick else [1, 2, n])
     n = max(worker_counts)
     seconds = seconds if seconds is not None else (1.0 if quick else 12.0)
-    fit_epochs = fit_epochs if fit_epochs is not None else (0 if quick else 8)
+    fit_epochs = fit_epochs if fit_epochs is not None else (0 if quick else 20)
     synthetic_count = synthetic_count or (200 if quick else 2000)
     scale_count = scale_count if scale_count is not None else (0 if quick else 200_000)
     scale_seconds = scale_seconds if scale_seconds is not None else 60.0
