@@ -122,7 +122,10 @@ def evaluate_targets(results: list, fit: dict | None) -> list:
     if fit and "memory_slowdown" in fit:
         add("digits: Keras fit slowdown from mongofeed serving from memory over shared memory "
             "vs in-memory numpy", fit["memory_slowdown"], "<= 10%", fit["memory_slowdown"] <= 0.10,
-            f"epoch {fit['memory_epoch_s']:.3f} s vs {fit['numpy_epoch_s']:.3f} s; over tcp "
+            f"epoch {fit['memory_epoch_s']:.3f} s vs {fit['numpy_epoch_s']:.3f} s"
+            + (f" (numpy {fit['numpy_before_epoch_s']:.3f} s first, "
+               f"{fit['numpy_after_epoch_s']:.3f} s last)" if "numpy_after_epoch_s" in fit else "")
+            + f"; over tcp "
             f"{fit['memory_tcp_slowdown']:+.0%}, a PyDataset over the same arrays "
             f"{fit['pydataset_slowdown']:+.0%}")
     return targets

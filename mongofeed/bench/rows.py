@@ -308,8 +308,11 @@ def fit_main():
             daemon.stop()
         return times
 
-    times = {"numpy": _epoch_times(demo_model(data["shape"]), epochs, x, y, batch_size=batch,
-                                   shuffle=True),
+    def from_numpy():
+        return _epoch_times(demo_model(data["shape"]), epochs, x, y, batch_size=batch,
+                            shuffle=True)
+
+    times = {"numpy_before": from_numpy(),
              "pydataset": _epoch_times(demo_model(data["shape"]), epochs, ArraySequence())}
     with tempfile.TemporaryDirectory(prefix="mongofeed-bench-") as tmp:
         path = write_documents(docs, os.path.join(tmp, "docs.bson"))
@@ -317,7 +320,11 @@ def fit_main():
         times["memory"] = from_daemon(memory, tmp, path)
         times["memory_tcp"] = from_daemon(memory, tmp, path, shared_memory=False)
         times["mongofeed"] = from_daemon(spec, tmp)
-    # The first epoch of each compiles the model's step function: leave it out.
+    times["numpy_after"] = from_numpy()
+    # The first epoch of each compiles the model's step function: leave it out. numpy runs
+    # first and last, and its epochs of both count, so that a machine getting slower or
+    # faster during the comparison does not show as mongofeed's.
+    times["numpy"] = times["numpy_before"] + times["numpy_after"][1:]
     median = {k: float(np.median(v[1:])) for k, v in times.items()}
     result = {f"{k}_epoch_s": v for k, v in median.items()}
     result.update(
