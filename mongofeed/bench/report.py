@@ -219,6 +219,8 @@ def write_chart(results: list, path: Path) -> Path | None:
                   "tab:orange" for r in mine]
         ax.barh(names, rates, color=colors)
         ax.set_xscale("log")
+        if rates:  # bars start a decade below the slowest, so that lengths compare
+            ax.set_xlim(left=min(rates) / 10)
         ax.invert_yaxis()
         ax.set_title(data)
         for y, rate in enumerate(rates):
