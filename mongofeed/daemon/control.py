@@ -144,20 +144,26 @@ class Control:
         return epoch, offset, skip
 
     def make_room(self):
-        """At the session cap, end the session silent longest if it is silent enough to be
-        abandoned (or never claimed); otherwise refuse the hello."""
+        """At the session cap, end the sessions silent longest while they are silent enough
+        to be abandoned (or never claimed); otherwise refuse the hello. An ended session
+        whose consumer keeps its data connection open still counts (``SessionTable``)."""
         sessions = self.supervisor.sessions
-        if not sessions.full():
-            return
-        victim = sessions.evictable(time.monotonic())
-        if victim is None:
-            raise ProtocolError(f"too many sessions ({sessions.max_sessions}, all of them "
-                                f"alive; serve.max_sessions); close unused consumers")
-        log.info("session %s (%s): evicted for a new hello, silent for %.1f s", victim.name,
-                 victim.feed, time.monotonic() - victim.last_seen)
-        self.supervisor.counters["evicted_sessions"] += 1
-        self.supervisor.end_session(victim, "this session was silent (no heartbeat) while "
-                                    "the daemon had no room for a new one")
+        while sessions.full():
+            victim = sessions.evictable(time.monotonic())
+            if victim is None:
+                lingering = len(sessions.lingering)
+                raise ProtocolError(
+                    f"too many sessions ({sessions.max_sessions}, serve.max_sessions): "
+                    f"{len(sessions)} alive" + (
+                        f", and {lingering} ended whose consumers keep their data "
+                        f"connection open (its unread batches stay in the daemon until it "
+                        f"closes)" if lingering else ", all of them heartbeating")
+                    + "; close unused consumers")
+            log.info("session %s (%s): evicted for a new hello, silent for %.1f s",
+                     victim.name, victim.feed, time.monotonic() - victim.last_seen)
+            self.supervisor.counters["evicted_sessions"] += 1
+            self.supervisor.end_session(victim, "this session was silent (no heartbeat) "
+                                        "while the daemon had no room for a new one")
 
     def describe_feed(self, feed: str, shard: Shard | None = None) -> dict:
         """The feed as a stream of ``shard`` (the daemon's own by default) gets it: its
@@ -232,6 +238,7 @@ class Control:
             "pending_tasks": len(supervisor.sessions.pending),
             "batch_bytes": config.batch_nbytes,
             "max_sessions": config.serve.max_sessions,
+            "lingering_connections": len(supervisor.sessions.lingering),
             "session_memory_bound_bytes": config.session_memory_bound,
             "memory_bound_bytes": config.memory_bound,
             "counters": dict(supervisor.counters),

@@ -13,7 +13,10 @@ is the identity of its data socket and what ``bye`` needs; everyone else sees it
 ``name``. The table holds at most ``serve.max_sessions``; when it is full, a new hello
 takes the place of the session that has been silent longest, if that one has sent nothing
 for ``EVICT_SILENCE_S`` (a consumer heartbeats every second, so one that lives is never
-evicted, and hellos nobody follows up cannot keep trainers out).
+evicted, and hellos nobody follows up cannot keep trainers out). A session that ended still
+counts while its consumer's data connection stays open (``lingering``): the batches ZeroMQ
+queued to that connection stay in the daemon until it closes, so a peer that never reads
+cannot open session after session to grow the daemon past its memory bound.
 
 A task whose worker died is re-issued; if that worker had received it, alone to an idle
 worker (a worker reads the tasks it holds together, so the first death cannot tell which one
@@ -97,6 +100,7 @@ class Session:
     slabs: SessionSlabs | None = None  # its shared memory, if the daemon made it
     last_seen: float = field(default_factory=time.monotonic)
     active: bool = False          # the consumer has connected its data socket
+    connection: int | None = None  # the data connection it last sent on (sockets.connection_of)
     credit: int = 0
     plan_epoch: int = 0           # next batch to make into a task
     plan_index: int = 0
@@ -206,6 +210,8 @@ class SessionTable:
         self.warmed: OrderedDict[tuple, BatchWindow] = OrderedDict()  # windows read ahead
         self.warm: list[tuple] = []  # of those, the ones not yet handed to a worker
         self.opened = 0
+        self.connections: dict[int, bytes] = {}  # open data connection -> its session's token
+        self.lingering: dict[int, str] = {}  # connection of an ended session -> its name
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -214,7 +220,23 @@ class SessionTable:
         return self.sessions.get(token)
 
     def full(self) -> bool:
-        return len(self.sessions) >= self.max_sessions
+        """Whether the live sessions and the connections of ended ones fill the cap."""
+        return len(self.sessions) + len(self.lingering) >= self.max_sessions
+
+    def connected(self, session: Session, connection: int | None):
+        """``session``'s consumer sent on data connection ``connection``."""
+        if connection is not None and session.connection != connection:
+            if session.connection is not None:
+                self.connections.pop(session.connection, None)
+            session.connection = connection
+            self.connections[connection] = session.token
+
+    def disconnected(self, connection: int):
+        """A consumer's data connection closed: what was queued to it is gone."""
+        self.lingering.pop(connection, None)
+        session = self.sessions.get(self.connections.pop(connection, b""))
+        if session is not None and session.connection == connection:
+            session.connection = None
 
     def evictable(self, now: float) -> Session | None:
         """The session silent longest, if it has been silent for ``EVICT_SILENCE_S``."""
@@ -242,6 +264,9 @@ class SessionTable:
         """Forget a session and its tasks; those in flight are dropped when they come back.
         Its region file is removed (the mappings of workers and consumer outlive it)."""
         self.sessions.pop(session.token, None)
+        if session.connection is not None:  # counts until the connection closes
+            self.connections.pop(session.connection, None)
+            self.lingering[session.connection] = session.name
         for task_id in [t.id for t in self.tasks.values() if t.session == session.token]:
             del self.tasks[task_id]
         session.ready.clear()

@@ -11,7 +11,10 @@ workers connect to.
 
 The public sockets speak CurveZMQ when ``serve.server_key`` is set, and get their limits
 (largest message, send queue) before the bind, because every connection takes them from
-the listener, which copies them when it binds. The internal ones use
+the listener, which copies them when it binds. A monitor of the data socket
+(``data_closed``) reports each consumer connection that closes: a ROUTER cannot drop the
+batches queued to one peer, so a session's connection counts until it closes. The internal
+ones use
 ``serve.internal_transport``: ipc in a private folder (removed on close), or loopback tcp
 [portable]. No socket lingers: at the close nothing waits for a peer.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import shutil
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from ..errors import SourceError
 from ..portable import bind_internal, make_runtime_dir
@@ -47,6 +51,8 @@ class Sockets:
             # Batches sent but not read stay in this queue: at most max_pending per consumer.
             self.data = self.public(zmq.ROUTER, serve.bind, MAX_CONTROL_BYTES, serve.max_pending)
             self.data.router_mandatory = 1
+            # Which consumer connections close: batches queued to one stay until it does.
+            self.data_closed = self.data.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             if serve.internal_transport == "ipc":
                 self.runtime_dir = make_runtime_dir()
             self.tasks = self.socket(zmq.ROUTER)
@@ -84,7 +90,7 @@ class Sockets:
     def poller(self) -> zmq.Poller:
         """A poller for what arrives on any of them."""
         poller = zmq.Poller()
-        for socket in (self.control, self.data, self.tasks, self.sink):
+        for socket in (self.control, self.data, self.data_closed, self.tasks, self.sink):
             poller.register(socket, zmq.POLLIN)
         return poller
 
@@ -98,3 +104,18 @@ class Sockets:
         if self.runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
             self.runtime_dir = None
+
+
+def connection_of(frame: zmq.Frame) -> int | None:
+    """The connection a received message came on (its socket's file descriptor, as the
+    monitor's events name it); None where ZeroMQ does not say."""
+    try:
+        return frame.get(zmq.SRCFD)
+    except (zmq.ZMQError, ValueError):
+        return None
+
+
+def closed_connection(frames: list) -> int | None:
+    """The connection a monitor event of ``data_closed`` says was closed."""
+    event = parse_monitor_message(frames)
+    return event["value"] if event["event"] == zmq.EVENT_DISCONNECTED else None

@@ -40,7 +40,7 @@ from .planning import plan_feed
 from .pool import WorkerPool
 from .sessions import Session, SessionTable
 from .sink import Sink
-from .sockets import Sockets
+from .sockets import Sockets, closed_connection, connection_of
 from .source import MongoSource
 from .transform import load_functions
 from .worker import run_worker
@@ -243,6 +243,8 @@ class Supervisor:
             self.drain(sockets.tasks, self.dispatcher.on_worker_message)
         if sockets.data in events:
             self.drain(sockets.data, self.on_consumer_message)
+        if sockets.data_closed in events:
+            self.drain(sockets.data_closed, self.on_data_closed)
         if sockets.control in events:
             self.drain(sockets.control, self.on_control)
         for task_ids, taken, death in self.pool.check():
@@ -279,6 +281,11 @@ class Supervisor:
                 self.counters["rejected_messages"], type(exc).__name__ + ": " if unexpected
                 else "", exc, exc_info=exc if unexpected else None)
 
+    def on_data_closed(self, frames):
+        connection = closed_connection(frames)
+        if connection is not None:
+            self.sessions.disconnected(connection)
+
     def on_consumer_message(self, frames):
         identity = frames[0].bytes
         message = unpack_credit(frames[1:])
@@ -291,6 +298,7 @@ class Supervisor:
             except zmq.ZMQError:
                 pass
             raise ProtocolError("credit for an unknown session")
+        self.sessions.connected(session, connection_of(frames[0]))
         if session.slabs is not None:
             if message.attached is not None and not session.active:
                 session.slabs.shared = message.attached  # its first message says

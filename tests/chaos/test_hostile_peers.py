@@ -9,10 +9,11 @@ import time
 
 from mongofeed import Consumer
 from mongofeed.daemon.sessions import EVICT_SILENCE_S
-from mongofeed.testing import Daemon
+from mongofeed.testing import Daemon, wait_until
 from mongofeed.wire import (
     MAX_CONTROL_BYTES,
     PROTOCOL_VERSION,
+    Credit,
     HelloRequest,
     decode_json,
     pack_credit,
@@ -136,4 +137,36 @@ def test_idle_hellos_cannot_keep_a_trainer_out(tmp_path, mongo_uri, db, context)
             assert consumer.session in [s["session"] for s in status["sessions"]]
     assert sum(r["ok"] for r in first_wave) == status["max_sessions"]
     assert status["counters"]["evicted_sessions"] >= 1
+    assert_exactly_once(batches, epochs=(0, 1))
+
+
+def test_ended_sessions_count_while_their_connections_stay_open(tmp_path, mongo_uri, db,
+                                                               context):
+    """A peer that grants credit, never reads, stops heartbeating and keeps its data
+    connection open leaves what ZeroMQ queued to it in the daemon, which cannot drop it.
+    Such a session, once ended, still counts against serve.max_sessions until its connection
+    closes: peers like it cannot open session after session and grow the daemon past its
+    memory bound; a trainer gets a clear refusal meanwhile, and a session once they close."""
+    config = feed_config(tmp_path, mongo_uri, db,
+                         serve={"max_sessions": 2, "session_timeout": 3})
+    with Daemon(config, workers=2) as daemon:
+        hogs = []
+        for _ in range(2):
+            reply = RawPeer(context, daemon.control).request(
+                HelloRequest("train", shared_memory=False).pack())
+            hog = RawPeer(context, daemon.bind, identity=reply["token"].encode(), rcvhwm=1,
+                          rcvbuf=4096)
+            hog.send(Credit(1_000_000).pack())  # and no heartbeat: the session expires
+            hogs.append(hog)
+        assert wait_until(lambda: not daemon.status()["sessions"], 15)
+        status = daemon.status()
+        assert status["lingering_connections"] == 2, status
+        refused = RawPeer(context, daemon.control).request(HelloRequest("train").pack())
+        assert not refused["ok"]
+        assert "2 ended whose consumers keep their data connection open" in refused["error"]
+        for hog in hogs:
+            hog.socket.close()
+        assert wait_until(lambda: daemon.status()["lingering_connections"] == 0, 10)
+        with Consumer(daemon.bind, "train", timeout=30) as consumer:
+            batches = read_batches(consumer, 2 * BATCHES)
     assert_exactly_once(batches, epochs=(0, 1))

@@ -178,7 +178,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_sessions": Key(int, 16, "Consumer sessions served at once (memory bound: see "
                             "memory_bound_bytes in status). When all are taken, a new hello "
                             "replaces the session silent longest if it has sent nothing for "
-                            "3 s; a consumer that heartbeats is never replaced."),
+                            "3 s; a consumer that heartbeats is never replaced. A session "
+                            "that ended while its consumer keeps its data connection open "
+                            "(its unread batches stay queued in the daemon) counts until "
+                            "that connection closes (lingering_connections in status)."),
         "insecure": Key(bool, False, "Allow binding a non-loopback address without "
                         "CurveZMQ keys."),
         "server_key": Key(str, None, "CurveZMQ secret key file of the daemon "
