@@ -224,8 +224,11 @@ class SessionTable:
         return len(self.sessions) + len(self.lingering) >= self.max_sessions
 
     def connected(self, session: Session, connection: int | None):
-        """``session``'s consumer sent on data connection ``connection``."""
+        """``session``'s consumer sent on data connection ``connection``. A connection
+        number in use again means the one it named before has closed, even if the monitor's
+        event about that is late or lost."""
         if connection is not None and session.connection != connection:
+            self.lingering.pop(connection, None)
             if session.connection is not None:
                 self.connections.pop(session.connection, None)
             session.connection = connection
