@@ -76,6 +76,10 @@ class StatusCollector:
         yield drawn
         yield GaugeMetricFamily("mongofeed_sessions", "Live consumer sessions.",
                                 value=len(status["sessions"]))
+        yield GaugeMetricFamily("mongofeed_lingering_connections",
+                                "Data connections of ended sessions still open (they count "
+                                "against max_sessions until they close).",
+                                value=status["lingering_connections"])
         yield GaugeMetricFamily("mongofeed_pending_tasks", "Tasks waiting for a free worker.",
                                 value=status["pending_tasks"])
         yield GaugeMetricFamily("mongofeed_uptime_seconds", "Seconds since the daemon started.",
