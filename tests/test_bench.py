@@ -40,6 +40,23 @@ def test_quick_bench_runs_every_row(mongo_uri, tmp_path):
     assert "| data | loader |" in result.output
 
 
+def test_only_fit_runs_the_keras_fit_comparison_alone(mongo_uri, tmp_path):
+    """``--only fit``: no loader rows, the fit from numpy, a PyDataset and the daemon (from
+    memory over shared memory and tcp, and from the database), on the recorded backend."""
+    result = CliRunner().invoke(bench, [
+        "--uri", mongo_uri, "--database", "mongofeed_bench_fit", "--quick", "--only", "fit",
+        "--fit-epochs", "2", "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["rows"] == [] and report["machine"]["keras_backend"]
+    fit = report["fit"]
+    assert "error" not in fit, fit
+    for source in ("numpy", "pydataset", "memory", "memory_tcp", "mongofeed"):
+        assert fit[f"{source}_epoch_s"] > 0, source
+    assert {t["target"] for t in report["targets"]} >= {
+        "digits: Keras fit slowdown from mongofeed vs in-memory numpy"}
+
+
 def test_planner_bench_runs_without_a_database(tmp_path):
     """``mongofeed bench --planner N``: a real supervisor plans N synthetic ids through the
     daemon's listing code and serves 8 consumers; the figures come back per id type."""

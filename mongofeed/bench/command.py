@@ -28,6 +28,7 @@ from .report import (
     evaluate_targets,
     format_table,
     format_targets,
+    keras_backend,
     machine,
     server_name,
     write_chart,
@@ -62,7 +63,8 @@ def shape_option(text: str) -> tuple[int, ...]:
               type=click.Path(file_okay=False), help="Folder for results.json and results.png.")
 @click.option("--quick", is_flag=True, help="Small sizes and short rows: a smoke run.")
 @click.option("--only", multiple=True, metavar="NAME",
-              help="Run only rows whose data set, loader or data/loader matches (glob).")
+              help="Run only rows whose data set, loader or data/loader matches (glob); "
+              "'fit' names the Keras fit comparison, which runs otherwise only without --only.")
 @click.option("--workers", help="Daemon worker counts, e.g. 1,2,4 (default 1,2,N with "
               "N = max(4, 2 x CPUs)); the Keras and tensorpack rows use N processes.")
 @click.option("--batch-size", default=64, show_default=True)
@@ -150,7 +152,7 @@ def bench(uri, database, metrics_url, output, quick, only, workers, batch_size,
             "seconds": seconds}
     results = []
     click.echo(f"mongofeed bench: {len(rows)} rows, {seconds:g} s each at most, server "
-               f"{server_name(build)}, {cpus} CPUs")
+               f"{server_name(build)}, {cpus} CPUs, Keras on {keras_backend()}")
     for i, (data, loader, w) in enumerate(rows, 1):
         label = f"[{i:>2}/{len(rows)}] {data['name']:<18} {row_name(loader, w):<22}"
         click.echo(label, nl=False)
@@ -166,7 +168,7 @@ def bench(uri, database, metrics_url, output, quick, only, workers, batch_size,
         results.append(result)
         click.echo(describe(result))
     fit = None
-    if fit_epochs and not only:
+    if fit_epochs and (not only or "fit" in only):
         digits = next(d for d in datasets if d["name"] == "digits")
         click.echo(f"[fit] demo model on digits, {fit_epochs} epochs each from numpy, a "
                    f"PyDataset, mongofeed from memory (shared memory, tcp) and from the "
@@ -188,7 +190,7 @@ def bench(uri, database, metrics_url, output, quick, only, workers, batch_size,
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
     table = format_table(results)
     (out / "results.md").write_text(table + "\n\n" + format_targets(targets) + "\n")
-    chart = write_chart(results, out / "results.png")
+    chart = write_chart(results, out / "results.png") if results else None
     click.echo("\n" + table + "\n\n" + format_targets(targets))
     click.echo(f"\nwrote {out / 'results.json'}, {out / 'results.md'}"
                + (f", {chart}" if chart else ""))
@@ -272,7 +274,7 @@ def run_process(spec: dict, entry: str, timeout: float) -> dict:
     """Run ``bench_peers.<entry>`` with ``spec``; sample its tree's memory; kill what is left."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p),
-        "KERAS_BACKEND": "tensorflow",
+        "KERAS_BACKEND": keras_backend(),
         "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
     process = subprocess.Popen(
         [sys.executable, "-c", f"from mongofeed.bench.rows import {entry}; {entry}()",

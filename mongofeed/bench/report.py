@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -239,18 +240,25 @@ def server_name(build: dict) -> str:
     return f"MongoDB {build.get('version')}"
 
 
+def keras_backend() -> str:
+    """The Keras backend of every row and of the fit: the caller's ``KERAS_BACKEND`` (``jax``
+    on a machine without TensorFlow, say), else TensorFlow."""
+    return os.environ.get("KERAS_BACKEND") or "tensorflow"
+
+
 def machine(cpus: int) -> dict:
     from importlib import metadata
 
     versions = {}
     for package in ("numpy", "pymongo", "pyzmq", "keras", "tensorflow-cpu", "tensorflow",
-                    "tensorpack"):
+                    "jax", "tensorpack"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
     info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpus": cpus, "processor": platform.processor(), "versions": versions}
+            "cpus": cpus, "processor": platform.processor(), "keras_backend": keras_backend(),
+            "versions": versions}
     try:
         import psutil
 
