@@ -73,7 +73,8 @@ def resume_in_new_process(endpoint, state, take, shard=None, env=None) -> dict:
     result = subprocess.run(
         [sys.executable, str(REPO / "tests" / "resume_reader.py")], input=json.dumps(job),
         capture_output=True, text=True, timeout=READER_TIMEOUT_S, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p), **(env or {})})
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
