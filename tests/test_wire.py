@@ -206,6 +206,17 @@ def test_fuzz_hello_reply(reply):
     assert schema.batch_size >= 1 and schema.arrays
 
 
+@given(st.integers(0, MAX_CREDIT), st.lists(st.integers(0, 2**31), max_size=64),
+       st.sampled_from([None, True, False]))
+def test_credit_written_by_hand_is_the_json_the_daemon_reads(credit, release, attached):
+    message = Credit(credit, tuple(release), attached)
+    packed = message.pack()
+    assert unpack_credit([packed]) == message
+    body = {"credit": credit, **({"release": release} if release else {}),
+            **({} if attached is None else {"attached": attached})}
+    assert json.loads(packed) == body
+
+
 def test_credit_and_request_limits():
     assert unpack_credit([pack_credit(3)]) == Credit(3)
     assert unpack_credit([Credit(0, (4, 1), True).pack()]) == Credit(0, (4, 1), True)
