@@ -5,7 +5,10 @@ compares every loader with.
 - ``zmq_loopback``: batch-sized messages over ZeroMQ on tcp loopback (the transport);
 - ``memcpy_batches``: a plain copy of each batch's bytes (the memory);
 - ``wake_cost``: what this machine charges the same fixed Python work back to back and after
-  an idle wait (the CPU of a trainer that waits for every batch is mostly the latter).
+  an idle wait (the CPU of a trainer that waits for every batch is mostly the latter);
+- ``recv_cost``: the process CPU of a bare pyzmq receive of one small message per batch at the
+  same pace (ZeroMQ's I/O thread included): the floor of any consumer that is handed each
+  batch, or its descriptor, as one ZeroMQ message.
 
 The pipeline ceiling (the whole daemon serving documents from memory) is a mongofeed row
 with ``mongofeed.testing.MemorySource``.
@@ -89,6 +92,54 @@ def zmq_loopback(spec: dict, frame_sizes: list[int], dtypes, shapes):
                         for f, dt, shape in zip(frames[1:], dtypes, shapes, strict=True))
 
     return batches()
+
+
+RECV_COST_MESSAGES = 2000
+RECV_COST_SECONDS = 1.0  # at most this long per measurement
+DESCRIPTOR_BYTES = 64  # about a batch header with its slab number
+
+
+def paced_sender(endpoint: str, gap_s: float):
+    """Sends a descriptor-sized message every ``gap_s`` forever (spawn target of recv_cost)."""
+    import zmq
+
+    socket = zmq.Context().socket(zmq.PUSH)
+    socket.connect(endpoint)
+    message = bytes(DESCRIPTOR_BYTES)
+    while True:
+        socket.send(message)
+        if gap_s:
+            time.sleep(gap_s)
+
+
+def recv_cost(gap_s: float) -> dict:
+    """Process CPU per message of a blocking pyzmq ``recv`` (a PULL socket on tcp loopback)
+    of messages sent every ``gap_s`` by another process: what ZeroMQ alone costs a consumer
+    handed one message per batch at the row's pace, before any code of ours."""
+    import multiprocessing
+
+    import zmq
+
+    context = zmq.Context()
+    socket = context.socket(zmq.PULL)
+    port = socket.bind_to_random_port("tcp://127.0.0.1")
+    sender = multiprocessing.get_context("spawn").Process(
+        target=paced_sender, args=(f"tcp://127.0.0.1:{port}", gap_s), daemon=True)
+    sender.start()
+    try:
+        for _ in range(20):
+            socket.recv()
+        count = max(20, min(RECV_COST_MESSAGES, int(RECV_COST_SECONDS / max(gap_s, 1e-6))))
+        cpu0, started = time.process_time(), time.perf_counter()
+        for _ in range(count):
+            socket.recv()
+        cpu, elapsed = time.process_time() - cpu0, time.perf_counter() - started
+    finally:
+        sender.kill()
+        sender.join()
+        socket.close(linger=0)
+        context.term()
+    return {"recv_gap_ms": elapsed / count * 1e3, "recv_us": cpu / count * 1e6}
 
 
 def nbytes(dtype, shape) -> int:

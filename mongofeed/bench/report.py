@@ -160,12 +160,17 @@ def shared_memory_targets(data: str, rows, add):
 
 
 def wake_note(row: dict) -> str:
-    """What this machine charges a trainer for waiting between batches (``wake_cost``)."""
+    """What this machine charges a trainer for waiting between batches (``wake_cost``) and
+    what ZeroMQ alone costs it per batch at that pace (``recv_cost``)."""
     if row.get("work_us") is None:
         return ""
-    return (f"this machine runs the same fixed Python work in {row['work_us']:.0f} us back to "
+    note = (f"this machine runs the same fixed Python work in {row['work_us']:.0f} us back to "
             f"back, {row['work_after_gap_us']:.0f} us after the row's "
             f"{row['wake_gap_ms']:.1f} ms wait per batch")
+    if row.get("recv_us") is not None:
+        note += (f"; a bare pyzmq recv of one small message every {row['recv_gap_ms']:.1f} ms "
+                 f"costs {row['recv_us']:.0f} us of process CPU")
+    return note
 
 
 def augment_target(data: str, rows, add):

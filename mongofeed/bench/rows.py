@@ -24,7 +24,14 @@ import numpy as np
 
 from ..testing import Daemon, ServerCounters, write_documents
 from .augment import augment, crop_shape
-from .ceilings import memcpy_batches, nbytes, raw_drain, wake_cost, zmq_loopback
+from .ceilings import (
+    memcpy_batches,
+    nbytes,
+    raw_drain,
+    recv_cost,
+    wake_cost,
+    zmq_loopback,
+)
 from .peers import decode_batch, epochs_of, make_sequences, tensorpack_batches
 
 AUGMENT_LOADERS = ("mongofeed-augment", "keras-augment")
@@ -220,7 +227,8 @@ def row_main():
                 result = measure(spec, start, per_epoch)
                 if loader.startswith("ceiling") and result.get("batches"):
                     # The trainer waited this long per batch: what that costs on this machine.
-                    result.update(wake_cost(result["seconds"] / result["batches"]))
+                    gap = result["seconds"] / result["batches"]
+                    result.update(wake_cost(gap), **recv_cost(gap))
             else:
                 kind = make_sequences()[loader]
                 threads = loader == "keras-augment"  # __getitem__ in the training process
