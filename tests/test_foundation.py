@@ -24,7 +24,7 @@ import pytest
 from bson import Binary
 
 from mongofeed.dev import server
-from mongofeed.portable.dev import exit_status, venv_python
+from mongofeed.dev.portable import exit_status, venv_python
 
 REPO = Path(__file__).resolve().parent.parent
 # -S: no site-packages, so these commands prove that they need the standard library only.

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..portable import INTERNAL_TRANSPORT_ENV, STOP_REQUESTS, stoppable
-from ..portable.dev import exit_status, interrupt, venv_python
 from . import server
+from .portable import exit_status, interrupt, venv_python
 
 ROOT = server.ROOT
 ENDING_SIGNALS = (signal.SIGINT, signal.SIGTERM)

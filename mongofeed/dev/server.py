@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..portable import KILL_SIGNAL, STOP_SIGNAL, pid_alive, signal_pid
-from ..portable.dev import EXE_SUFFIX, detached, exclusive_lock, port_is_free, reap
+from .portable import EXE_SUFFIX, detached, exclusive_lock, port_is_free, reap
 
 FERRETDB_VERSION = "v1.24.2"
 FERRETDB_MODULE = "github.com/FerretDB/FerretDB"

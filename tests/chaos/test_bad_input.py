@@ -15,7 +15,7 @@ import psutil
 import pymongo
 import pytest
 
-from mongofeed.portable.dev import port_is_free
+from mongofeed.dev.portable import port_is_free
 from mongofeed.security import redact_uri
 from mongofeed.testing import free_port_pair
 from tests.chaos.support import feed_config

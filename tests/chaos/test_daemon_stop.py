@@ -12,6 +12,7 @@ import time
 import pytest
 
 from mongofeed import Consumer, FeedTimeout
+from mongofeed.dev.portable import port_is_free
 from mongofeed.portable import (
     CAN_SUSPEND,
     CONSOLE_INTERRUPTS,
@@ -20,7 +21,6 @@ from mongofeed.portable import (
     signal_pid,
     stoppable,
 )
-from mongofeed.portable.dev import port_is_free
 from mongofeed.testing import PACKAGE_ROOT, Daemon, internal_transport, pid_alive, wait_until
 from tests.chaos.support import (
     BOTH_PATHS,

@@ -13,12 +13,12 @@ import sys
 import pytest
 
 from mongofeed import portable
+from mongofeed.dev.portable import port_is_free
 from mongofeed.portable import (
     ipc_path_max,
     remove_stale_runtime_dirs,
     resolve_internal_transport,
 )
-from mongofeed.portable.dev import port_is_free
 from mongofeed.testing import Daemon, free_port_pair, internal_transport
 from tests.chaos.support import feed_config, private_tmp
 from tests.chaos.test_bad_input import refused

@@ -2,7 +2,7 @@
 private FerretDB, the test runner) and the tests need: the executable suffix, the venv
 layout, how a server is started detached, interrupted and reaped, how a port is checked and
 a file locked, and a child's exit status. Standard library only, like the package; asking
-which platform this is stays in ``portable`` (``WINDOWS``).
+which platform this is stays in ``mongofeed.portable`` (``WINDOWS``), which ships.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import WINDOWS
+from ..portable import WINDOWS
 
 EXE_SUFFIX = ".exe" if WINDOWS else ""
 LOCK_RETRY_S = 0.5
