@@ -211,7 +211,7 @@ class SessionTable:
         self.warm: list[tuple] = []  # of those, the ones not yet handed to a worker
         self.opened = 0
         self.connections: dict[int, bytes] = {}  # open data connection -> its session's token
-        self.lingering: dict[int, str] = {}  # connection of an ended session -> its name
+        self.lingering: dict[int, str] = {}  # connection of an ended session -> why it ended
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -233,6 +233,10 @@ class SessionTable:
                 self.connections.pop(session.connection, None)
             session.connection = connection
             self.connections[connection] = session.token
+
+    def ended_because(self, connection: int | None) -> str | None:
+        """Why the session last served on ``connection`` ended, while it stays open."""
+        return self.lingering.get(connection) if connection is not None else None
 
     def disconnected(self, connection: int):
         """A consumer's data connection closed: what was queued to it is gone."""
@@ -263,13 +267,16 @@ class SessionTable:
         self.sessions[session.token] = session
         return session
 
-    def end(self, session: Session):
+    def end(self, session: Session, reason: str | None = None):
         """Forget a session and its tasks; those in flight are dropped when they come back.
-        Its region file is removed (the mappings of workers and consumer outlive it)."""
+        Its region file is removed (the mappings of workers and consumer outlive it). While
+        its consumer's connection stays open, it counts, and ``ended_because`` says why."""
         self.sessions.pop(session.token, None)
         if session.connection is not None:  # counts until the connection closes
             self.connections.pop(session.connection, None)
-            self.lingering[session.connection] = session.name
+            self.lingering[session.connection] = (
+                f"session {session.name} of feed {session.feed!r} ended: "
+                + (reason or "its consumer said bye or the daemon ended it"))
         for task_id in [t.id for t in self.tasks.values() if t.session == session.token]:
             del self.tasks[task_id]
         session.ready.clear()

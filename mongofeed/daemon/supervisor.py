@@ -291,10 +291,12 @@ class Supervisor:
         message = unpack_credit(frames[1:])
         session = self.sessions.get(identity)
         if session is None:
+            why = (self.sessions.ended_because(connection_of(frames[0]))
+                   or "unknown session: the daemon was restarted or the session ended")
             try:
-                self.sockets.data.send_multipart([identity] + pack_error(
-                    "unknown session: the daemon was restarted or the session ended; "
-                    "create a new consumer"), flags=zmq.NOBLOCK)
+                self.sockets.data.send_multipart(
+                    [identity] + pack_error(f"{why}; create a new consumer"),
+                    flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
             raise ProtocolError("credit for an unknown session")
@@ -315,13 +317,15 @@ class Supervisor:
         for session in self.sessions.silent(time.monotonic(), timeout):
             log.info("session %s (%s): no heartbeat for %.0f s, ending it",
                      session.name, session.feed, timeout)
-            self.end_session(session)
+            self.end_session(session, f"no heartbeat for {timeout:g} s "
+                             f"(serve.session_timeout): a trainer paused that long (a "
+                             f"debugger, SIGSTOP) needs a larger serve.session_timeout")
 
     def end_session(self, session: Session, error: str | None = None):
         """Stop all work for a session; tasks in flight are dropped when they come back."""
         if error is not None:
             self.sink.fail(session, error)
-        self.sessions.end(session)
+        self.sessions.end(session, error)
 
     def on_control(self, frames):
         identity = frames[0].bytes

@@ -39,6 +39,21 @@ time.sleep(600)
 """
 
 
+PAUSED_TRAINER = """
+import sys
+from mongofeed import Consumer, FeedError
+consumer = Consumer(sys.argv[1], "train", timeout=30, shared_memory=sys.argv[2] == "True")
+taken = [consumer.get().index for _ in range(3)]
+print("read", flush=True)
+sys.stdin.readline()  # frozen here, then let go
+try:
+    while True:
+        taken.append(consumer.get().index)
+except FeedError as exc:
+    print(len(taken), len(set(taken)), exc, flush=True)
+"""
+
+
 def rss_bytes(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
@@ -82,6 +97,35 @@ def test_restart_from_checkpoint_gets_the_same_epoch_and_nothing_of_the_dead_run
             crashed.kill()
             crashed.wait()
             crashed.stdout.close()
+
+
+@pytest.mark.skipif(not CAN_SUSPEND, reason="freezes a trainer with SIGSTOP, which this "
+                    "platform lacks")
+@BOTH_PATHS
+def test_a_trainer_paused_past_the_session_timeout_is_told_which_setting_ended_it(
+        tmp_path, mongo_uri, db, shared_memory):
+    """A debugger or SIGSTOP holds a trainer longer than ``serve.session_timeout``: the
+    daemon ends its session, and the trainer, let go, gets the batches that were already
+    on their way, then an error that names the setting rather than 'unknown session'."""
+    config = feed_config(tmp_path, mongo_uri, db,
+                         serve={"session_timeout": SESSION_TIMEOUT_S, "max_pending": 4})
+    with Daemon(config, workers=2) as daemon:
+        trainer = subprocess.Popen(
+            [sys.executable, "-c", PAUSED_TRAINER, daemon.bind, str(shared_memory)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert trainer.stdout.readline() == "read\n"
+            trainer.send_signal(signal.SIGSTOP)
+            assert wait_until(lambda: not daemon.status()["sessions"], SESSION_TIMEOUT_S + 10)
+            trainer.send_signal(signal.SIGCONT)
+            out, _ = trainer.communicate("go\n", timeout=60)
+        finally:
+            trainer.kill()
+            trainer.wait()
+        taken, distinct, error = out.split(" ", 2)
+        assert taken == distinct and 3 <= int(taken) < BATCHES, out  # none twice
+        assert "no heartbeat for 3 s (serve.session_timeout)" in error, out
+        assert "create a new consumer" in error or "larger serve.session_timeout" in error
 
 
 @BOTH_PATHS

@@ -174,7 +174,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                              "tasks re-issued; keep it well under the consumers' timeout "
                              "(60 s by default) so they wait out the recovery."),
         "session_timeout": Key((int, float), 15.0, "Seconds without a heartbeat after "
-                               "which a consumer's session ends (at least 3)."),
+                               "which a consumer's session ends (at least 3); raise it for "
+                               "trainers paused longer (a debugger), which are told so."),
         "max_sessions": Key(int, 16, "Consumer sessions served at once (memory bound: see "
                             "memory_bound_bytes in status). When all are taken, a new hello "
                             "replaces the session silent longest if it has sent nothing for "
