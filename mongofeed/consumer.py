@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Iterator
 
@@ -130,8 +131,8 @@ class Consumer:
     that memory once they are gone. Drop them (or copy what you keep) within the next
     ``held_batches`` batches (the daemon lends up to its ``serve.max_held_batches``, 18 by
     default, for them): while you hold more, ``get`` hands copies instead of views, so
-    nothing waits, but each costs a copy. ``get`` may be called from any thread, one at a
-    time.
+    nothing waits, but each costs a copy. ``get`` may be called from any thread, also from
+    several at once: the calls take turns, and each batch goes to exactly one of them.
     """
 
     def __init__(self, endpoint: str, feed: str = "train", control: str | None = None,
@@ -155,6 +156,7 @@ class Consumer:
         self._held_batches = held_batches
         self._shared_memory = shared_memory and os.environ.get(SHARED_MEMORY_ENV) != "0"
         self._pid = os.getpid()
+        self._taking = threading.Lock()  # get()s from several threads take turns
         self._curve = client_options(server_key, client_key)
         self._context = zmq.Context()
         try:
@@ -293,19 +295,22 @@ class Consumer:
             raise RuntimeError("a mongofeed Consumer cannot be used in a forked child process; "
                                "create it in the process that reads from it")
         timeout = self.timeout if timeout is None else timeout
-        item = self._stream.take(timeout)
-        progress = self._progress
-        if item is None:
-            raise FeedTimeout(f"waited {timeout:g} s (the consumer's timeout) for the next "
-                              f"batch of feed {self.feed!r} (epoch {progress.epoch}: "
-                              f"{self.taken_in_epoch} of {self.batches_per_epoch} batches "
-                              f"taken) from {self.endpoint}: is the daemon running and its "
-                              f"database reachable? ('mongofeed status --control "
-                              f"{self.control}')")
-        progress.mark(item.index)  # the receiver checked it: this epoch's, not yet taken
-        if progress.complete:
-            self._progress = EpochProgress.of(self._start, progress.epoch + 1)
-        return Batch(item.epoch, progress.base + item.index, item.arrays)
+        # A batch and its count together: between them another thread's batch could be
+        # counted in the epoch this one completes.
+        with self._taking:
+            item = self._stream.take(timeout)
+            progress = self._progress
+            if item is None:
+                raise FeedTimeout(f"waited {timeout:g} s (the consumer's timeout) for the "
+                                  f"next batch of feed {self.feed!r} (epoch {progress.epoch}: "
+                                  f"{self.taken_in_epoch} of {self.batches_per_epoch} batches "
+                                  f"taken) from {self.endpoint}: is the daemon running and "
+                                  f"its database reachable? ('mongofeed status --control "
+                                  f"{self.control}')")
+            progress.mark(item.index)  # the receiver checked it: this epoch's, not yet taken
+            if progress.complete:
+                self._progress = EpochProgress.of(self._start, progress.epoch + 1)
+            return Batch(item.epoch, progress.base + item.index, item.arrays)
 
     def __iter__(self) -> Iterator[Batch]:
         """All batches, epoch after epoch, until ``close``."""

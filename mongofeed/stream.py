@@ -2,7 +2,7 @@
 the heartbeat. Training side: no database code.
 
 ``Stream`` owns the data socket (a DEALER whose identity is the session's secret token) and
-checks what arrives on it, in the thread that calls ``Consumer.get`` (one at a time): the
+checks what arrives on it, in the thread that calls ``Consumer.get`` (calls take turns): the
 header against the hello's schema, the (epoch, index) order, each frame's length, or the
 slab a batch lies in. It grants the daemon credit a few batches at once and gives back the
 slabs whose arrays are gone (``Flow`` sizes both within the daemon's credit window).

@@ -11,6 +11,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections import Counter
 from contextlib import ExitStack
@@ -65,6 +67,37 @@ def as_json(batch) -> list:
 
 def read(consumer, count: int) -> list:
     return [as_json(consumer.get()) for _ in range(count)]
+
+
+def test_threads_taking_turns_count_every_batch_once(daemons):
+    """``get`` from two threads: each batch goes to one of them, and the state counts each
+    once, also when a thread is slow between receiving a batch and counting it (the last of
+    epoch 0 here, held back while the other thread asks for epoch 1's first)."""
+    with Consumer(daemons["ordered"], "train", timeout=30) as consumer:
+        receive = consumer._stream.take
+
+        def slow_after_the_last_of_an_epoch(timeout):
+            batch = receive(timeout)
+            if batch is not None and batch.index == GLOBAL - 1:
+                time.sleep(0.3)
+            return batch
+
+        consumer._stream.take = slow_after_the_last_of_an_epoch
+        taken = []
+
+        def read():
+            for _ in range(GLOBAL):
+                batch = consumer.get()
+                taken.append((batch.epoch, batch.index))
+
+        threads = [threading.Thread(target=read) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sorted(taken) == [(e, i) for e in (0, 1) for i in range(GLOBAL)]
+        state = consumer.state_dict()
+        assert (state["epoch"], state["taken"], state["extra"]) == (2, 0, []), state
 
 
 def resume_in_new_process(endpoint, state, take, shard=None, env=None) -> dict:
