@@ -4,6 +4,7 @@ daemons whose shards would give documents twice or never. Training side: no data
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 from .consumer import Consumer
@@ -44,6 +45,7 @@ class MultiConsumer:
         if isinstance(shard, JobRank):  # every rank reads a part of every daemon
             shard = (shard.rank, shard.world)
         self.feed = feed
+        self._taking = threading.Lock()
         self.consumers: list[Consumer] = []
         try:
             for endpoint in endpoints:
@@ -100,14 +102,16 @@ class MultiConsumer:
         return self._epoch
 
     def get(self, timeout: float | None = None) -> Batch:
-        """The next batch, from the next daemon whose epoch is not yet complete."""
-        epoch = self._union_epoch()
-        while self.consumers[self._next].current_epoch != epoch:
+        """The next batch, from the next daemon whose epoch is not yet complete. Calls from
+        several threads take turns, so the round-robin and the positions stay those of one."""
+        with self._taking:
+            epoch = self._union_epoch()
+            while self.consumers[self._next].current_epoch != epoch:
+                self._next = (self._next + 1) % len(self.consumers)
+            batch = self.consumers[self._next].get(timeout)
+            position, self._position = self._position, self._position + 1
             self._next = (self._next + 1) % len(self.consumers)
-        batch = self.consumers[self._next].get(timeout)
-        position, self._position = self._position, self._position + 1
-        self._next = (self._next + 1) % len(self.consumers)
-        return Batch(batch.epoch, position, batch.arrays)
+            return Batch(batch.epoch, position, batch.arrays)
 
     @property
     def current_epoch(self) -> int:

@@ -163,6 +163,38 @@ def test_an_unordered_feed_resumes_every_batch_once(daemons, shard):
     assert by_epoch(rest)[1] == [b for b in expected[1] if b[0] not in (0, 1, 2, 5, 9)]
 
 
+def test_a_multi_consumer_read_from_threads_gives_the_stream_of_one(daemons):
+    """Two threads share a MultiConsumer over two daemons: each position comes once, with
+    the batch a single reader gets there, and the state after two epochs is at its end;
+    also when the first daemon's batches are slow to come (a thread waits in its get)."""
+    endpoints = daemons["shards"]
+    with MultiConsumer(endpoints, timeout=30) as whole:
+        expected = read(whole, 2 * whole.batches_per_epoch)
+    with MultiConsumer(endpoints, timeout=30) as shared:
+        first = shared.consumers[0]
+        first_get = first.get
+
+        def slow_get(timeout=None):
+            time.sleep(0.05)
+            return first_get(timeout)
+
+        first.get = slow_get
+        taken = []
+
+        def read_half():
+            for _ in range(len(expected) // 2):
+                taken.append(as_json(shared.get()))
+
+        threads = [threading.Thread(target=read_half) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sorted(taken) == sorted(expected)
+        state = shared.state_dict()
+    assert (state["epoch"], state["position"]) == (2, 0), state
+
+
 def test_a_multi_consumer_resumes_on_the_same_shard_layout(daemons):
     """Two daemons of one --shard split, read round-robin; stopped after an odd number of
     batches (in the middle of a round), resumed in a new process with the endpoints listed
