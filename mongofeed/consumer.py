@@ -156,7 +156,7 @@ class Consumer:
         self._held_batches = held_batches
         self._shared_memory = shared_memory and os.environ.get(SHARED_MEMORY_ENV) != "0"
         self._pid = os.getpid()
-        self._taking = threading.Lock()  # get()s from several threads take turns
+        self._taking = threading.Lock()  # get, state_dict and a reopen: one thread at a time
         self._curve = client_options(server_key, client_key)
         self._context = zmq.Context()
         try:
@@ -250,8 +250,9 @@ class Consumer:
         return self._stream.region is not None
 
     def _reopen(self, state: FeedState | None, start_epoch: int = 0):
-        self._finalizer()  # no more heartbeats, a bye, the data socket closed
-        self._open(state, start_epoch)
+        with self._taking:  # not under a get of another thread
+            self._finalizer()  # no more heartbeats, a bye, the data socket closed
+            self._open(state, start_epoch)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -330,10 +331,12 @@ class Consumer:
     def state_dict(self) -> dict:
         """Where this consumer is: a small dict (no ids) to keep with a checkpoint; a
         ``Consumer(..., state=...)`` or ``load_state_dict`` in any process continues with
-        exactly the batch after the last one ``get`` returned (see ``mongofeed.resume``)."""
-        return self._progress.state(self.feed, self.info.get("plan") or {},
-                                    self.info.get("ordered", True),
-                                    self._start.shard).to_dict()
+        exactly the batch after the last one ``get`` returned (see ``mongofeed.resume``);
+        taken between two ``get``s of other threads, never in the middle of one."""
+        with self._taking:
+            return self._progress.state(self.feed, self.info.get("plan") or {},
+                                        self.info.get("ordered", True),
+                                        self._start.shard).to_dict()
 
     def load_state_dict(self, state: dict):
         """Continue where ``state`` says: this session ends and a new one starts there.
