@@ -133,6 +133,9 @@ class Consumer:
     default, for them): while you hold more, ``get`` hands copies instead of views, so
     nothing waits, but each costs a copy. ``get`` may be called from any thread, also from
     several at once: the calls take turns, and each batch goes to exactly one of them.
+    Ctrl-C while ``get`` waits raises KeyboardInterrupt and leaves the consumer usable; a
+    signal handler may call ``state_dict`` and ``close`` while this thread waits in ``get``
+    (a preemption notice).
     """
 
     def __init__(self, endpoint: str, feed: str = "train", control: str | None = None,
@@ -156,7 +159,9 @@ class Consumer:
         self._held_batches = held_batches
         self._shared_memory = shared_memory and os.environ.get(SHARED_MEMORY_ENV) != "0"
         self._pid = os.getpid()
-        self._taking = threading.Lock()  # get, state_dict and a reopen: one thread at a time
+        # get, state_dict and a reopen: one thread at a time; reentrant for a signal handler
+        # (a preemption handler that saves the state while this thread waits in get)
+        self._taking = threading.RLock()
         self._curve = client_options(server_key, client_key)
         self._context = zmq.Context()
         try:

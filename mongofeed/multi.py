@@ -45,7 +45,7 @@ class MultiConsumer:
         if isinstance(shard, JobRank):  # every rank reads a part of every daemon
             shard = (shard.rank, shard.world)
         self.feed = feed
-        self._taking = threading.Lock()
+        self._taking = threading.RLock()  # as Consumer._taking
         self.consumers: list[Consumer] = []
         try:
             for endpoint in endpoints:

@@ -45,7 +45,7 @@ class Replay:
         self.epochs: set[int] = set()  # feed epochs they came from
         self._kept: list[Batch] = []  # the pass's first `limit` batches
         self._queue: deque[Batch] = deque()  # batches to hand before taking new ones
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # as Consumer._taking
 
     def take(self, pass_number: int | None = None) -> Batch:
         """The next batch for the current pass (``pass_number``, when given, must be it)."""

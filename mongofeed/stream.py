@@ -95,7 +95,7 @@ class Stream:
         self.ordered = ordered
         self.every = flow.every
         self.endpoint = endpoint
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # as Consumer._taking: a handler may close it
         self.closed = False
         self.failure: FeedError | None = None  # why the stream broke, raised on every take
         self.progress = EpochProgress.of(start, start.epoch)  # of the batches received
@@ -122,15 +122,25 @@ class Stream:
     def take(self, timeout: float) -> Batch | None:
         """The next batch, None after ``timeout``; after a failure, that failure. The arrays
         of a batch in shared memory are views while the caller holds fewer than
-        ``held_batches`` such batches, copies beyond."""
+        ``held_batches`` such batches, copies beyond. The caller's interrupt (Ctrl-C, a
+        signal handler's exit) goes on as it is; one that stops a batch half received
+        leaves a failure for later takes, one that stops the wait leaves the stream usable."""
         with self.lock:
             self.raise_failure()
+            head = None
             try:
                 self.send_credit()
                 head = self.next_message(timeout)
                 if head is None:
                     return None
                 batch, lease = self.receive(head)
+            except (KeyboardInterrupt, SystemExit):
+                if head is not None:
+                    self.failure = FeedError(
+                        f"session {self.session}: a batch was interrupted while it was "
+                        f"received; create a new consumer (from this one's state_dict() to "
+                        f"continue with that batch)")
+                raise
             except BaseException as exc:  # whatever it is, it is this and every later take's
                 if self.closed:
                     raise FeedError(f"session {self.session} was closed") from None

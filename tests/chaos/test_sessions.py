@@ -3,9 +3,13 @@ the daemon's shared memory and over tcp."""
 
 from __future__ import annotations
 
+import _thread
+import json
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -51,6 +55,26 @@ try:
         taken.append(consumer.get().index)
 except FeedError as exc:
     print(len(taken), len(set(taken)), exc, flush=True)
+"""
+
+
+PREEMPTED_TRAINER = """
+import json, signal, sys
+from mongofeed import Consumer
+consumer = Consumer(sys.argv[1], "train", timeout=60, shared_memory=sys.argv[2] == "True")
+taken = 0
+
+def preempted(signum, frame):  # a cluster's notice: save the state, close, leave
+    print(json.dumps({"taken": taken, "state": consumer.state_dict()}), flush=True)
+    consumer.close()
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, preempted)
+while True:
+    consumer.get()
+    taken += 1
+    if taken == 5:
+        print("read", flush=True)
 """
 
 
@@ -126,6 +150,65 @@ def test_a_trainer_paused_past_the_session_timeout_is_told_which_setting_ended_i
         assert taken == distinct and 3 <= int(taken) < BATCHES, out  # none twice
         assert "no heartbeat for 3 s (serve.session_timeout)" in error, out
         assert "create a new consumer" in error or "larger serve.session_timeout" in error
+
+
+@pytest.mark.skipif(not CAN_SUSPEND, reason="freezes the daemon with SIGSTOP, which this "
+                    "platform lacks")
+@BOTH_PATHS
+def test_a_preemption_handler_saves_the_state_while_get_waits(tmp_path, mongo_uri, db,
+                                                              shared_memory):
+    """A SIGTERM handler (a cluster's preemption notice) calls ``state_dict`` and ``close``
+    while the trainer's thread waits in ``get`` for a daemon that sends nothing: the
+    state comes at once and counts exactly the batches ``get`` returned."""
+    config = feed_config(tmp_path, mongo_uri, db, serve={"max_pending": 4})
+    with Daemon(config, workers=2) as daemon:
+        status = daemon.status()
+        daemon_pids = [status["pid"]] + [w["pid"] for w in status["workers"]]
+        trainer = subprocess.Popen(
+            [sys.executable, "-c", PREEMPTED_TRAINER, daemon.bind, str(shared_memory)],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert trainer.stdout.readline() == "read\n"
+            for pid in daemon_pids:
+                os.kill(pid, signal.SIGSTOP)
+            time.sleep(1.0)  # the trainer takes what was on its way, then waits in get
+            trainer.send_signal(signal.SIGTERM)
+            out, _ = trainer.communicate(timeout=20)
+        finally:
+            for pid in daemon_pids:
+                os.kill(pid, signal.SIGCONT)
+            trainer.kill()
+            trainer.wait()
+        saved = json.loads(out)
+        state = saved["state"]
+        assert trainer.returncode == 0 and saved["taken"] >= 5, out
+        assert state["epoch"] * BATCHES + state["taken"] == saved["taken"], out
+
+
+@pytest.mark.skipif(not CAN_SUSPEND, reason="freezes the daemon with SIGSTOP, which this "
+                    "platform lacks")
+def test_ctrl_c_while_get_waits_is_a_keyboard_interrupt_and_the_consumer_goes_on(
+        tmp_path, mongo_uri, db):
+    """Ctrl-C in a notebook while ``get`` waits for the daemon: a KeyboardInterrupt, not a
+    FeedError, and the same consumer then finishes the epoch, every batch once."""
+    config = feed_config(tmp_path, mongo_uri, db, serve={"max_pending": 4})
+    with Daemon(config, workers=2) as daemon, \
+            Consumer(daemon.bind, "train", timeout=30) as consumer:
+        status = daemon.status()
+        daemon_pids = [status["pid"]] + [w["pid"] for w in status["workers"]]
+        taken = read_batches(consumer, 3)
+        for pid in daemon_pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            threading.Timer(1.0, _thread.interrupt_main).start()
+            with pytest.raises(KeyboardInterrupt):
+                while True:  # what was on its way, then a wait
+                    taken += read_batches(consumer, 1)
+        finally:
+            for pid in daemon_pids:
+                os.kill(pid, signal.SIGCONT)
+        taken += read_batches(consumer, BATCHES - len(taken))
+        assert_exactly_once(taken, epochs=(0,))
 
 
 @BOTH_PATHS
