@@ -67,13 +67,19 @@ class Replay:
         """Begin a new pass; the batches of an uncommitted one come first. Returns its number."""
         with self._lock:
             if self.handed > self.limit:
+                consumer = self.consumer
+                stopped = min(self.epochs)
+                following = consumer.current_epoch + (1 if consumer.taken_in_epoch else 0)
                 raise FeedError(
-                    f"feed {self.consumer.feed!r}: a pass over the epoch stopped after "
-                    f"{self.handed} batches and a new one began, but only its first "
+                    f"feed {consumer.feed!r}: a pass over the epoch stopped after "
+                    f"{self.handed} batches (an interrupted fit, steps_per_epoch below the "
+                    f"epoch, an early stop) and a new one began, but only its first "
                     f"{self.limit} are kept to hand again (replay_batches={self.limit}); the "
-                    f"others would be lost. Read whole epochs (no steps_per_epoch below the "
-                    f"epoch, no early stop), pass replay_batches={self.handed} or more, or "
-                    f"open a new session (start_epoch=...)")
+                    f"others would be lost. To go on, call align_epoch({following}) on the "
+                    f"sequence (or the dataset's feed_state) to read the next feed epoch, or "
+                    f"align_epoch({stopped}) to read epoch {stopped} again from its start; "
+                    f"to avoid it, read whole epochs or pass replay_batches={self.handed} or "
+                    f"more")
             self._queue.extendleft(reversed(self._kept))
             self._forget()
             self.pass_number += 1

@@ -30,6 +30,7 @@ if BACKEND == "tensorflow":
 
 import keras  # noqa: E402
 
+from mongofeed.errors import FeedError  # noqa: E402
 from mongofeed.keras import FollowFitEpochs, MongoFeedSequence  # noqa: E402
 
 EPOCHS = 2
@@ -145,18 +146,40 @@ def steps_per_epoch_below_len(log: Log, endpoint: str):
 
 class Interrupt(keras.callbacks.Callback):
     """Stops fit with an exception after batch ``batch`` of epoch ``epoch``, as a preempted
-    machine would (after BackupAndRestore saved the epochs before)."""
+    machine would (after BackupAndRestore saved the epochs before), or Ctrl-C."""
 
-    def __init__(self, epoch: int, batch: int):
+    def __init__(self, epoch: int, batch: int, error: type[BaseException] = RuntimeError):
         super().__init__()
-        self.epoch, self.batch, self.current = epoch, batch, None
+        self.epoch, self.batch, self.error, self.current = epoch, batch, error, None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.current = epoch
 
     def on_train_batch_end(self, batch, logs=None):
         if (self.current, batch) == (self.epoch, self.batch):
-            raise RuntimeError(f"interrupted in epoch {self.epoch} after batch {batch}")
+            raise self.error(f"interrupted in epoch {self.epoch} after batch {batch}")
+
+
+def fit_interrupted_then_aligned(log: Log, endpoint: str):
+    """Ctrl-C in the first epoch after more batches than are kept to hand again: the next
+    fit is refused with the way on (align_epoch); after align_epoch(1), fit reads feed
+    epochs 1 and 2 whole. Only those two fits' batches are recorded."""
+    train = MongoFeedSequence(endpoint, feed="train", timeout=TIMEOUT_S, replay_batches=4)
+    model = build_model(log)
+    try:
+        model.fit(train, epochs=1, verbose=0, callbacks=[Interrupt(0, 5, KeyboardInterrupt)])
+        raise AssertionError("fit was not interrupted")
+    except KeyboardInterrupt:
+        pass
+    try:
+        model.fit(train, epochs=1, verbose=0)
+        raise AssertionError("a fit after a pass longer than replay_batches was not refused")
+    except FeedError as exc:
+        if "align_epoch(1) on the sequence" not in str(exc):
+            raise
+    train.align_epoch(1)
+    log.ids.clear()
+    model.fit(train, epochs=EPOCHS, verbose=0, callbacks=[EpochCounter(log)])
 
 
 def fit_with_backup(log: Log, endpoint: str, interrupt: bool):
@@ -181,6 +204,7 @@ def scenarios(endpoint: str) -> dict:
             "jax": lambda log: fit(log, endpoint),
             "jax-workers4": lambda log: fit(log, endpoint, workers=4),
             "jax-predict": lambda log: predict(log, endpoint),
+            "jax-interrupted": lambda log: fit_interrupted_then_aligned(log, endpoint),
         }
     strategy = strategies()
     return {

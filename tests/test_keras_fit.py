@@ -73,7 +73,8 @@ def scenario_results(process: subprocess.Popen) -> dict:
 @pytest.fixture(scope="module")
 def results(daemon):
     """Both backends' processes run at once; a test waits for the one it checks."""
-    names = {"tensorflow": [*TF_SCENARIOS, "tf-steps-per-epoch"], "jax": JAX_SCENARIOS}
+    names = {"tensorflow": [*TF_SCENARIOS, "tf-steps-per-epoch"],
+             "jax": [*JAX_SCENARIOS, "jax-interrupted"]}
     processes = {backend: start_scenarios(daemon, backend, scenarios)
                  for backend, scenarios in names.items() if importlib.util.find_spec(backend)}
     done = {}
@@ -138,3 +139,12 @@ def test_steps_per_epoch_below_the_epoch_is_refused(results):
     # epoch by then (a pass of the right length): the steps Keras was asked for say so.
     assert len(seen) == len(set(seen)) == steps * BATCH
     assert f"asked for {steps} steps per epoch" in result["error"], result["error"]
+
+
+@pytest.mark.timeout(SCENARIOS_TIMEOUT_S + 60)
+def test_a_fit_stopped_past_the_replay_limit_goes_on_after_align_epoch(results):
+    """Ctrl-C mid-epoch, more batches read than are kept to hand again: the next fit is
+    refused naming align_epoch, and after align_epoch(1) two epochs arrive whole."""
+    result = results("jax")["jax-interrupted"]
+    assert result["error"] is None, result["error"]
+    assert_each_once(result["train"], TRAIN_IDS, "train after align_epoch(1)")

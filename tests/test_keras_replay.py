@@ -25,6 +25,14 @@ class Stream:
         self.taken += 1
         return Batch((self.taken - 1) // PER_EPOCH, (self.taken - 1) % PER_EPOCH, {})
 
+    @property
+    def current_epoch(self) -> int:
+        return self.taken // PER_EPOCH
+
+    @property
+    def taken_in_epoch(self) -> int:
+        return self.taken % PER_EPOCH
+
 
 def positions(replay: Replay, count: int, pass_number=None) -> list[tuple[int, int]]:
     return [replay.take(pass_number)[:2] for _ in range(count)]
@@ -55,7 +63,9 @@ def test_a_committed_pass_is_not_handed_again():
 def test_a_pass_longer_than_the_limit_raises_instead_of_losing_batches():
     replay = Replay(Stream(), limit=2)
     positions(replay, 3)
-    with pytest.raises(FeedError, match=r"after 3 batches.*replay_batches=3 or more"):
+    with pytest.raises(FeedError, match=r"after 3 batches .*align_epoch\(1\) .* to read "
+                                        r"the next feed epoch, or align_epoch\(0\) .*"
+                                        r"replay_batches=3 or more"):
         replay.restart()
     with pytest.raises(ValueError, match="at least 1"):
         Replay(Stream(), limit=0)
