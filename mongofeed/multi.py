@@ -45,7 +45,7 @@ class MultiConsumer:
         if isinstance(shard, JobRank):  # every rank reads a part of every daemon
             shard = (shard.rank, shard.world)
         self.feed = feed
-        self._taking = threading.RLock()  # as Consumer._taking
+        self._taking = threading.RLock()  # get, state_dict, a reopen: as Consumer's
         self.consumers: list[Consumer] = []
         try:
             for endpoint in endpoints:
@@ -133,13 +133,14 @@ class MultiConsumer:
 
     def state_dict(self) -> dict:
         """Every daemon's consumer's state, by the daemon's shard, and the round-robin's
-        place (see the class)."""
-        epoch = self._union_epoch()
-        return {"v": STATE_VERSION, "feed": self.feed, "epoch": epoch,
-                "position": self._position, "next": self._next,
-                "daemons": [{"shard": list(shard), "state": consumer.state_dict()}
-                            for (_, shard), consumer in zip(self.daemon_shards,
-                                                            self.consumers, strict=True)]}
+        place (see the class); taken between two ``get``s of other threads."""
+        with self._taking:
+            epoch = self._union_epoch()
+            return {"v": STATE_VERSION, "feed": self.feed, "epoch": epoch,
+                    "position": self._position, "next": self._next,
+                    "daemons": [{"shard": list(shard), "state": consumer.state_dict()}
+                                for (_, shard), consumer in zip(self.daemon_shards,
+                                                                self.consumers, strict=True)]}
 
     def load_state_dict(self, state: dict):
         """Continue where ``state`` (a ``MultiConsumer``'s) says: each daemon's consumer
@@ -159,16 +160,18 @@ class MultiConsumer:
             consumer = self.consumers[ours[shard]]
             sub.resume(self.feed, consumer.info.get("plan") or {}, consumer._start.shard,
                        consumer.endpoint)
-        for shard, sub in zip(theirs, states, strict=True):
-            self.consumers[ours[shard]].load_state_dict(sub)
-        self._epoch, self._position = saved["epoch"], saved["position"]
-        self._next = ours[theirs[saved["next"]]]
+        with self._taking:
+            for shard, sub in zip(theirs, states, strict=True):
+                self.consumers[ours[shard]].load_state_dict(sub)
+            self._epoch, self._position = saved["epoch"], saved["position"]
+            self._next = ours[theirs[saved["next"]]]
 
     def seek_epoch(self, epoch: int):
         """Continue at the start of ``epoch`` on every daemon."""
-        for consumer in self.consumers:
-            consumer.seek_epoch(epoch)
-        self._epoch, self._position, self._next = epoch, 0, 0
+        with self._taking:
+            for consumer in self.consumers:
+                consumer.seek_epoch(epoch)
+            self._epoch, self._position, self._next = epoch, 0, 0
 
     def close(self):
         """End every session."""
