@@ -11,9 +11,10 @@ elsewhere. Each socket is used by one thread at a time (``get`` holds a lock).
 
 On the daemon's host the batches do not cross the socket: the daemon's workers write them
 into the session's shared memory, which the consumer maps (``region``), and only a small
-header naming the slab arrives; the arrays handed out view the slab, which goes back to the
-daemon once they are gone (``leases``). Elsewhere, or with ``shared_memory=False``, the
-arrays come in the messages.
+header naming the slab arrives, as a datagram on the session's channel (``channel``: it
+wakes a waiting ``get`` for a fraction of what a ZeroMQ message costs); the arrays handed
+out view the slab, which goes back to the daemon once they are gone (``leases``).
+Elsewhere, or with ``shared_memory=False``, the arrays come in the messages.
 
 The session's sockets, once the hello is answered, are ``stream``'s (the data stream and
 its checks, the heartbeat thread); ``multi`` reads one feed of several daemons.
@@ -30,6 +31,7 @@ from collections.abc import Iterator
 
 import zmq
 
+from .channel import Channel, ChannelError
 from .distributed import JobRank, resolve_shard, shard_within
 from .errors import FeedError, FeedTimeout, ProtocolError
 from .region import Region, RegionError, SlabLayout
@@ -225,29 +227,34 @@ class Consumer:
         self.session = info["session"]  # public; the secret token is the stream's
         self._progress = EpochProgress.of(start, start.epoch)
         token = info["token"]
-        region = self._attach(offer) if offer else None
+        region, channel = self._attach(offer, token) if offer else (None, None)
         flow = Flow.of(self.prefetch, self._held_batches, info.get("credit_window"), region,
                        offer.held_batches if region else 0)
         self._stream = Stream(self._context, self.endpoint, self.session, token, schema,
                               start, info.get("ordered", True), flow, self._curve, region,
-                              offer is not None)
+                              offer is not None, channel)
         heartbeat = Heartbeat(control_socket, self.session, token)
         self._finalizer = weakref.finalize(self, end_session, self._stream, heartbeat)
 
-    def _attach(self, offer: SharedMemoryOffer) -> Region | None:
-        """Map the session's shared memory; None (the batches then come over the socket) if
-        it is not the daemon's region on this host (see ``region``)."""
+    def _attach(self, offer: SharedMemoryOffer, token: str) -> tuple:
+        """Map the session's shared memory and open its channel; (None, None), and the
+        batches then come over the socket, if it is not the daemon's region on this host
+        (see ``region``) or the daemon's channel cannot be reached (``channel``)."""
         try:
             region = Region.attach(offer.path, offer.nonce, offer.slabs, offer.slab_bytes)
-            if SlabLayout.of(self.schema.arrays, self.schema.batch_size).slab_bytes \
-                    != offer.slab_bytes:
+            try:
+                if SlabLayout.of(self.schema.arrays, self.schema.batch_size).slab_bytes \
+                        != offer.slab_bytes:
+                    raise RegionError("its slabs are not laid out like this mongofeed's")
+                channel = Channel(offer.channel, token)
+            except BaseException:
                 region.close()
-                raise RegionError("its slabs are not laid out like this mongofeed's")
-        except RegionError as exc:
+                raise
+        except (RegionError, ChannelError) as exc:
             log.info("session %s: not mapping the daemon's shared memory (%s); batches come "
                      "over the socket", self.session, exc)
-            return None
-        return region
+            return None, None
+        return region, channel
 
     @property
     def shared_memory(self) -> bool:

@@ -1,10 +1,11 @@
 """One consumer's session with one daemon, once the hello is answered: the data stream and
 the heartbeat. Training side: no database code.
 
-``Stream`` owns the data socket (a DEALER whose identity is the session's secret token) and
-checks what arrives on it, in the thread that calls ``Consumer.get`` (calls take turns): the
-header against the hello's schema, the (epoch, index) order, each frame's length, or the
-slab a batch lies in. It grants the daemon credit a few batches at once and gives back the
+``Stream`` owns the data socket (a DEALER whose identity is the session's secret token) and,
+with shared memory, the session's channel (``mongofeed.channel``), and checks what arrives
+on them, in the thread that calls ``Consumer.get`` (calls take turns): the header against
+the hello's schema, the (epoch, index) order, each frame's length, or the slab a batch lies
+in. It grants the daemon credit a few batches at once and gives back the
 slabs whose arrays are gone (``Flow`` sizes both within the daemon's credit window).
 ``Heartbeat`` is the small thread that keeps the session alive on the control socket and
 says bye at the end; ``end_session`` stops both.
@@ -12,6 +13,7 @@ says bye at the end; ``end_session`` stops both.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import zmq
 
+from .channel import Channel, queue_length
 from .errors import FeedError, ProtocolError
 from .leases import JoinBuffers, Slabs
 from .region import Region, SlabLayout
@@ -61,7 +64,9 @@ class Flow:
     unsent, so that sum stays within the slabs lent and the daemon never waits for a slab the
     consumer may keep. Credit for ``every`` batches comes first (the least that keeps the
     daemon sending while a grant is on its way), then the views the caller asked to keep,
-    then credit for up to twice the prefetch."""
+    then credit for up to twice the prefetch. With shared memory the descriptors wait in the
+    channel's queue (``channel.queue_length`` datagrams), so the credit is at most one less:
+    the daemon's last word (why a session ends) always finds room."""
 
     credit: int
     every: int
@@ -73,9 +78,11 @@ class Flow:
         every = max(1, min(prefetch, window // 4))
         if region is None:  # nothing lent: the credit alone counts
             return cls(max(1, min(2 * prefetch, window)), every, held_batches)
+        queued = max(1, queue_length() - 1)
+        every = min(every, queued)
         room = window + granted - (every - 1)
         held = max(0, min(held_batches, room - every))
-        return cls(max(1, min(2 * prefetch, room - held)), every, held)
+        return cls(max(1, min(2 * prefetch, room - held, queued)), every, held)
 
 
 class Stream:
@@ -87,9 +94,10 @@ class Stream:
 
     def __init__(self, context, endpoint, session, token, schema: Schema, start: SessionStart,
                  ordered, flow: Flow, curve, region: Region | None = None,
-                 offered: bool = False):
+                 offered: bool = False, channel: Channel | None = None):
         self.session = session  # the public name, for messages
         self.token = token  # the session's secret: our data identity
+        self.token_bytes = token.encode()
         self.schema = schema
         self.session_start = start
         self.ordered = ordered
@@ -100,6 +108,8 @@ class Stream:
         self.failure: FeedError | None = None  # why the stream broke, raised on every take
         self.progress = EpochProgress.of(start, start.epoch)  # of the batches received
         self.region = region
+        self.channel = channel  # with the region: the descriptors come there
+        self.gone: FeedError | None = None  # the channel refused a datagram: no daemon
         self.offsets = SlabLayout.of(schema.arrays, schema.batch_size).offsets
         self.slabs = Slabs()
         self.held_batches = flow.held
@@ -127,15 +137,15 @@ class Stream:
         leaves a failure for later takes, one that stops the wait leaves the stream usable."""
         with self.lock:
             self.raise_failure()
-            head = None
+            message = None
             try:
                 self.send_credit()
-                head = self.next_message(timeout)
-                if head is None:
+                message = self.next_message(timeout)
+                if message is None:
                     return None
-                batch, lease = self.receive(head)
+                batch, lease = self.receive(*message)
             except (KeyboardInterrupt, SystemExit):
-                if head is not None:
+                if message is not None:
                     self.failure = FeedError(
                         f"session {self.session}: a batch was interrupted while it was "
                         f"received; create a new consumer (from this one's state_dict() to "
@@ -152,24 +162,60 @@ class Stream:
                           {name: np.array(a) for name, a in batch.arrays.items()})
         return batch
 
-    def next_message(self, timeout: float) -> bytes | None:
-        """The first frame of the next message, None after ``timeout``. A blocking receive
-        with a receive timeout, never a poll: a trainer faster than the producers waits for
-        every batch, and a poll costs it about 13 us of CPU per wait more (measured); it
-        looks every ``WAIT_SLICE_S`` whether the consumer was closed meanwhile."""
+    def next_message(self, timeout: float) -> tuple[bytes, list] | None:
+        """The next message as its first frame and the others, None after ``timeout``. On
+        the data socket, a blocking receive with a receive timeout, never a poll: a trainer
+        faster than the producers waits for every batch, and a poll costs it about 13 us of
+        CPU per wait more (measured). It looks every ``WAIT_SLICE_S`` whether the consumer
+        was closed meanwhile."""
+        if self.channel is not None:
+            return self.next_datagram(timeout)
         deadline = time.monotonic() + timeout
         while True:
             wait_ms = int(1000 * min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic())))
             if wait_ms != self.receive_timeout_ms:
                 self.data.rcvtimeo = self.receive_timeout_ms = wait_ms
             try:
-                return self.data.recv()
+                head = self.data.recv()
             except zmq.Again:
                 pass
-            if self.closed:
-                raise FeedError(f"session {self.session} was closed")
+            else:
+                more = self.data.getsockopt(zmq.RCVMORE)
+                return head, self.data.recv_multipart(copy=False) if more else []
+            self.check_open()
             if time.monotonic() >= deadline:
                 return None
+
+    def next_datagram(self, timeout: float) -> tuple[bytes, list] | None:
+        """The next descriptor on the channel, None after ``timeout``. While it waits, it
+        looks at the data socket every ``WAIT_SLICE_S``: a daemon that no longer knows the
+        session says so there."""
+        head = self.channel.receive(0)
+        deadline = time.monotonic() + timeout
+        while head is None:
+            if self.gone is not None:  # what the daemon said on the data socket, if anything
+                with contextlib.suppress(zmq.Again):
+                    frames = self.data.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    return frames[0].bytes, frames[1:]
+                raise self.gone
+            wait_ms = int(1000 * min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic())))
+            head = self.channel.receive(wait_ms)
+            if head is not None:
+                break
+            try:
+                frames = self.data.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                pass
+            else:
+                return frames[0].bytes, frames[1:]
+            self.check_open()
+            if time.monotonic() >= deadline:
+                return None
+        return head, []
+
+    def check_open(self):
+        if self.closed:
+            raise FeedError(f"session {self.session} was closed")
 
     def raise_failure(self):
         if self.failure is not None:
@@ -189,15 +235,13 @@ class Stream:
         self.failure = failure
         self.raise_failure()
 
-    def receive(self, head: bytes) -> tuple:
+    def receive(self, head: bytes, frames: list) -> tuple:
         """The batch whose first frame is ``head``, as (epoch, the session's batch number,
         arrays), and the lease of its slab (None if not in a slab); anything the session did
         not announce, or sent already, is a ProtocolError."""
         header = unpack_header(head)
         if isinstance(header, str):
             raise FeedError(f"the daemon ended this session: {header}")
-        more = self.data.getsockopt(zmq.RCVMORE)
-        frames = self.data.recv_multipart(copy=False) if more else []
         progress, epoch, index = self.progress, header.epoch, header.index
         if epoch != progress.epoch or index >= progress.size or progress.done(index) or (
                 self.ordered and index != progress.prefix):
@@ -232,14 +276,30 @@ class Stream:
         daemon keeps credit meanwhile, and room for the slabs not yet released: ``Flow``)."""
         if self.owed_credit < self.every and self.slabs.pending < self.every:
             return
-        released = self.slabs.take_released()
-        self.data.send(Credit(self.owed_credit, released).pack(), flags=zmq.NOBLOCK)
+        credit, released = self.owed_credit, self.slabs.take_released()
+        if not (self.channel is not None and self.channel.confirmed
+                and self.send_datagram(Credit(credit, released, token=self.token_bytes).pack())):
+            self.data.send(Credit(credit, released).pack(), flags=zmq.NOBLOCK)  # or a full one
         self.owed_credit = 0
+
+    def send_datagram(self, message: bytes) -> bool:
+        """Send on the channel; False when it is full, or gone (``gone`` then says so, once
+        the batches already on the channel, and the daemon's last word, are taken)."""
+        if self.gone is not None:
+            return False
+        try:
+            return self.channel.send(message)
+        except OSError as exc:
+            self.gone = FeedError(f"session {self.session}: the daemon of {self.endpoint} is "
+                                  f"gone (its channel: {exc.strerror}); is it running?")
+            return False
 
     def close(self):
         self.closed = True
         with self.lock:
             self.data.close()
+            if self.channel is not None:
+                self.channel.close()
 
 
 

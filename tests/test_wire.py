@@ -242,12 +242,13 @@ def test_tasks_and_batch_metas_carry_attempt_and_slab():
 
 
 def test_shared_memory_offer_in_the_hello_reply():
-    offer = SharedMemoryOffer("/dev/shm/mongofeed-1-a", b"\x01" * 16, 4, 8192, 2)
+    offer = SharedMemoryOffer("/dev/shm/mongofeed-1-a", b"\x01" * 16, 4, 8192, 2,
+                              "mongofeed-channel-1-ab")
     assert SharedMemoryOffer.from_reply({"shared_memory": offer.to_json()}) == offer
     assert SharedMemoryOffer.from_reply({}) is None
     for bad in ({"path": 1}, {**offer.to_json(), "nonce": "zz"}, {**offer.to_json(), "slabs": 0},
                 {**offer.to_json(), "held_batches": 4}, {**offer.to_json(), "held_batches": -1},
-                [1]):
+                {**offer.to_json(), "channel": None}, [1]):
         with pytest.raises(ProtocolError, match="malformed shared_memory"):
             SharedMemoryOffer.from_reply({"shared_memory": bad})
 

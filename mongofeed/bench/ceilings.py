@@ -8,7 +8,8 @@ compares every loader with.
   an idle wait (the CPU of a trainer that waits for every batch is mostly the latter);
 - ``recv_cost``: the process CPU of a bare pyzmq receive of one small message per batch at the
   same pace (ZeroMQ's I/O thread included): the floor of any consumer that is handed each
-  batch, or its descriptor, as one ZeroMQ message.
+  batch, or its descriptor, as one ZeroMQ message; and of a bare datagram receive, the floor
+  of a consumer on the daemon's host (``mongofeed.channel``).
 
 The pipeline ceiling (the whole daemon serving documents from memory) is a mongofeed row
 with ``mongofeed.testing.MemorySource``.
@@ -100,46 +101,83 @@ DESCRIPTOR_BYTES = 64  # about a batch header with its slab number
 
 
 def paced_sender(endpoint: str, gap_s: float):
-    """Sends a descriptor-sized message every ``gap_s`` forever (spawn target of recv_cost)."""
-    import zmq
-
-    socket = zmq.Context().socket(zmq.PUSH)
-    socket.connect(endpoint)
+    """Sends a descriptor-sized message every ``gap_s`` forever (spawn target of
+    ``recv_cost``): over ZeroMQ to a tcp endpoint, as a datagram to an abstract Unix name
+    (``@name``) otherwise."""
     message = bytes(DESCRIPTOR_BYTES)
+    if endpoint.startswith("@"):
+        import socket
+
+        datagrams = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        address = b"\0" + endpoint[1:].encode()
+
+        def send():
+            datagrams.sendto(message, address)
+    else:
+        import zmq
+
+        pusher = zmq.Context().socket(zmq.PUSH)
+        pusher.connect(endpoint)
+
+        def send():
+            pusher.send(message)
     while True:
-        socket.send(message)
+        send()
         if gap_s:
             time.sleep(gap_s)
 
 
 def recv_cost(gap_s: float) -> dict:
-    """Process CPU per message of a blocking pyzmq ``recv`` (a PULL socket on tcp loopback)
-    of messages sent every ``gap_s`` by another process: what ZeroMQ alone costs a consumer
-    handed one message per batch at the row's pace, before any code of ours."""
+    """Process CPU per message of a blocking receive of messages sent every ``gap_s`` by
+    another process, before any code of ours: a bare pyzmq ``recv`` (a PULL socket on tcp
+    loopback; ``recv_us``), what ZeroMQ alone costs a consumer handed one message per batch
+    at the row's pace, and a datagram on an abstract Unix socket received as the channel
+    does (``mongofeed.channel``: a poll, then a recv; ``channel_us``)."""
     import multiprocessing
+    import os
+    import select
+    import socket
 
     import zmq
 
     context = zmq.Context()
-    socket = context.socket(zmq.PULL)
-    port = socket.bind_to_random_port("tcp://127.0.0.1")
-    sender = multiprocessing.get_context("spawn").Process(
-        target=paced_sender, args=(f"tcp://127.0.0.1:{port}", gap_s), daemon=True)
-    sender.start()
+    pull = context.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    datagrams = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"mongofeed-bench-{os.getpid()}"
+    datagrams.bind(b"\0" + name.encode())
+    readable = select.poll()
+    readable.register(datagrams, select.POLLIN)
+
+    def datagram():
+        readable.poll()
+        datagrams.recv(DESCRIPTOR_BYTES, socket.MSG_DONTWAIT)
+
+    result = {}
+    spawn = multiprocessing.get_context("spawn")
     try:
-        for _ in range(20):
-            socket.recv()
-        count = max(20, min(RECV_COST_MESSAGES, int(RECV_COST_SECONDS / max(gap_s, 1e-6))))
-        cpu0, started = time.process_time(), time.perf_counter()
-        for _ in range(count):
-            socket.recv()
-        cpu, elapsed = time.process_time() - cpu0, time.perf_counter() - started
+        for key, endpoint, receive in (("recv", f"tcp://127.0.0.1:{port}", pull.recv),
+                                       ("channel", f"@{name}", datagram)):
+            sender = spawn.Process(target=paced_sender, args=(endpoint, gap_s), daemon=True)
+            sender.start()
+            try:
+                for _ in range(20):
+                    receive()
+                count = max(20, min(RECV_COST_MESSAGES,
+                                    int(RECV_COST_SECONDS / max(gap_s, 1e-6))))
+                cpu0, started = time.process_time(), time.perf_counter()
+                for _ in range(count):
+                    receive()
+                cpu, elapsed = time.process_time() - cpu0, time.perf_counter() - started
+            finally:
+                sender.kill()
+                sender.join()
+            result[f"{key}_gap_ms"], result[f"{key}_us"] = elapsed / count * 1e3, cpu / count * 1e6
     finally:
-        sender.kill()
-        sender.join()
-        socket.close(linger=0)
+        datagrams.close()
+        pull.close(linger=0)
         context.term()
-    return {"recv_gap_ms": elapsed / count * 1e3, "recv_us": cpu / count * 1e6}
+    return result
 
 
 def nbytes(dtype, shape) -> int:

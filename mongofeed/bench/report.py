@@ -161,7 +161,7 @@ def shared_memory_targets(data: str, rows, add):
 
 def wake_note(row: dict) -> str:
     """What this machine charges a trainer for waiting between batches (``wake_cost``) and
-    what ZeroMQ alone costs it per batch at that pace (``recv_cost``)."""
+    what ZeroMQ, or a datagram, alone costs it per batch at that pace (``recv_cost``)."""
     if row.get("work_us") is None:
         return ""
     note = (f"this machine runs the same fixed Python work in {row['work_us']:.0f} us back to "
@@ -170,6 +170,8 @@ def wake_note(row: dict) -> str:
     if row.get("recv_us") is not None:
         note += (f"; a bare pyzmq recv of one small message every {row['recv_gap_ms']:.1f} ms "
                  f"costs {row['recv_us']:.0f} us of process CPU")
+    if row.get("channel_us") is not None:
+        note += f", a bare datagram recv {row['channel_us']:.0f} us"
     return note
 
 

@@ -14,8 +14,9 @@ for it: workers write the session's batches there, whatever the consumer. Its
 ``2 x serve.max_pending`` slabs (``max_pending`` produced ahead, ``max_pending`` sent or
 lent) and the batches a consumer that offers to map it keeps as views (its hello's
 ``held_batches``, at most ``serve.max_held_batches``) are within the session's memory bound.
-That consumer (``"shared_memory": true``) is told where the region is; whether it could map
-it, it says in its first credit message.
+That consumer (``"shared_memory": true``) is told where the region is and the name of the
+daemon's channel; whether it could map it, it says in its first credit message, and its
+channel's first datagram follows.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ class Control:
             if session.slabs is not None:
                 region = session.slabs.region
                 reply["shared_memory"] = SharedMemoryOffer(
-                    region.path, region.nonce, region.slabs, region.slab_bytes, held).to_json()
+                    region.path, region.nonce, region.slabs, region.slab_bytes, held,
+                    self.supervisor.sockets.channel.name).to_json()
             else:
                 reply["shared_memory_refused"] = refusal
         return reply
@@ -111,6 +113,8 @@ class Control:
         folder = self.supervisor.shared_memory_dir
         if folder is None:
             return "the daemon's host has no folder for shared memory"
+        if self.supervisor.sockets.channel is None:
+            return "the daemon's host has no channels for descriptors (abstract Unix sockets)"
         layout = SlabLayout.of(self.specs(), self.config.batch.size)
         try:
             session.slabs = SessionSlabs.create(

@@ -9,7 +9,8 @@ the sink), and every task until its batch is delivered, so that a task whose wor
 can be re-issued and a late duplicate recognised.
 
 A session belongs to the peer that said hello: its secret ``token`` (only that peer got it)
-is the identity of its data socket and what ``bye`` needs; everyone else sees its public
+is the identity of its data socket and what ``bye`` needs, and the first datagram of its
+channel (``mongofeed.channel``, with shared memory); everyone else sees its public
 ``name``. The table holds at most ``serve.max_sessions``; when it is full, a new hello
 takes the place of the session that has been silent longest, if that one has sent nothing
 for ``EVICT_SILENCE_S`` (a consumer heartbeats every second, so one that lives is never
@@ -101,6 +102,7 @@ class Session:
     last_seen: float = field(default_factory=time.monotonic)
     active: bool = False          # the consumer has connected its data socket
     connection: int | None = None  # the data connection it last sent on (sockets.connection_of)
+    channel: bytes | None = None   # its consumer's channel (its name), with shared memory
     credit: int = 0
     plan_epoch: int = 0           # next batch to make into a task
     plan_index: int = 0

@@ -10,7 +10,8 @@ A batch waits here as what the worker sent: a ``SlabBatch`` (its arrays are in a
 session's shared memory) or the frames themselves (a session without a region). How a slab
 batch goes out depends on the consumer:
 
-- it maps the region: only the header, naming the slab, which stays lent until released;
+- it maps the region: only the header, naming the slab, on the session's channel (once its
+  consumer has opened it: ``mongofeed.channel``); the slab stays lent until released;
 - it does not (another host, or it refused): the header and frames that read the slab in
   place (no copy in this process), the slab freed once ZeroMQ has sent them.
 
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 
 import zmq
 
+from ..channel import DaemonChannel
 from ..wire.batches import BatchHeader, pack_error
 from .sessions import Session
 
@@ -47,11 +49,15 @@ class SlabBatch:
 
 
 class Sink:
-    """Sends each session's batches on the data socket, in order and within its credit."""
+    """Sends each session's batches on the data socket or its channel, in order and within
+    its credit."""
 
-    def __init__(self, socket: zmq.Socket, credit_limit: int):
+    def __init__(self, socket: zmq.Socket, credit_limit: int,
+                 channel: DaemonChannel | None = None):
         self.socket = socket
         self.credit_limit = credit_limit  # also the socket's sndhwm (set by the supervisor)
+        self.channel = channel
+        self.blocked: set[bytes] = set()  # sessions whose channel was full: retried each loop
 
     def accept(self, session: Session, epoch: int, index: int, batch,
                drawn: dict[str, int] | None = None) -> bool:
@@ -80,7 +86,19 @@ class Sink:
             if not isinstance(batch, SlabBatch):
                 parts = batch
             elif session.slabs.shared:
-                parts = [batch.header._replace(slab=batch.slab).pack()]
+                if session.channel is None:
+                    return True  # its consumer's channel is on its way (its first datagram)
+                try:
+                    if not self.channel.send(session.channel,
+                                             batch.header._replace(slab=batch.slab).pack()):
+                        self.blocked.add(session.token)  # a full queue: ``retry`` sends it
+                        return True
+                except OSError as exc:
+                    log.info("session %s: consumer's channel gone (%s)", session.name, exc)
+                    return False
+                session.slabs.lend(batch.slab)
+                session.sent(key)
+                continue
             else:
                 frames, trackers = session.slabs.frames(
                     batch.slab, session.schema.placements(batch.header))
@@ -95,14 +113,29 @@ class Sink:
                 return False
             if trackers is not None:
                 session.slabs.sent(batch.slab, trackers)
-            elif isinstance(batch, SlabBatch):
-                session.slabs.lend(batch.slab)
             session.sent(key)
         return True
 
+    def retry(self, sessions) -> list[Session]:
+        """Flush the sessions whose channel was full (its consumer's queue, or ours); the
+        sessions whose consumer is gone."""
+        blocked, self.blocked = self.blocked, set()
+        gone = []
+        for token in blocked:
+            session = sessions.get(token)
+            if session is not None and not self.flush(session):
+                gone.append(session)
+        return gone
+
     def fail(self, session: Session, message: str):
         """Tell the consumer why its session ends; it raises this as a FeedError."""
-        try:
+        if session.channel is not None:
+            try:
+                if self.channel.send(session.channel, pack_error(message)[0]):
+                    return
+            except OSError:
+                return  # already gone: nobody to tell
+        try:  # no channel, or (a full one) where the consumer looks once it is empty
             self.socket.send_multipart([session.token] + pack_error(message),
                                        flags=zmq.NOBLOCK)
         except zmq.ZMQError:

@@ -5,6 +5,7 @@ workers connect to.
  consumers                                            workers
  DEALER ── hello/heartbeat/bye/status ──▶ control ROUTER  (serve.control)
  DEALER ◀─ batches ── credit, releases ─▶ data ROUTER     (serve.bind)
+ datagrams ◀─ descriptors ── credit ───▶ channel          (same host, shared memory)
                                           tasks ROUTER  ── task/warm/stop ──▶ DEALER (slot)
                                           sink PULL     ◀── batches ───────── PUSH
 ```
@@ -16,7 +17,8 @@ the listener, which copies them when it binds. A monitor of the data socket
 batches queued to one peer, so a session's connection counts until it closes. The internal
 ones use
 ``serve.internal_transport``: ipc in a private folder (removed on close), or loopback tcp
-[portable]. No socket lingers: at the close nothing waits for a peer.
+[portable]. No socket lingers: at the close nothing waits for a peer. The channel
+(``mongofeed.channel``, Linux) is a plain Unix datagram socket, polled with the others.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import shutil
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from ..channel import DaemonChannel, channels_supported
 from ..errors import SourceError
 from ..portable import bind_internal, make_runtime_dir
 from ..security import CurveServer
@@ -41,6 +44,7 @@ class Sockets:
         self.context = zmq.Context()
         self.curve = None  # CurveServer when serve.server_key is set
         self.runtime_dir = None  # the ipc endpoints' private folder
+        self.channel = None  # DaemonChannel where the system has them
         try:
             if serve.server_key:
                 self.curve = CurveServer(self.context, serve.server_key, serve.client_keys)
@@ -61,6 +65,8 @@ class Sockets:
             self.tasks.router_handover = 1  # a restarted worker reuses its slot's identity
             self.sink = self.socket(zmq.PULL)
             self.sink_endpoint = bind_internal(self.sink, self.runtime_dir, "sink")
+            if channels_supported():
+                self.channel = DaemonChannel()
         except BaseException:
             self.close()
             raise
@@ -92,12 +98,17 @@ class Sockets:
         poller = zmq.Poller()
         for socket in (self.control, self.data, self.data_closed, self.tasks, self.sink):
             poller.register(socket, zmq.POLLIN)
+        if self.channel is not None:
+            poller.register(self.channel.fileno(), zmq.POLLIN)
         return poller
 
     def close(self):
         if self.curve is not None:
             self.curve.stop()
             self.curve = None
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
         if self.context is not None:
             self.context.destroy(linger=SOCKET_LINGER_MS)
             self.context = None

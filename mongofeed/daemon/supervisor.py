@@ -5,8 +5,8 @@ workers, batches from workers), plans each feed, and starts the worker pool. Sig
 only set a flag (while it plans, the one long step that does not loop here, they also
 interrupt it); ``loop_once`` does the work, so a test can step it. Per iteration:
 
-1. read finished batches (sink), worker announcements, consumer credit and heartbeats, and
-   control requests (hello/status/bye);
+1. read finished batches (sink), worker announcements, consumer credit (data socket and
+   channel) and heartbeats, and control requests (hello/status/bye);
 2. reap and restart workers, re-issue the tasks of the dead (a task that dies with its
    worker twice fails its session instead), end silent sessions;
 3. plan new tasks for sessions that have room and hand them to workers with free slots.
@@ -22,6 +22,7 @@ worker pool [pool], sessions and tasks [sessions], tasks to workers and their ba
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -158,7 +159,7 @@ class Supervisor:
         except BaseException:
             self.close()
             raise
-        self.sink = Sink(sockets.data, serve.max_pending)
+        self.sink = Sink(sockets.data, serve.max_pending, sockets.channel)
         self.dispatcher = Dispatcher(self.sessions, self.pool, self.sink, self.counters,
                                      self.record_error, self.end_session)
         self.poller = sockets.poller()
@@ -243,10 +244,15 @@ class Supervisor:
             self.drain(sockets.tasks, self.dispatcher.on_worker_message)
         if sockets.data in events:
             self.drain(sockets.data, self.on_consumer_message)
+        if sockets.channel is not None and sockets.channel.fileno() in events:
+            self.drain_channel()
         if sockets.data_closed in events:
             self.drain(sockets.data_closed, self.on_data_closed)
         if sockets.control in events:
             self.drain(sockets.control, self.on_control)
+        if self.sink.blocked:
+            for session in self.sink.retry(self.sessions):
+                self.end_session(session)
         for task_ids, taken, death in self.pool.check():
             self.dispatcher.reissue(task_ids, taken, death)
         self.sessions.poll_sent()
@@ -266,6 +272,17 @@ class Supervisor:
                 handler(frames)
             except Exception as exc:  # noqa: BLE001 - no message may stop the daemon
                 self.reject(handler.__name__, exc)
+
+    def drain_channel(self, limit: int = DRAIN_LIMIT):
+        """Handle up to ``limit`` datagrams of the channel, as ``drain`` does messages."""
+        for _ in range(limit):
+            received = self.sockets.channel.receive()
+            if received is None:
+                return
+            try:
+                self.on_channel_message(*received)
+            except Exception as exc:  # noqa: BLE001 - no datagram may stop the daemon
+                self.reject("on_channel_message", exc)
 
     def reject(self, where: str, exc: Exception):
         """Count a refused message and log why: a ProtocolError is a peer's fault (its
@@ -287,20 +304,50 @@ class Supervisor:
             self.sessions.disconnected(connection)
 
     def on_consumer_message(self, frames):
-        identity = frames[0].bytes
         message = unpack_credit(frames[1:])
-        session = self.sessions.get(identity)
+        session = self.sessions.get(frames[0].bytes)
         if session is None:
-            why = (self.sessions.ended_because(connection_of(frames[0]))
-                   or "unknown session: the daemon was restarted or the session ended")
-            try:
-                self.sockets.data.send_multipart(
-                    [identity] + pack_error(f"{why}; create a new consumer"),
-                    flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
-            raise ProtocolError("credit for an unknown session")
+            self.tell_unknown(frames[0].bytes, connection_of(frames[0]))
         self.sessions.connected(session, connection_of(frames[0]))
+        self.on_credit(session, message)
+
+    def on_channel_message(self, message: bytes, sender):
+        """A datagram on the channel: a credit message, which names its session, or the
+        token of a session whose consumer's channel it opens (``mongofeed.channel``)."""
+        if message[:1] == b"{":
+            credit = unpack_credit([message])
+            session = self.sessions.get(credit.token or b"")
+            if session is None:
+                self.tell_unknown(credit.token, None)
+            self.on_credit(session, credit)
+            return
+        if not (isinstance(sender, bytes) and sender.startswith(b"\0")):
+            raise ProtocolError("a channel's token from an unnamed socket")
+        session = self.sessions.get(message)
+        if session is None or session.slabs is None or session.channel is not None:
+            with contextlib.suppress(OSError):  # the sender's name is its own: tell it
+                self.sockets.channel.send(sender, pack_error(
+                    "unknown channel: the daemon was restarted or the session ended; "
+                    "create a new consumer")[0])
+            raise ProtocolError("a channel's token that opens no session")
+        session.channel = sender
+        log.info("session %s: channel open", session.name)
+        if not self.sink.flush(session):
+            self.end_session(session)
+
+    def tell_unknown(self, token: bytes | None, connection: int | None):
+        """Tell the consumer of a session the daemon does not know (any more) why, on the
+        data socket, where it looks when nothing else comes; and refuse its message."""
+        why = (self.sessions.ended_because(connection)
+               or "unknown session: the daemon was restarted or the session ended")
+        if token:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sockets.data.send_multipart(
+                    [token] + pack_error(f"{why}; create a new consumer"), flags=zmq.NOBLOCK)
+        raise ProtocolError("credit for an unknown session")
+
+    def on_credit(self, session: Session, message):
+        """A consumer's credit message, from its data socket or its channel."""
         if session.slabs is not None:
             if message.attached is not None and not session.active:
                 session.slabs.shared = message.attached  # its first message says

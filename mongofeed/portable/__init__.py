@@ -319,6 +319,12 @@ def shared_memory_dir() -> Path | None:
     return folder if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK) else None
 
 
+ABSTRACT_SOCKETS = sys.platform.startswith("linux")
+"""Unix sockets with abstract names (no file; gone with their process): Linux's. The
+same-host channel (``mongofeed.channel``) needs them; elsewhere there is no shared memory
+either (``shared_memory_dir``)."""
+
+
 def remove_stale_shared_memory(folder: Path | None, owner: int | None = None):
     """Remove this user's shared-memory files whose daemon is gone (or, with ``owner``, those
     of that daemon pid: what its workers do when they find it gone). Files of our own pid

@@ -9,6 +9,10 @@ makes before trusting one.
     consumer DEALER ──credit (and slab releases)──▶ data ROUTER
                     ◀──[header, array...] or [header naming a slab]──
 
+  same host (mongofeed.channel: Unix datagrams, Linux), once the consumer mapped the region
+    consumer sockets ──its token, then credit naming it──▶ daemon's channel
+                     ◀──header naming a slab, or an error──
+
   internal (serve.internal_transport: ipc:// in the daemon's private folder by default;
             loopback tcp on random ports with "tcp", or where ZeroMQ has no ipc)
     supervisor ROUTER ──task / warm / stop──▶ worker DEALER
@@ -41,12 +45,13 @@ Public messages (what a consumer, or a stranger, can send or receive):
    n more batches, within a window: the daemon keeps at most ``credit_window`` (from the
    hello reply) granted and unsent, and drops the rest. ``release`` gives back shared-memory
    slabs the consumer no longer reads; ``attached`` (first message only) says whether it
-   mapped the region.
+   mapped the region. On the channel, ``"token"`` names the session.
 3. batch: frame 0 is the header (``BatchHeader``): 36 bytes, epoch, index, sample count,
    slab (or none) and the lengths of the variable dimensions; the arrays' names, dtypes and
    shapes are the hello reply's. Then either nothing (the arrays lie in that slab of the
    session's shared memory) or the arrays' raw C-order bytes, one frame per array, cut into
-   frames of at most ``FRAME_MAX_BYTES``. An error is one JSON frame ``{"v", "kind":
+   frames of at most ``FRAME_MAX_BYTES`` (on the channel: the header alone, one datagram).
+   An error is one JSON frame ``{"v", "kind":
    "error", "message"}``. A hello reply may announce a dimension as null (padded per batch,
    up to a fourth element, the bound) and ``convert``: the casts the consumer applies on
    receipt.

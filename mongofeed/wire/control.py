@@ -173,19 +173,22 @@ def hello_schema(reply: dict) -> Schema:
 @dataclass(frozen=True)
 class SharedMemoryOffer:
     """A hello reply's ``shared_memory``: the session's region file on the daemon's host
-    (``region``), which a consumer on that host maps instead of receiving the arrays, and
-    how many of its slabs the consumer may keep as views beyond its credit window
-    (``held_batches``, what the daemon granted of what the hello asked)."""
+    (``region``), which a consumer on that host maps instead of receiving the arrays, how
+    many of its slabs the consumer may keep as views beyond its credit window
+    (``held_batches``, what the daemon granted of what the hello asked), and the name of the
+    daemon's channel (``mongofeed.channel``), where the batches' descriptors then travel."""
 
     path: str
     nonce: bytes
     slabs: int
     slab_bytes: int
     held_batches: int
+    channel: str
 
     def to_json(self) -> dict:
         return {"path": self.path, "nonce": self.nonce.hex(), "slabs": self.slabs,
-                "slab_bytes": self.slab_bytes, "held_batches": self.held_batches}
+                "slab_bytes": self.slab_bytes, "held_batches": self.held_batches,
+                "channel": self.channel}
 
     @classmethod
     def from_reply(cls, reply: dict) -> SharedMemoryOffer | None:
@@ -194,11 +197,12 @@ class SharedMemoryOffer:
             return None
         try:
             made = cls(offer["path"], bytes.fromhex(offer["nonce"]), offer["slabs"],
-                       offer["slab_bytes"], offer["held_batches"])
+                       offer["slab_bytes"], offer["held_batches"], offer["channel"])
         except (TypeError, KeyError, ValueError):
             raise ProtocolError(f"malformed shared_memory in the hello reply: "
                                 f"{offer!r:.200}") from None
-        if not (isinstance(made.path, str) and _is_count(made.slabs) and made.slabs > 0
+        if not (isinstance(made.path, str) and isinstance(made.channel, str)
+                and _is_count(made.slabs) and made.slabs > 0
                 and _is_count(made.slab_bytes) and made.slab_bytes > 0
                 and _is_count(made.held_batches) and made.held_batches < made.slabs):
             raise ProtocolError(f"malformed shared_memory in the hello reply: {offer!r:.200}")
@@ -249,16 +253,20 @@ class SessionStart:
 class Credit:
     """A consumer's message on the data socket: ``credit`` more batches it may be sent (0: a
     heartbeat); the shared-memory slabs it no longer reads (``release``); and, in its first
-    message of a session offered shared memory, whether it could map it (``attached``)."""
+    message of a session offered shared memory, whether it could map it (``attached``). On
+    the channel (``mongofeed.channel``) it names its session by its secret ``token``."""
 
     credit: int
     release: tuple[int, ...] = ()
     attached: bool | None = None
+    token: bytes | None = None
 
     def pack(self) -> bytes:
         """The JSON ``unpack_credit`` reads, written out by hand: a training process sends
         one every few batches, and ``json.dumps`` would cost it several microseconds."""
         body = b'{"credit":%d' % self.credit
+        if self.token is not None:
+            body += b',"token":"%s"' % self.token
         if self.release:
             body += b',"release":[%s]' % b",".join(b"%d" % slab for slab in self.release)
         if self.attached is not None:
@@ -278,6 +286,7 @@ def unpack_credit(frames: list) -> Credit:
         raise ProtocolError(f"credit message of {len(frames)} frames, expected 1")
     body = decode_json(frames[0], MAX_CONTROL_BYTES, "credit")
     credit, release, attached = body.get("credit"), body.get("release", []), body.get("attached")
+    token = body.get("token")
     if not _is_count(credit) or credit > MAX_CREDIT:
         raise ProtocolError(f"credit must be an integer from 0 to {MAX_CREDIT}, got "
                             f"{credit!r:.50}")
@@ -286,4 +295,6 @@ def unpack_credit(frames: list) -> Credit:
         raise ProtocolError(f"release must be a list of slab numbers, got {release!r:.50}")
     if attached is not None and not isinstance(attached, bool):
         raise ProtocolError(f"attached must be true or false, got {attached!r:.50}")
-    return Credit(credit, tuple(release), attached)
+    if token is not None and not (isinstance(token, str) and len(token) == TOKEN_CHARS):
+        raise ProtocolError(f"token must be a session's token, got {token!r:.50}")
+    return Credit(credit, tuple(release), attached, None if token is None else token.encode())

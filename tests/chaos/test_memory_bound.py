@@ -1,6 +1,7 @@
 """A client that grants all the credit it may and never reads cannot make the daemon hold
 more than its stated memory bound (issue 9, item 7), also one that claims to map the
-session's shared memory and asks for far more views than the daemon lends."""
+session's shared memory, asks for far more views than the daemon lends and never reads its
+channel."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import psutil
 import pytest
 
+from mongofeed.channel import Channel
 from mongofeed.daemon.config.schema import DEFAULT_MAX_HELD_BATCHES
 from mongofeed.testing import Daemon
 from mongofeed.wire import Credit, HelloRequest
@@ -60,6 +62,8 @@ def test_a_client_that_never_reads_cannot_grow_the_daemon(tmp_path, mongo_uri, d
         hog = RawPeer(context, daemon.bind, identity=reply["token"].encode(), rcvhwm=1,
                       rcvbuf=4096)
         hog.send(Credit(0, (), attached=True if shared_memory else None).pack())
+        if shared_memory:  # its channel's queue fills, and it never reads it either
+            channel = Channel(reply["shared_memory"]["channel"], reply["token"])
         peak = before
         deadline = time.monotonic() + PRODUCTION_S
         while time.monotonic() < deadline:
@@ -67,6 +71,8 @@ def test_a_client_that_never_reads_cannot_grow_the_daemon(tmp_path, mongo_uri, d
             time.sleep(1)
             peak = max(peak, tree_rss(daemon.process.pid))
         after = daemon.status()
+        if shared_memory:
+            channel.close()
     [session] = after["sessions"]  # alive all along: it heartbeats
     bound = status["session_memory_bound_bytes"]
     assert bound == (2 * MAX_PENDING + DEFAULT_MAX_HELD_BATCHES) * BATCH * SAMPLE_BYTES

@@ -1,0 +1,73 @@
+"""The channel between the daemon and a trainer on its host (``mongofeed.channel``), from
+outside: no other socket can send on a trainer's channel; garbage, strangers, stolen tokens
+and unnamed sockets on the daemon's channel are refused, counted and told so while the
+trainer is served. (A daemon killed under a trainer: test_daemon_stop.)"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from mongofeed import Consumer
+from mongofeed.channel import abstract, channels_supported
+from mongofeed.testing import Daemon, wait_until
+from mongofeed.wire import MAX_CONTROL_BYTES, BatchHeader, Credit, decode_json
+from tests.chaos.support import BATCHES, assert_exactly_once, feed_config, read_batches
+
+pytestmark = pytest.mark.skipif(not channels_supported(),
+                                reason="channels are Linux's (abstract Unix sockets)")
+
+
+def datagram_socket() -> socket.socket:
+    stranger = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stranger.bind("")  # a name of its own, as a consumer's
+    stranger.settimeout(10)
+    return stranger
+
+
+def test_no_other_socket_can_send_on_a_trainers_channel(tmp_path, mongo_uri, db):
+    config = feed_config(tmp_path, mongo_uri, db)
+    with Daemon(config, workers=2) as daemon, \
+            Consumer(daemon.bind, "train", timeout=30) as consumer:
+        batches = read_batches(consumer, 2)
+        assert consumer.shared_memory
+        trainer = consumer._stream.channel.receiver.getsockname()
+        forged = BatchHeader(0, 2, 4, slab=0).pack()  # the next batch, in a slab it may hold
+        with datagram_socket() as stranger, pytest.raises(PermissionError):
+            stranger.sendto(forged, trainer)
+        batches += read_batches(consumer, BATCHES - len(batches))
+        session = daemon.status()["sessions"][0]
+    assert_exactly_once(batches, epochs=(0,))
+    assert session["transport"] == "shared memory"
+
+
+def test_hostile_datagrams_on_the_daemons_channel_are_refused_and_counted(
+        tmp_path, mongo_uri, db):
+    config = feed_config(tmp_path, mongo_uri, db)
+    with Daemon(config, workers=2) as daemon, \
+            Consumer(daemon.bind, "train", timeout=30) as consumer:
+        batches = read_batches(consumer, 3)
+        channel = abstract(consumer.info["shared_memory"]["channel"])
+        token = consumer._stream.token.encode()
+        told = [b"\x80\x04\x95garbage",                    # not a token
+                token]                                    # stolen: its channel is open
+        untold = [Credit(10**6).pack(),                   # a credit naming no session
+                  Credit(1, token=b"0" * len(token)).pack(),  # naming a session not open
+                  b"{" * (2 * MAX_CONTROL_BYTES)]         # oversized
+        with datagram_socket() as stranger:
+            for datagram in told + untold:
+                stranger.sendto(datagram, channel)
+            replies = [decode_json(stranger.recv(MAX_CONTROL_BYTES), MAX_CONTROL_BYTES, "reply")
+                       for _ in told]
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as unnamed:  # never bound
+                unnamed.sendto(token, channel)
+        hostile = len(told) + len(untold) + 1
+        batches += read_batches(consumer, 2 * BATCHES - len(batches))
+        assert wait_until(lambda: daemon.status()["counters"]["rejected_messages"] >= hostile,
+                          timeout=10)
+        counters = daemon.status()["counters"]
+        assert daemon.process.poll() is None
+    assert_exactly_once(batches, epochs=(0, 1))
+    assert counters["rejected_messages"] == hostile, counters
+    assert all("unknown channel" in reply["message"] for reply in replies), replies
