@@ -32,6 +32,7 @@ from .portable import ABSTRACT_SOCKETS
 from .wire import MAX_CONTROL_BYTES, MAX_HEADER_BYTES
 
 CHANNEL_PREFIX = "mongofeed-channel-"
+OPEN_TIMEOUT_S = 5.0  # for room in the daemon's queue, which its loop empties
 
 
 class ChannelError(Exception):
@@ -120,10 +121,13 @@ class Channel:
             self.receiver.bind(abstract(f"mongofeed-consumer-{os.getpid()}-"
                                         f"{secrets.token_hex(8)}"))
             self.receiver.connect(self.daemon)
-            self.receiver.send(token.encode(), socket.MSG_DONTWAIT)  # nothing to lose yet
+            self.receiver.settimeout(OPEN_TIMEOUT_S)  # the daemon's queue may be full a while
+            self.receiver.send(token.encode())  # from here: nothing received yet to lose
+            self.receiver.settimeout(None)
         except OSError as exc:
             self.close()
-            raise ChannelError(f"cannot reach the daemon's channel {daemon}: {exc.strerror} "
+            why = exc.strerror or "its queue stayed full"
+            raise ChannelError(f"cannot reach the daemon's channel {daemon}: {why} "
                                f"(another network namespace?)") from None
         self.readable = select.poll()
         self.readable.register(self.receiver, select.POLLIN)
