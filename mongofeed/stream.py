@@ -188,8 +188,9 @@ class Stream:
 
     def next_datagram(self, timeout: float) -> tuple[bytes, list] | None:
         """The next descriptor on the channel, None after ``timeout``. While it waits, it
-        looks at the data socket every ``WAIT_SLICE_S``: a daemon that no longer knows the
-        session says so there."""
+        looks at the data socket every ``WAIT_SLICE_S`` (a daemon that no longer knows the
+        session says so there), and sends the daemon an empty credit on the channel (the
+        kernel refuses it if the daemon is gone, even SIGKILLed: ``gone``)."""
         head = self.channel.receive(0)
         deadline = time.monotonic() + timeout
         while head is None:
@@ -209,6 +210,8 @@ class Stream:
             else:
                 return frames[0].bytes, frames[1:]
             self.check_open()
+            if self.channel.confirmed:
+                self.send_datagram(Credit(0, (), token=self.token_bytes).pack())
             if time.monotonic() >= deadline:
                 return None
         return head, []

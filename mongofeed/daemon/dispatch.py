@@ -78,7 +78,7 @@ class Dispatcher:
             record.errors += 1
             record.last_error = meta.error
             self.record_error(meta.error)  # it names the feed, epoch and batch
-            self.end_session(session, meta.error)
+            session.fail_at(task.epoch, task.index, meta.error)
             return
         record.batches += 1
         record.docs += meta.docs
@@ -115,7 +115,7 @@ class Dispatcher:
     def reissue(self, task_ids: list[int], taken: list[int], death: str):
         """A worker died with these tasks sent to it (``taken``: those it had received):
         make them again, except those that have now outlived ``MAX_TASK_DEATHS`` workers,
-        which fail their sessions."""
+        at which their sessions fail."""
         for task in self.sessions.orphaned(task_ids, taken):
             self.counters["poison_tasks"] += 1
             message = (f"{task.describe()}: the worker making it died {task.deaths} times "
@@ -123,4 +123,4 @@ class Dispatcher:
             self.record_error(message)
             session = self.sessions.get(task.session)
             if session is not None:
-                self.end_session(session, message)
+                session.fail_at(task.epoch, task.index, message)

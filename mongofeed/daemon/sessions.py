@@ -21,8 +21,9 @@ cannot open session after session to grow the daemon past its memory bound.
 
 A task whose worker died is re-issued; if that worker had received it, alone to an idle
 worker (a worker reads the tasks it holds together, so the first death cannot tell which one
-killed it); a task received by ``MAX_TASK_DEATHS`` workers that died is not re-issued again:
-its session fails.
+killed it); a task received by ``MAX_TASK_DEATHS`` workers that died is not re-issued again.
+A batch that cannot be made (that, or a worker's error) fails its session at that batch: the
+consumer gets every batch before it, then the error (``failures_due``).
 
 A session with shared memory (``slabs.SessionSlabs``) gives each task a slab when it is
 planned; the task keeps it through re-issues, and each issue is a new ``attempt``, so that a
@@ -115,6 +116,7 @@ class Session:
     skips: int = 0
     drawn: dict = field(default_factory=dict)    # a feed of sources: samples delivered of each
     drawing: dict = field(default_factory=dict)  # (epoch, index) -> of each, of those in ready
+    failing: dict = field(default_factory=dict)  # (epoch, index) -> why it cannot be made
 
     def __post_init__(self):
         first = self.following(self.start_epoch, -1)
@@ -184,6 +186,21 @@ class Session:
         if self.delivered_in_epoch == self.to_deliver(self.deliver_epoch):
             self.deliver_epoch += 1
             self.delivered_in_epoch = 0
+
+    def fail_at(self, epoch: int, index: int, message: str):
+        """Batch ``(epoch, index)`` will not come: the session fails there."""
+        self.in_production -= 1
+        self.failing.setdefault((epoch, index), message)
+
+    def failure_due(self) -> str | None:
+        """Why the session fails now: every batch before a failed one is delivered (of its
+        epoch, unordered)."""
+        if self.ordered:
+            return self.failing.get((self.deliver_epoch, self.deliver_index))
+        here = [why for (epoch, _), why in self.failing.items() if epoch == self.deliver_epoch]
+        if here and self.delivered_in_epoch + len(here) >= self.to_deliver(self.deliver_epoch):
+            return here[0]
+        return None
 
     def status(self, now: float) -> dict:
         return {
@@ -286,6 +303,11 @@ class SessionTable:
         if session.slabs is not None:
             session.slabs.close()
 
+    def failures_due(self) -> list[tuple[Session, str]]:
+        """The sessions to fail now, and why (``Session.failure_due``)."""
+        due = [(s, s.failure_due()) for s in self.sessions.values() if s.failing]
+        return [(session, why) for session, why in due if why is not None]
+
     def poll_sent(self):
         """Free the slabs that ZeroMQ has finished sending."""
         for session in self.sessions.values():
@@ -381,17 +403,20 @@ class SessionTable:
     def orphaned(self, task_ids: list[int], taken: list[int]) -> list[Task]:
         """Tasks of a worker that died: each that it had received (``taken``) counts the
         death, and all go first in line again (those with a death to be made alone);
-        returns those that reached ``MAX_TASK_DEATHS`` instead (poison: their sessions must
-        fail rather than kill workers forever)."""
+        returns those that reached ``MAX_TASK_DEATHS`` instead, forgotten (poison: their
+        sessions must fail rather than kill workers forever)."""
         poison = []
         for task_id in taken:
             task = self.tasks.get(task_id)
             if task is not None:
                 task.deaths += 1
                 if task.deaths >= MAX_TASK_DEATHS:
-                    poison.append(task)
-        self.requeue([i for i in task_ids if i in self.tasks
-                      and self.tasks[i].deaths < MAX_TASK_DEATHS])
+                    poison.append(self.tasks.pop(task_id))
+        self.requeue(task_ids)
+        for task in poison:
+            session = self.sessions.get(task.session)
+            if session is not None and task.slab is not None:
+                session.slabs.give_back(task.slab)
         return poison
 
     def next_pending(self) -> Task | None:

@@ -255,6 +255,8 @@ class Supervisor:
                 self.end_session(session)
         for task_ids, taken, death in self.pool.check():
             self.dispatcher.reissue(task_ids, taken, death)
+        for session, error in self.sessions.failures_due():
+            self.end_session(session, error)
         self.sessions.poll_sent()
         self.expire_sessions()
         self.sessions.plan_tasks()

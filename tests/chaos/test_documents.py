@@ -155,11 +155,13 @@ def test_a_document_that_does_not_fit(served, collection, kind):
     bad_id = BAD_IDS[kind]
     with Consumer(daemon.bind, kind, timeout=TIMEOUT_S, prefetch=2) as consumer:
         if on_error == "fail":
+            received = []
             with pytest.raises(FeedError) as failed:
                 for _ in range(consumer.batches_per_epoch):
-                    consumer.get()
+                    received.append(consumer.get().index)
             message = str(failed.value)
             last = consumer.batches_per_epoch - 1  # the bad document sorts last
+            assert received == list(range(last))  # every batch before it, then the error
             assert f"feed {kind!r}, epoch 0, batch {last}: " in message
             assert f"collection {COLLECTION!r}, _id {bad_id!r}: field {field!r}" in message
             assert found in message
