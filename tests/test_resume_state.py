@@ -118,6 +118,27 @@ def test_a_session_plans_and_delivers_after_its_offset_without_its_skips():
         4, 1, 1)
 
 
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+def test_a_session_fails_at_a_batch_that_cannot_be_made_after_every_batch_before_it(ordered):
+    """A worker's error or a poison task for batch 2 of 4: the consumer still gets batches
+    0 and 1 (unordered: 0, 1 and 3, the rest of its epoch), then the error."""
+    session = Session(b"t" * 32, "s1", "train", Shard(0, 1), batches_per_epoch=4,
+                      start_epoch=0, ordered=ordered, start_batches=4)
+    for _ in range(6):
+        session.next_task()
+    session.in_production = 6
+    session.fail_at(0, 2, "feed 'train', epoch 0, batch 2: bad")
+    assert session.in_production == 5
+    delivered = []
+    for key in [(1, 0), (0, 3), (0, 1), (0, 0)]:  # as the workers finish them
+        session.ready[key], session.credit = [b""], 4
+        while session.failure_due() is None and (next_key := session.next_deliverable()):
+            session.sent(next_key)
+            delivered.append(next_key)
+    assert delivered == ([(0, 0), (0, 1)] if ordered else [(0, 3), (0, 1), (0, 0)])
+    assert session.failure_due() == "feed 'train', epoch 0, batch 2: bad"
+
+
 def test_hello_start_and_skip_are_parsed_and_checked():
     def hello(**fields):
         body = {"op": "hello", "protocol": PROTOCOL_VERSION, "feed": "train", **fields}
