@@ -1,6 +1,8 @@
 """Two hosts for real: network namespaces joined by a veth pair. The daemon binds its own
 address there with CurveZMQ keys (and reads a private FerretDB on its host's loopback); a
 trainer on the other host with a listed key gets a full epoch, one without keys gets nothing.
+A trainer in a namespace of its own on the daemon's host (a container sharing its ipc folder)
+is served over the ipc socket when the channel's abstract name cannot reach it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import pytest
 
 from mongofeed.security import keygen
 from mongofeed.testing import Daemon
-from tests.chaos.support import BATCH, DOCS, assert_exactly_once
+from tests.chaos.support import BATCH, DOCS, assert_exactly_once, feed_config
 from tests.support import REPO, sample_config, write_toml
 
 ADDRESSES = ("10.231.0.1", "10.231.0.2")  # daemon host, trainer host; only inside our namespaces
@@ -131,3 +133,35 @@ def test_a_trainer_on_another_host_needs_a_listed_key(hosts, database, tmp_path)
         refused = read_epoch(trainer_host, endpoint, REFUSED_WITHIN_S)
     assert_exactly_once(batches, epochs=(0,))
     assert refused == "FeedTimeout"
+
+
+READ_EPOCH_SAYING_HOW = """
+import json, logging, sys
+from mongofeed import Consumer
+logging.basicConfig(level=logging.INFO)
+with Consumer(sys.argv[1], "train", timeout=30) as consumer:
+    batches = [[b.epoch, b.index, b.arrays["idx"].tolist()] for b in consumer.epoch()]
+    print(json.dumps({"batches": batches, "shared_memory": consumer.shared_memory}))
+"""
+
+
+def test_a_trainer_in_another_network_namespace_on_the_ipc_socket_is_served_without_the_channel(
+        hosts, tmp_path, mongo_uri, db):
+    """A container that shares the daemon's ipc folder and /dev/shm but not its network
+    namespace: the daemon offers it shared memory (an ipc peer is on its host), but the
+    channel's abstract socket name is not in the trainer's namespace. It must get its epoch
+    over the data socket, exactly once, not a hang or an error."""
+    config = feed_config(tmp_path, mongo_uri, db)
+    daemon = Daemon(config, workers=1)
+    daemon.bind = f"ipc://{tmp_path}/data"
+    daemon.control = f"{daemon.bind}.control"
+    daemon.command += ["--bind", daemon.bind]
+    with daemon:
+        done = subprocess.run(in_namespace(hosts[1], sys.executable, "-c",
+                                           READ_EPOCH_SAYING_HOW, daemon.bind),
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert done.returncode == 0, done.stderr
+        read = json.loads(done.stdout)
+    assert read["shared_memory"] is False
+    assert "cannot reach the daemon's channel" in done.stderr  # it was offered, and tried
+    assert_exactly_once(read["batches"], epochs=(0,))
