@@ -1,10 +1,20 @@
 """Keeping secrets: CurveZMQ for traffic that leaves the machine (key files, the daemon's
-allow-list of client keys, and the socket options on both sides), and the passwords of
-MongoDB URIs kept out of logs, status and messages (``redact_uri``).
+allow-list of client keys, and the socket options on both sides), a password of each daemon
+run for its internal sockets on tcp, and the passwords of MongoDB URIs kept out of logs,
+status and messages (``redact_uri``).
 
 Loopback endpoints need nothing. Binding any other address without keys would hand the
 training data (and the control socket) to anyone on the network, so the daemon refuses it
 unless the user says ``--insecure`` on purpose.
+
+The internal sockets (tasks and batches between the supervisor and its workers) are in a
+folder only the daemon's user can enter where ipc exists. Over tcp (Windows, or
+``serve.internal_transport = "tcp"``) they are loopback ports any local user could connect
+to, to take tasks (the training data) or push forged batches into a trainer's stream; there
+they use ZeroMQ's PLAIN mechanism with a random password of this run, which its workers
+get through ``spawn``'s pipe (never a command line). PLAIN costs nothing per message, as
+the batch bytes on the sink need; the password crosses only loopback, which other users
+cannot read.
 """
 
 from __future__ import annotations
@@ -12,6 +22,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import secrets
+from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
 import zmq
@@ -70,18 +82,24 @@ def _load(path: str, what: str, secret: bool) -> tuple[bytes, bytes | None]:
     return public, secret_key
 
 
-class CurveServer:
-    """The daemon side: its key pair on the public sockets, and an authenticator thread that
-    admits only the client public keys found in ``client_keys`` (a folder of ``*.key``)."""
+def start_authenticator(context: zmq.Context) -> ThreadAuthenticator:
+    """The daemon's ZAP handler (one per ZeroMQ context), which ``CurveServer`` and
+    ``internal_password`` configure; stop it when the context ends."""
+    authenticator = ThreadAuthenticator(context)
+    authenticator.start()
+    return authenticator
 
-    def __init__(self, context: zmq.Context, server_key: str, client_keys: str):
+
+class CurveServer:
+    """The daemon side: its key pair on the public sockets, and the authenticator admitting
+    only the client public keys found in ``client_keys`` (a folder of ``*.key``)."""
+
+    def __init__(self, authenticator: ThreadAuthenticator, server_key: str, client_keys: str):
         self.public, self.secret = _load(server_key, "serve.server_key", secret=True)
         if not os.path.isdir(client_keys) or not zmq.auth.load_certificates(client_keys):
             raise ConfigError(f"serve.client_keys {client_keys}: no client public keys "
                               f"(*.key) in that folder")
-        self.authenticator = ThreadAuthenticator(context)
-        self.authenticator.start()
-        self.authenticator.configure_curve(domain="*", location=client_keys)
+        authenticator.configure_curve(domain="*", location=client_keys)
 
     def apply(self, socket: zmq.Socket):
         """Call before bind."""
@@ -89,8 +107,40 @@ class CurveServer:
         socket.curve_publickey = self.public
         socket.curve_server = True
 
-    def stop(self):
-        self.authenticator.stop()
+
+INTERNAL_ZAP_DOMAIN = b"mongofeed-internal"
+INTERNAL_USER = b"worker"
+
+
+def internal_password(authenticator: ThreadAuthenticator) -> str:
+    """A new random password that the authenticator asks of internal tcp connections."""
+    password = secrets.token_hex(16)
+    authenticator.configure_plain(INTERNAL_ZAP_DOMAIN.decode(),
+                                  {INTERNAL_USER.decode(): password})
+    return password
+
+
+def guard_internal(socket: zmq.Socket):
+    """An internal socket on tcp: peers must give the run's password (call before bind)."""
+    socket.zap_domain = INTERNAL_ZAP_DOMAIN
+    socket.plain_server = True
+
+
+@dataclass(frozen=True)
+class InternalEndpoints:
+    """Where a worker connects (the supervisor's task and sink sockets), and the password
+    they ask for on tcp (None on ipc)."""
+
+    tasks: str
+    sink: str
+    password: str | None = None
+
+    def connect(self, socket: zmq.Socket, endpoint: str):
+        """Connect ``socket`` to ``endpoint`` (``tasks`` or ``sink``) with the password."""
+        if self.password is not None:
+            socket.plain_username = INTERNAL_USER
+            socket.plain_password = self.password.encode()
+        socket.connect(endpoint)
 
 
 def client_options(server_key: str | None, client_key: str | None) -> dict:

@@ -297,30 +297,39 @@ def write_documents(docs, path: str) -> str:
     return path
 
 
-def stub_worker(slot, config, source, task_endpoint, sink_endpoint, log_level, received=None,
-                exit_on_id=None):
+def stub_worker(slot, config, source, endpoints, log_level, received=None, exit_on_id=None):
     """A worker process that speaks the internal protocol without a database, for stepping
     the supervisor's loop (``Supervisor(config, source=..., worker_main=stub_worker)``):
     each task's batch is one array, ``idx``, of the task's ``_id``s (0 for one that is not an
-    integer). A task that holds ``exit_on_id`` (``functools.partial(stub_worker,
-    exit_on_id=...)``) ends the process with ``STUB_CRASH_EXIT_CODE``, as a document that
-    crashes a decoder would. It exits when told to stop, or when its parent is gone."""
+    integer), written into the task's slab where it names one, as a worker does. A task
+    that holds ``exit_on_id`` (``functools.partial(stub_worker, exit_on_id=...)``) ends the
+    process with ``STUB_CRASH_EXIT_CODE``, as a document that crashes a decoder would. It
+    exits when told to stop, or when its parent is gone."""
     import multiprocessing
 
     import numpy as np
     import zmq
 
-    from .daemon.worker import POLL_INTERVAL_MS, worker_identity
-    from .wire import READY, BatchMeta, WorkerEvent, pack_batch, unpack_worker_command
+    from .daemon.worker import POLL_INTERVAL_MS, MappedRegions, worker_identity
+    from .region import SlabLayout
+    from .wire import (
+        READY,
+        BatchHeader,
+        BatchMeta,
+        WorkerEvent,
+        pack_batch,
+        unpack_worker_command,
+    )
 
     context = zmq.Context()
     tasks = context.socket(zmq.DEALER)
     tasks.identity = worker_identity(slot)
-    tasks.connect(task_endpoint)
+    endpoints.connect(tasks, endpoints.tasks)
     sink = context.socket(zmq.PUSH)
-    sink.connect(sink_endpoint)
+    endpoints.connect(sink, endpoints.sink)
     tasks.send_multipart(WorkerEvent(READY, slot, pid=os.getpid()).pack())
     specs = [a.spec() for a in config.arrays.values()]
+    layout, regions = SlabLayout.of(specs, config.batch.size), MappedRegions()
     parent = multiprocessing.parent_process()
     while parent.is_alive():
         if not tasks.poll(POLL_INTERVAL_MS):
@@ -334,9 +343,15 @@ def stub_worker(slot, config, source, task_endpoint, sink_endpoint, log_level, r
         if exit_on_id is not None and exit_on_id in task.ids:
             os._exit(STUB_CRASH_EXIT_CODE)
         idx = np.array([i if isinstance(i, int) else 0 for i in task.ids], np.int64)
-        meta = BatchMeta(task.task, slot, task.attempt, docs=len(idx), bytes=idx.nbytes)
-        sink.send_multipart([meta.pack(),
-                             *pack_batch(task.epoch, task.index, {"idx": idx}, specs)])
+        if task.region is None:
+            parts = pack_batch(task.epoch, task.index, {"idx": idx}, specs)
+        else:
+            regions.get(task.region).write(task.slab, layout, [idx])
+            parts = [BatchHeader.of(task.epoch, task.index, [idx], specs).pack()]
+        meta = BatchMeta(task.task, slot, task.attempt, task.slab, docs=len(idx),
+                         bytes=idx.nbytes)
+        sink.send_multipart([meta.pack(), *parts])
+    regions.close()
     context.destroy(linger=0)
 
 

@@ -110,12 +110,15 @@ def consumer(supervisor):
 
 
 def test_workers_are_reached_over_the_requested_internal_transport(supervisor):
-    endpoints = supervisor.pool.endpoints
+    internal = supervisor.pool.endpoints
+    endpoints = (internal.tasks, internal.sink)
     if resolve_internal_transport(internal_transport()) == "ipc":
         assert all(e.startswith(f"ipc://{supervisor.sockets.runtime_dir}") for e in endpoints)
-    else:  # as on Windows: loopback only, and no folder
+        assert internal.password is None  # the private folder is the lock
+    else:  # as on Windows: loopback only, no folder, and a password of this run
         assert all(e.startswith("tcp://127.0.0.1:") for e in endpoints), endpoints
         assert supervisor.sockets.runtime_dir is None
+        assert len(internal.password) == 32
 
 
 def test_stepped_loop_delivers_each_batch_once_in_plan_order(supervisor, consumer):

@@ -59,7 +59,9 @@ class Dispatcher:
             self.counters["dropped_batches"] += 1
             return
         batch = frames[1:]
-        if meta.error is None and meta.slab is not None:
+        # A task with a slab comes back in that slab: its session's batches all take one
+        # path (the channel, or the data socket), so they and its last word stay in order.
+        if meta.error is None and (meta.slab is not None or task.slab is not None):
             try:
                 if meta.slab != task.slab or len(batch) != 1:
                     raise ProtocolError(f"slab {meta.slab} for a task of slab {task.slab}")
@@ -72,9 +74,9 @@ class Dispatcher:
                                  f"from worker {meta.slot}: {exc}")
             else:
                 batch = SlabBatch(meta.slab, header)
-        elif task.slab is not None:
-            session.slabs.give_back(task.slab)  # the batch came as frames, or not at all
         if meta.error is not None:
+            if task.slab is not None:
+                session.slabs.give_back(task.slab)  # the batch did not come
             record.errors += 1
             record.last_error = meta.error
             self.record_error(meta.error)  # it names the feed, epoch and batch

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from ..portable import end_process
+from ..security import InternalEndpoints
 from ..wire.internal import READY, STOP, WarmMessage, WorkerEvent
 from .config import Config
 from .sessions import Task
@@ -90,13 +91,14 @@ class WorkerRecord:
 class WorkerPool:
     """Worker records and their processes; talks to workers over the task socket."""
 
-    def __init__(self, config: Config, source, task_socket: zmq.Socket, task_endpoint: str,
-                 sink_endpoint: str, log_level: int, on_error, worker_main=run_worker):
+    def __init__(self, config: Config, source, task_socket: zmq.Socket,
+                 endpoints: InternalEndpoints, log_level: int, on_error,
+                 worker_main=run_worker):
         self.config = config
         self.source = source
         self.worker_main = worker_main  # the process entry point (a stand-in in loop tests)
         self.task_socket = task_socket
-        self.endpoints = (task_endpoint, sink_endpoint)
+        self.endpoints = endpoints
         self.log_level = log_level
         self.on_error = on_error  # called with a message for status' error list
         self.records = [WorkerRecord(slot) for slot in range(config.serve.workers)]
@@ -111,7 +113,7 @@ class WorkerPool:
         record.commands = 0
         record.process = self.mp.Process(
             target=self.worker_main, name=f"mongofeed-worker-{record.slot}", daemon=True,
-            args=(record.slot, self.config, self.source, *self.endpoints, self.log_level,
+            args=(record.slot, self.config, self.source, self.endpoints, self.log_level,
                   record.received))
         record.process.start()
         record.state = WorkerState.STARTING

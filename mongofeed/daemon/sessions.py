@@ -320,12 +320,14 @@ class SessionTable:
 
     def plan_tasks(self):
         """Give every active session tasks until it has ``max_pending`` batches ahead (and,
-        with shared memory, while it has free slabs). Each session's new batches are planned
-        together (one vectorised call per epoch), then queued taking turns between
-        sessions."""
+        with shared memory, while it has free slabs), until one of its batches fails. Each
+        session's new batches are planned together (one vectorised call per epoch), then
+        queued taking turns between sessions."""
         planned = []
         for session in self.sessions.values():
-            need = self.max_pending - session.ahead() if session.active else 0
+            # A session that fails at a batch needs none after it (those before are planned).
+            need = self.max_pending - session.ahead() if (
+                session.active and not session.failing) else 0
             if session.slabs is not None:
                 need = min(need, len(session.slabs.free))
             if need > 0:

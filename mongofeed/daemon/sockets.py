@@ -15,10 +15,10 @@ The public sockets speak CurveZMQ when ``serve.server_key`` is set, and get thei
 the listener, which copies them when it binds. A monitor of the data socket
 (``data_closed``) reports each consumer connection that closes: a ROUTER cannot drop the
 batches queued to one peer, so a session's connection counts until it closes. The internal
-ones use
-``serve.internal_transport``: ipc in a private folder (removed on close), or loopback tcp
-[portable]. No socket lingers: at the close nothing waits for a peer. The channel
-(``mongofeed.channel``, Linux) is a plain Unix datagram socket, polled with the others.
+ones use ``serve.internal_transport``: ipc in a private folder (removed on close), or
+loopback tcp [portable] that asks for the run's password (``security``). No socket lingers:
+at the close nothing waits for a peer. The channel (``mongofeed.channel``, Linux) is a plain
+Unix datagram socket, polled with the others.
 """
 
 from __future__ import annotations
@@ -31,7 +31,13 @@ from zmq.utils.monitor import parse_monitor_message
 from ..channel import DaemonChannel, channels_supported
 from ..errors import SourceError
 from ..portable import bind_internal, make_runtime_dir
-from ..security import CurveServer
+from ..security import (
+    CurveServer,
+    InternalEndpoints,
+    guard_internal,
+    internal_password,
+    start_authenticator,
+)
 from ..wire import MAX_CONTROL_BYTES
 from .config import ServeConfig
 
@@ -42,12 +48,16 @@ class Sockets:
     def __init__(self, serve: ServeConfig):
         """Bind every socket; raises (a port in use, a bad key) with nothing left open."""
         self.context = zmq.Context()
+        self.authenticator = None  # the ZAP handler, for client keys and internal tcp
         self.curve = None  # CurveServer when serve.server_key is set
         self.runtime_dir = None  # the ipc endpoints' private folder
         self.channel = None  # DaemonChannel where the system has them
         try:
+            if serve.server_key or serve.internal_transport != "ipc":
+                self.authenticator = start_authenticator(self.context)
             if serve.server_key:
-                self.curve = CurveServer(self.context, serve.server_key, serve.client_keys)
+                self.curve = CurveServer(self.authenticator, serve.server_key,
+                                         serve.client_keys)
             # Replies keep ZeroMQ's default queue: with a small one, replies to a peer that
             # reads every one were dropped now and then (seen in the fuzz test; a ROUTER
             # counts a queue's fill from the reader's lagging reports, and drops beyond it).
@@ -59,12 +69,14 @@ class Sockets:
             self.data_closed = self.data.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             if serve.internal_transport == "ipc":
                 self.runtime_dir = make_runtime_dir()
-            self.tasks = self.socket(zmq.ROUTER)
-            self.task_endpoint = bind_internal(self.tasks, self.runtime_dir, "tasks")
+            password = None if self.runtime_dir else internal_password(self.authenticator)
+            self.tasks = self.internal(zmq.ROUTER, password)
+            task_endpoint = bind_internal(self.tasks, self.runtime_dir, "tasks")
             self.tasks.router_mandatory = 1
             self.tasks.router_handover = 1  # a restarted worker reuses its slot's identity
-            self.sink = self.socket(zmq.PULL)
-            self.sink_endpoint = bind_internal(self.sink, self.runtime_dir, "sink")
+            self.sink = self.internal(zmq.PULL, password)
+            self.internal_endpoints = InternalEndpoints(
+                task_endpoint, bind_internal(self.sink, self.runtime_dir, "sink"), password)
             if channels_supported():
                 self.channel = DaemonChannel()
         except BaseException:
@@ -74,6 +86,13 @@ class Sockets:
     def socket(self, kind: int) -> zmq.Socket:
         socket = self.context.socket(kind)
         socket.linger = SOCKET_LINGER_MS
+        return socket
+
+    def internal(self, kind: int, password: str | None) -> zmq.Socket:
+        """An internal socket, guarded by ``password`` (on tcp) before its bind."""
+        socket = self.socket(kind)
+        if password is not None:
+            guard_internal(socket)
         return socket
 
     def public(self, kind: int, endpoint: str, max_message: int,
@@ -103,9 +122,10 @@ class Sockets:
         return poller
 
     def close(self):
-        if self.curve is not None:
-            self.curve.stop()
-            self.curve = None
+        if self.authenticator is not None:
+            self.authenticator.stop()
+            self.authenticator = None
+        self.curve = None
         if self.channel is not None:
             self.channel.close()
             self.channel = None

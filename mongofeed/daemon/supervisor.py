@@ -148,9 +148,9 @@ class Supervisor:
             self.shared_memory_dir = shared_memory_dir()
             remove_stale_shared_memory(self.shared_memory_dir)
             self.plan_feeds()
-            self.pool = WorkerPool(self.config, self.source, sockets.tasks, sockets.task_endpoint,
-                                   sockets.sink_endpoint, self.log_level, self.record_error,
-                                   self.worker_main)
+            self.pool = WorkerPool(self.config, self.source, sockets.tasks,
+                                   sockets.internal_endpoints, self.log_level,
+                                   self.record_error, self.worker_main)
             if serve.metrics_port is not None:
                 from .metrics import start_metrics_server
 

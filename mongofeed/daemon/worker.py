@@ -51,6 +51,7 @@ from ..portable import (
     shared_memory_dir,
 )
 from ..region import Region, SlabLayout
+from ..security import InternalEndpoints
 from ..wire import (
     EVENT,
     READY,
@@ -79,8 +80,8 @@ WINDOWS_KEPT = 2  # windows of the windowed order a worker holds: the current an
 
 
 class Worker:
-    def __init__(self, slot: int, config: Config, source, task_endpoint: str,
-                 sink_endpoint: str, received=None):
+    def __init__(self, slot: int, config: Config, source, endpoints: InternalEndpoints,
+                 received=None):
         self.slot = slot
         self.received = received  # shared with the supervisor: commands taken (pool.py)
         self.config = config
@@ -88,11 +89,11 @@ class Worker:
         self.tasks = self.context.socket(zmq.DEALER)
         self.tasks.linger = SOCKET_LINGER_MS
         self.tasks.identity = worker_identity(slot)
-        self.tasks.connect(task_endpoint)
+        endpoints.connect(self.tasks, endpoints.tasks)
         self.sink = self.context.socket(zmq.PUSH)
         self.sink.linger = SOCKET_LINGER_MS
         self.sink.sndhwm = 2
-        self.sink.connect(sink_endpoint)
+        endpoints.connect(self.sink, endpoints.sink)
         self.source = source
         self.client = source.connect(f"mongofeed-worker-{slot}")
         self.batches = BatchMaker(config, read_gridfs=self._read_gridfs)  # imports the functions
@@ -363,14 +364,14 @@ def worker_identity(slot: int) -> bytes:
     return str(slot).encode()
 
 
-def run_worker(slot: int, config: Config, source, task_endpoint: str, sink_endpoint: str,
+def run_worker(slot: int, config: Config, source, endpoints: InternalEndpoints,
                log_level: int = logging.WARNING, received=None):
     """Process entry point (must be importable by ``spawn``); ``received`` is the pool's
     shared count of the commands this process took."""
     ignore_console_interrupts()  # the supervisor decides how to stop us
     logging.basicConfig(level=log_level, format=f"%(asctime)s worker-{slot} %(levelname)s "
                         "%(message)s")
-    worker = Worker(slot, config, source, task_endpoint, sink_endpoint, received)
+    worker = Worker(slot, config, source, endpoints, received)
     try:
         worker.run()
     finally:

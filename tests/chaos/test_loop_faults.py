@@ -1,5 +1,6 @@
 """The supervisor's loop against faults from its own side of the sockets: a task that kills
-every worker that makes it (issue 9, the poison task), and garbage on the internal sockets.
+every worker that makes it (issue 9, the poison task), garbage on the internal sockets, and
+a local stranger on them when they are tcp.
 The loop runs in a thread of the test with a stand-in worker process (no database), and a
 real Consumer reads from it."""
 
@@ -10,12 +11,15 @@ import functools
 import json
 import threading
 
+import numpy as np
 import pytest
 import zmq
 
 from mongofeed import Consumer, FeedError
 from mongofeed.daemon.config import parse_config
 from mongofeed.daemon.supervisor import Supervisor
+from mongofeed.daemon.worker import worker_identity
+from mongofeed.portable import resolve_internal_transport
 from mongofeed.testing import (
     STUB_CRASH_EXIT_CODE,
     MemorySource,
@@ -24,6 +28,7 @@ from mongofeed.testing import (
     stub_worker,
     write_documents,
 )
+from mongofeed.wire import READY, BatchMeta, WorkerEvent, pack_batch
 
 DOCS, BATCH = 40, 4
 POISON_ID = 13
@@ -103,12 +108,12 @@ def test_garbage_on_the_internal_sockets_is_refused_and_counted(tmp_path, contex
     healthy = [i for i in range(DOCS + 1) if i != POISON_ID]
     with running_supervisor(tmp_path, healthy) as supervisor, \
             Consumer(supervisor.config.serve.bind, "train", timeout=30) as consumer:
-        task_endpoint, sink_endpoint = supervisor.pool.endpoints  # ipc or tcp
+        endpoints = supervisor.pool.endpoints  # ipc, or tcp with the run's password
         sink = context.socket(zmq.PUSH)
-        sink.connect(sink_endpoint)
+        endpoints.connect(sink, endpoints.sink)
         impostor = context.socket(zmq.DEALER)
         impostor.identity = b"impostor"
-        impostor.connect(task_endpoint)
+        endpoints.connect(impostor, endpoints.tasks)
         for frames in garbage_batches:
             sink.send_multipart(frames)
         for frames in garbage_events:
@@ -119,3 +124,39 @@ def test_garbage_on_the_internal_sockets_is_refused_and_counted(tmp_path, contex
         ids = sorted(int(i) for b in batches if b.epoch == epoch for i in b.arrays["idx"])
         assert ids == healthy
     assert rejected == len(garbage_batches) + len(garbage_events)
+
+
+@pytest.mark.skipif(resolve_internal_transport(internal_transport()) == "ipc",
+                    reason="over ipc the daemon's private folder keeps other users out")
+def test_a_local_stranger_on_the_internal_tcp_sockets_can_take_no_task_nor_push_a_batch(
+        tmp_path, context):
+    """On tcp the internal sockets are loopback ports any local user can reach. A stranger
+    without the run's password, taking worker 0's identity (a ROUTER hands a reconnecting
+    identity over) and pushing a forged batch, must get no task and put nothing into a
+    trainer's stream: refused at the handshake, so not even counted."""
+    healthy = [i for i in range(DOCS + 1) if i != POISON_ID]
+    with running_supervisor(tmp_path, healthy) as supervisor, \
+            Consumer(supervisor.config.serve.bind, "train", timeout=30) as consumer:
+        endpoints = supervisor.pool.endpoints
+        # What they send can never leave (no handshake): without linger 0 a socket
+        # collected after the test would hold the context's end forever.
+        impostor = context.socket(zmq.DEALER)
+        impostor.linger = 0
+        impostor.identity = worker_identity(0)
+        impostor.connect(endpoints.tasks)
+        impostor.send_multipart(WorkerEvent(READY, 0, pid=1).pack())
+        sink = context.socket(zmq.PUSH)
+        sink.linger = 0
+        sink.connect(endpoints.sink)
+        forged = pack_batch(0, 0, {"idx": np.full(BATCH, -1, np.int64)},
+                            [a.spec() for a in supervisor.config.arrays.values()])
+        for task in range(1, 4):
+            sink.send_multipart([BatchMeta(task, 0, 1, docs=BATCH).pack(), *forged],
+                                flags=zmq.NOBLOCK)
+        batches = [consumer.get() for _ in range(2 * consumer.batches_per_epoch)]
+        assert not impostor.poll(100)  # no task came to it
+        rejected = supervisor.counters["rejected_messages"]
+    for epoch in (0, 1):
+        ids = sorted(int(i) for b in batches if b.epoch == epoch for i in b.arrays["idx"])
+        assert ids == healthy
+    assert rejected == 0
