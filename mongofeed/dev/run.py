@@ -36,7 +36,8 @@ CHILD_STOP_S = 5
 
 # The tests of the internal sockets, run again over tcp: exactly once with 1 to 8 workers,
 # the stepped loop, worker kill, crash loop and hang, daemon stop (and its time), stop while
-# planning, daemon kill, hostile peers, garbage on the internal sockets. Chosen tests, not
+# planning, daemon kill, hostile peers, garbage on the internal sockets, a stranger without
+# the run's password on them (tcp only). Chosen tests, not
 # whole modules, to keep the pass near a minute (tests/test_platforms.py checks each exists).
 TCP_PASS = (
     "tests/test_supervisor_loop.py",
@@ -48,6 +49,8 @@ TCP_PASS = (
     "tests/chaos/test_hostile_peers.py::"
     "test_hostile_peers_are_rejected_and_others_keep_being_served",
     "tests/chaos/test_loop_faults.py::test_garbage_on_the_internal_sockets_is_refused_and_counted",
+    "tests/chaos/test_loop_faults.py::"
+    "test_a_local_stranger_on_the_internal_tcp_sockets_can_take_no_task_nor_push_a_batch",
 )
 
 DEMO_SERVER = "demo"
