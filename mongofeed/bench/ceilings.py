@@ -9,7 +9,8 @@ compares every loader with.
 - ``recv_cost``: the process CPU of a bare pyzmq receive of one small message per batch at the
   same pace (ZeroMQ's I/O thread included): the floor of any consumer that is handed each
   batch, or its descriptor, as one ZeroMQ message; and of a bare datagram receive, the floor
-  of a consumer on the daemon's host (``mongofeed.channel``).
+  of a consumer on the daemon's host (``mongofeed.channel``), also while every CPU is busy
+  copying memory, as the ceiling rows' workers keep a small machine.
 
 The pipeline ceiling (the whole daemon serving documents from memory) is a mongofeed row
 with ``mongofeed.testing.MemorySource``.
@@ -127,12 +128,25 @@ def paced_sender(endpoint: str, gap_s: float):
             time.sleep(gap_s)
 
 
+HOG_BYTES = 32 * 2**20
+
+
+def memory_hog():
+    """Copies 32 MiB over and over (spawn target of ``recv_cost``), as a worker writing
+    batches into slabs keeps a CPU and the memory bus busy."""
+    source = np.ones(HOG_BYTES, np.uint8)
+    target = np.empty_like(source)
+    while True:
+        np.copyto(target, source)
+
+
 def recv_cost(gap_s: float) -> dict:
     """Process CPU per message of a blocking receive of messages sent every ``gap_s`` by
     another process, before any code of ours: a bare pyzmq ``recv`` (a PULL socket on tcp
     loopback; ``recv_us``), what ZeroMQ alone costs a consumer handed one message per batch
     at the row's pace, and a datagram on an abstract Unix socket received as the channel
-    does (``mongofeed.channel``: a poll, then a recv; ``channel_us``)."""
+    does (``mongofeed.channel``: a poll, then a recv; ``channel_us``), and the same while a
+    ``memory_hog`` runs on every CPU (``channel_busy_us``)."""
     import multiprocessing
     import os
     import select
@@ -156,10 +170,15 @@ def recv_cost(gap_s: float) -> dict:
     result = {}
     spawn = multiprocessing.get_context("spawn")
     try:
-        for key, endpoint, receive in (("recv", f"tcp://127.0.0.1:{port}", pull.recv),
-                                       ("channel", f"@{name}", datagram)):
-            sender = spawn.Process(target=paced_sender, args=(endpoint, gap_s), daemon=True)
-            sender.start()
+        for key, endpoint, receive, hogs in (
+                ("recv", f"tcp://127.0.0.1:{port}", pull.recv, 0),
+                ("channel", f"@{name}", datagram, 0),
+                ("channel_busy", f"@{name}", datagram, os.cpu_count() or 1)):
+            helpers = [spawn.Process(target=memory_hog, daemon=True) for _ in range(hogs)]
+            helpers.append(spawn.Process(target=paced_sender, args=(endpoint, gap_s),
+                                         daemon=True))
+            for helper in helpers:
+                helper.start()
             try:
                 for _ in range(20):
                     receive()
@@ -170,8 +189,9 @@ def recv_cost(gap_s: float) -> dict:
                     receive()
                 cpu, elapsed = time.process_time() - cpu0, time.perf_counter() - started
             finally:
-                sender.kill()
-                sender.join()
+                for helper in helpers:
+                    helper.kill()
+                    helper.join()
             result[f"{key}_gap_ms"], result[f"{key}_us"] = elapsed / count * 1e3, cpu / count * 1e6
     finally:
         datagrams.close()

@@ -172,6 +172,8 @@ def wake_note(row: dict) -> str:
                  f"costs {row['recv_us']:.0f} us of process CPU")
     if row.get("channel_us") is not None:
         note += f", a bare datagram recv {row['channel_us']:.0f} us"
+    if row.get("channel_busy_us") is not None:
+        note += f" ({row['channel_busy_us']:.0f} us with every CPU busy copying memory)"
     return note
 
 
