@@ -129,6 +129,8 @@ def test_a_session_fails_at_a_batch_that_cannot_be_made_after_every_batch_before
     session.in_production = 6
     session.fail_at(0, 2, "feed 'train', epoch 0, batch 2: bad")
     assert session.in_production == 5
+    assert session.after_failure(0, 3) is ordered and session.after_failure(1, 2)
+    assert not session.after_failure(0, 1)
     delivered = []
     for key in [(1, 0), (0, 3), (0, 1), (0, 0)]:  # as the workers finish them
         session.ready[key], session.credit = [b""], 4

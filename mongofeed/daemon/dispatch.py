@@ -58,6 +58,14 @@ class Dispatcher:
             # A session that ended, or a late duplicate of a re-issued task: never delivered.
             self.counters["dropped_batches"] += 1
             return
+        if session.after_failure(task.epoch, task.index):
+            # Made before the session's failure was known (planned ahead, perhaps into the
+            # next epoch, where the same bad document is): never delivered, never reported.
+            self.counters["dropped_batches"] += 1
+            session.in_production -= 1
+            if task.slab is not None:
+                session.slabs.give_back(task.slab)
+            return
         batch = frames[1:]
         # A task with a slab comes back in that slab: its session's batches all take one
         # path (the channel, or the data socket), so they and its last word stay in order.

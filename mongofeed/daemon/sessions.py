@@ -192,6 +192,14 @@ class Session:
         self.in_production -= 1
         self.failing.setdefault((epoch, index), message)
 
+    def after_failure(self, epoch: int, index: int) -> bool:
+        """Whether batch ``(epoch, index)`` comes after one that fails the session (unordered:
+        in a later epoch): it would never be delivered."""
+        if not self.failing:
+            return False
+        first = min(self.failing)
+        return (epoch, index) > first if self.ordered else epoch > first[0]
+
     def failure_due(self) -> str | None:
         """Why the session fails now: every batch before a failed one is delivered (of its
         epoch, unordered)."""
