@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import select
 import socket
+import struct
 
 from .portable import ABSTRACT_SOCKETS
 from .wire import MAX_CONTROL_BYTES, MAX_HEADER_BYTES
@@ -46,6 +46,7 @@ def channels_supported() -> bool:
 
 QUEUE_LENGTH_FILE = "/proc/sys/net/unix/max_dgram_qlen"
 DEFAULT_QUEUE_LENGTH = 10  # Linux's
+TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO
 
 
 def queue_length() -> int:
@@ -129,21 +130,27 @@ class Channel:
             why = exc.strerror or "its queue stayed full"
             raise ChannelError(f"cannot reach the daemon's channel {daemon}: {why} "
                                f"(another network namespace?)") from None
-        self.readable = select.poll()
-        self.readable.register(self.receiver, select.POLLIN)
+        self.wait_ms = 0  # the receiver's kernel timeout (SO_RCVTIMEO), 0 while unset
         self.confirmed = False  # a datagram came: the daemon knows this channel
 
     def receive(self, timeout_ms: int) -> bytes | None:
-        """The next datagram, None if none comes within ``timeout_ms``."""
+        """The next datagram, None if none comes within ``timeout_ms``: one system call,
+        that sleeps in the kernel (a trainer faster than the producers waits for every
+        batch, and a poll before the receive cost it a second call, and a failed receive a
+        third, per wait)."""
+        if timeout_ms <= 0:
+            flags = socket.MSG_DONTWAIT
+        else:
+            flags = 0
+            if timeout_ms != self.wait_ms:
+                seconds, ms = divmod(timeout_ms, 1000)
+                self.receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                         TIMEVAL.pack(seconds, ms * 1000))
+                self.wait_ms = timeout_ms
         try:
-            message = self.receiver.recv(MAX_HEADER_BYTES, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            if not (timeout_ms and self.readable.poll(timeout_ms)):
-                return None
-            try:
-                message = self.receiver.recv(MAX_HEADER_BYTES, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return None
+            message = self.receiver.recv(MAX_HEADER_BYTES, flags)
+        except BlockingIOError:  # nothing came in time (EAGAIN)
+            return None
         self.confirmed = True
         return message
 

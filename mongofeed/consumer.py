@@ -60,6 +60,19 @@ DEFAULT_PREFETCH = 4
 DEFAULT_HELD_BATCHES = 2
 SHARED_MEMORY_ENV = "MONGOFEED_SHARED_MEMORY"  # "0": never map the daemon's shared memory
 
+# Forks since this module was imported, counted in each child: a consumer compares this with
+# its own count on every get, where asking for the pid would be a system call per batch.
+_forks = 0
+
+
+def _count_fork():
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):  # no fork, no count: Windows
+    os.register_at_fork(after_in_child=_count_fork)
+
 
 def model_io(arrays: dict, inputs: list[str], targets: list[str],
              sample_weight: str | None = None) -> tuple:
@@ -160,7 +173,7 @@ class Consumer:
         self.prefetch = prefetch
         self._held_batches = held_batches
         self._shared_memory = shared_memory and os.environ.get(SHARED_MEMORY_ENV) != "0"
-        self._pid = os.getpid()
+        self._forks = _forks  # the forks of the process that created it
         # get, state_dict and a reopen: one thread at a time; reentrant for a signal handler
         # (a preemption handler that saves the state while this thread waits in get)
         self._taking = threading.RLock()
@@ -304,7 +317,7 @@ class Consumer:
         FeedError, naming the cause, once the session has failed (the daemon's error, a
         broken message, a socket error, or any other failure while receiving), then again on
         every later call."""
-        if os.getpid() != self._pid:
+        if _forks != self._forks:
             raise RuntimeError("a mongofeed Consumer cannot be used in a forked child process; "
                                "create it in the process that reads from it")
         timeout = self.timeout if timeout is None else timeout

@@ -28,14 +28,19 @@ JOIN_BUFFERS_KEPT = 8  # free join buffers kept per size
 
 
 class Lease:
-    """One slab, lent to the arrays that view ``base``."""
+    """One slab, lent to the arrays that view ``base``; called when ``base`` dies (the
+    callback of its weak reference)."""
 
-    __slots__ = ("slab", "handed", "released", "ref")
+    __slots__ = ("slab", "slabs", "handed", "released", "ref")
 
-    def __init__(self, slab: int):
+    def __init__(self, slab: int, slabs: Slabs):
         self.slab = slab
+        self.slabs = slabs
         self.handed = False    # its arrays were handed to the caller (they count as held)
         self.released = False  # its arrays are gone
+
+    def __call__(self, _ref):
+        self.slabs.release(self)
 
 
 class Slabs:
@@ -51,8 +56,8 @@ class Slabs:
 
     def lease(self, base: np.ndarray, slab: int) -> Lease:
         """Lend ``slab`` to the arrays built on ``base`` (released when ``base`` dies)."""
-        lease = Lease(slab)
-        lease.ref = weakref.ref(base, lambda _, lease=lease: self._release(lease))
+        lease = Lease(slab, self)
+        lease.ref = weakref.ref(base, lease)
         self._live[id(lease)] = lease
         return lease
 
@@ -69,7 +74,7 @@ class Slabs:
             self.held += 1
             return True
 
-    def _release(self, lease: Lease):
+    def release(self, lease: Lease):
         with self._lock:
             lease.released = True
             if lease.handed:

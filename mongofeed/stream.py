@@ -42,6 +42,8 @@ from .wire import (
 HEARTBEAT_INTERVAL_S = 1.0
 BYE_LINGER_MS = 500
 WAIT_SLICE_S = 0.25  # a waiting get looks this often whether the consumer was closed
+WAIT_SLICE_MS = int(WAIT_SLICE_S * 1000)
+PLACES_KEPT = 1024  # distinct batch shapes whose places in a slab a stream keeps
 
 
 class Batch(NamedTuple):
@@ -111,6 +113,7 @@ class Stream:
         self.channel = channel  # with the region: the descriptors come there
         self.gone: FeedError | None = None  # the channel refused a datagram: no daemon
         self.offsets = SlabLayout.of(schema.arrays, schema.batch_size).offsets
+        self.slab_places: dict[tuple, tuple] = {}  # place_in_slab's, by (count, dims)
         self.slabs = Slabs()
         self.held_batches = flow.held
         self.join_buffers = JoinBuffers()
@@ -136,11 +139,14 @@ class Stream:
         signal handler's exit) goes on as it is; one that stops a batch half received
         leaves a failure for later takes, one that stops the wait leaves the stream usable."""
         with self.lock:
-            self.raise_failure()
+            if self.failure is not None:
+                self.raise_failure()
             message = None
             try:
-                self.send_credit()
-                message = self.next_message(timeout)
+                if self.owed_credit >= self.every or self.slabs.pending >= self.every:
+                    self.send_credit()
+                message = (self.next_message(timeout) if self.channel is None else
+                           self.next_datagram(timeout))
                 if message is None:
                     return None
                 batch, lease = self.receive(*message)
@@ -168,8 +174,6 @@ class Stream:
         faster than the producers waits for every batch, and a poll costs it about 13 us of
         CPU per wait more (measured). It looks every ``WAIT_SLICE_S`` whether the consumer
         was closed meanwhile."""
-        if self.channel is not None:
-            return self.next_datagram(timeout)
         deadline = time.monotonic() + timeout
         while True:
             wait_ms = int(1000 * min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic())))
@@ -191,18 +195,22 @@ class Stream:
         looks at the data socket every ``WAIT_SLICE_S`` (a daemon that no longer knows the
         session says so there), and sends the daemon an empty credit on the channel (the
         kernel refuses it if the daemon is gone, even SIGKILLed: ``gone``)."""
-        head = self.channel.receive(0)
         deadline = time.monotonic() + timeout
-        while head is None:
+        if self.gone is None and timeout >= WAIT_SLICE_S:  # most takes: one call, one slice
+            head = self.channel.receive(WAIT_SLICE_MS)
+            if head is not None:
+                return head, []
+        while True:
+            wait_ms = 0 if self.gone is not None else int(
+                1000 * min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic())))
+            head = self.channel.receive(wait_ms)
+            if head is not None:
+                return head, []
             if self.gone is not None:  # what the daemon said on the data socket, if anything
                 with contextlib.suppress(zmq.Again):
                     frames = self.data.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     return frames[0].bytes, frames[1:]
                 raise self.gone
-            wait_ms = int(1000 * min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic())))
-            head = self.channel.receive(wait_ms)
-            if head is not None:
-                break
             try:
                 frames = self.data.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -214,7 +222,6 @@ class Stream:
                 self.send_datagram(Credit(0, (), token=self.token_bytes).pack())
             if time.monotonic() >= deadline:
                 return None
-        return head, []
 
     def check_open(self):
         if self.closed:
@@ -267,18 +274,31 @@ class Stream:
         """The arrays of a batch in slab ``header.slab``: views of the mapped region."""
         if self.region is None:
             raise ProtocolError("a batch in shared memory on a session without it")
+        places = self.slab_places.get((header.count, header.dims))
+        if places is None:
+            places = self.place_in_slab(header)
         base = self.region.slab_bytes_view(header.slab)  # checks the slab number
-        arrays = {place.name: np.ndarray(place.shape, place.dtype, base, offset)
-                  for place, offset in zip(self.schema.placements(header), self.offsets,
-                                           strict=True)}
+        arrays = {name: np.ndarray(shape, dtype, base, offset)
+                  for name, shape, dtype, offset in places}
         lease = self.slabs.lease(base, header.slab)
-        return self.schema.convert(arrays), lease
+        if self.schema.conversions:
+            arrays = self.schema.convert(arrays)
+        return arrays, lease
+
+    def place_in_slab(self, header: BatchHeader) -> tuple:
+        """Each array of a batch of ``header``'s shape as (name, shape, dtype, offset in its
+        slab), after the schema's checks; kept for the next batch of that shape."""
+        places = tuple((place.name, place.shape, place.dtype, offset)
+                       for place, offset in zip(self.schema.placements(header), self.offsets,
+                                                strict=True))
+        if len(self.slab_places) < PLACES_KEPT:
+            self.slab_places[(header.count, header.dims)] = places
+        return places
 
     def send_credit(self):
-        """Credit for the batches taken, and the slabs released, every ``every`` of them (the
-        daemon keeps credit meanwhile, and room for the slabs not yet released: ``Flow``)."""
-        if self.owed_credit < self.every and self.slabs.pending < self.every:
-            return
+        """Credit for the batches taken, and the slabs released: ``take`` sends it every
+        ``every`` of either (the daemon keeps credit meanwhile, and room for the slabs not
+        yet released: ``Flow``)."""
         credit, released = self.owed_credit, self.slabs.take_released()
         if not (self.channel is not None and self.channel.confirmed
                 and self.send_datagram(Credit(credit, released, token=self.token_bytes).pack())):

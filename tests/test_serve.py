@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import subprocess
 import sys
 import time
@@ -154,6 +156,30 @@ def test_departed_consumer_does_not_affect_the_next(tmp_path, mongo_uri, samples
         assert wait_until(lambda: len(daemon.status()["sessions"]) == 1, timeout=15)
         second.close()
         assert wait_until(lambda: not daemon.status()["sessions"], timeout=5)
+
+
+def get_in_child(consumer: Consumer, answers):
+    try:
+        consumer.get()
+        answers.put("a batch")
+    except RuntimeError as exc:
+        answers.put(str(exc))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="this system has no fork")
+def test_a_forked_child_is_refused_and_the_parent_reads_on(tmp_path, mongo_uri, samples):
+    with run_daemon(tmp_path, mongo_uri, samples) as daemon, \
+            Consumer(daemon.bind, timeout=30) as consumer:
+        ids = consumer.get().arrays["idx"].tolist()
+        fork = multiprocessing.get_context("fork")
+        answers = fork.SimpleQueue()
+        child = fork.Process(target=get_in_child, args=(consumer, answers))
+        child.start()
+        child.join(30)
+        assert "cannot be used in a forked child process" in answers.get()
+        for batch in consumer.epoch():
+            ids += batch.arrays["idx"].tolist()
+        assert sorted(ids) == list(range(TRAIN_DOCS))
 
 
 def test_two_consumers_of_one_feed_each_see_full_epochs(tmp_path, mongo_uri, samples):
