@@ -218,6 +218,32 @@ def test_bad_document_fails_the_session_with_its_id(tmp_path, mongo_uri, samples
         assert all(str(bad["_id"]) in error for error in status["errors"])
 
 
+def test_status_shows_where_a_session_will_fail_before_its_trainer_gets_there(
+        tmp_path, mongo_uri, samples):
+    bad = samples.samples.find_one({"i": 40})  # batch 5 of an unshuffled epoch of 8s
+    samples.samples.update_one({"_id": bad["_id"]}, {"$set": {"x": b"short"}})
+    # prefetch=1: the daemon holds the batches before the bad one until the trainer asks, so
+    # the session lives on, failing (with more credit they would all be sent at once).
+    with run_daemon(tmp_path, mongo_uri, samples, feeds={"all": {"shuffle": False}}) as daemon, \
+            Consumer(daemon.bind, feed="all", timeout=30, prefetch=1) as consumer:
+        taken = [consumer.get().index for _ in range(2)]
+
+        def failing():
+            sessions = daemon.status()["sessions"]
+            return sessions[0]["failing"] if sessions else None
+
+        assert wait_until(failing, timeout=30)
+        assert failing()["epoch"] == 0 and failing()["batch"] == 5
+        assert str(bad["_id"]) in failing()["error"]
+        result = subprocess.run([sys.executable, "-m", "mongofeed", "status", "--control",
+                                 daemon.control], capture_output=True, text=True, timeout=60)
+        assert "fails at epoch 0, batch 5, when its consumer gets there" in result.stdout
+        with pytest.raises(FeedError, match=str(bad["_id"])):
+            while True:
+                taken.append(consumer.get().index)
+        assert taken == [0, 1, 2, 3, 4]
+
+
 def test_skipped_documents_are_counted(tmp_path, mongo_uri, samples):
     """Two bad documents in the last batch of an unshuffled epoch; one batch produced ahead
     at most, so the counters see exactly one epoch's skips."""

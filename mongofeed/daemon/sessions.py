@@ -221,7 +221,16 @@ class Session:
             "idle_s": round(now - self.last_seen, 1),
             **({"drawn": dict(self.drawn)} if self.drawn else {}),
             "transport": self.transport, "slabs": self.slabs.status() if self.slabs else None,
+            "failing": self.first_failure(),
         }
+
+    def first_failure(self) -> dict | None:
+        """The first batch that will not come, and why: the session fails when its consumer
+        reaches it (``failure_due``)."""
+        if not self.failing:
+            return None
+        epoch, index = min(self.failing)
+        return {"epoch": epoch, "batch": index, "error": self.failing[(epoch, index)]}
 
 
 class SessionTable:

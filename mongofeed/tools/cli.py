@@ -242,6 +242,11 @@ def format_status(status: dict, previous: dict | None, interval: float) -> str:
         if total:
             lines.append(f"{s['session']} drawn: " + ", ".join(
                 f"{name} {count} ({count / total:.1%})" for name, count in drawn.items()))
+    for s in status["sessions"]:
+        failing = s.get("failing")
+        if failing:
+            lines.append(f"{s['session']} fails at epoch {failing['epoch']}, batch "
+                         f"{failing['batch']}, when its consumer gets there: {failing['error']}")
     if not status["sessions"]:
         lines.append("(no consumer connected)")
     counters = ", ".join(f"{k} {v}" for k, v in status["counters"].items())
