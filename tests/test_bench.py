@@ -39,6 +39,7 @@ def test_quick_bench_runs_every_row(mongo_uri, tmp_path):
             assert row["recv_us"] > 0 and row["recv_gap_ms"] > 0, key
             assert row["channel_us"] > 0 and row["channel_gap_ms"] > 0, key
             assert row["channel_busy_us"] > 0 and row["channel_busy_gap_ms"] > 0, key
+            assert row["consumer_us"] > 0, key  # Consumer.get alone, without Keras
     assert (tmp_path / "results.png").exists() or "matplotlib" in result.output
     assert "| data | loader |" in result.output
 

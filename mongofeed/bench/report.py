@@ -154,7 +154,9 @@ def shared_memory_targets(data: str, rows, add):
         cpu = shm["train_cpu_ms_per_batch"]
         add(f"{data}: training-process CPU per batch over shared memory", cpu * 1000,
             f"<= {SHARED_MEMORY_CPU_MS * 1000:.0f} us", cpu <= SHARED_MEMORY_CPU_MS,
-            f"{shm['name']} {cpu * 1000:.0f} us ({shm['batch_bytes'] / 1e6:,.2f} MB batches); "
+            f"{shm['name']} {cpu * 1000:.0f} us ({shm['batch_bytes'] / 1e6:,.2f} MB batches"
+            + (f", Consumer.get alone {shm['consumer_us']:.0f} us" if shm.get("consumer_us")
+               else "") + "); "
             + (f"over tcp {tcp['train_cpu_ms_per_batch'] * 1000:,.0f} us; " if tcp else "")
             + wake_note(shm))
 

@@ -9,7 +9,8 @@ threads, so that its ``__getitem__`` runs in the training process), as ``fit`` d
 mongofeed rows run the real daemon (``mongofeed.testing.Daemon``), from the database or, for
 the pipeline ceiling, from documents in memory (``ceiling``: the trainer maps the daemon's
 shared memory, as a trainer on the daemon's host does; ``ceiling-tcp``: it refuses it and
-gets the batches over tcp, as a trainer on another host does); ``mongofeed-augment`` runs
+gets the batches over tcp, as a trainer on another host does; each also times
+``Consumer.get`` alone, ``consumer_cost``); ``mongofeed-augment`` runs
 the augment rows' transform in its workers (``transform.document``).
 """
 
@@ -161,6 +162,22 @@ def mongofeed_batches(bind: str, shared_memory: bool = True):
     return keras_batches(MongoFeedSequence(bind, feed="train", shared_memory=shared_memory))
 
 
+def consumer_cost(bind: str, shared_memory: bool, batches: int, seconds: float) -> float:
+    """Process CPU per batch of ``Consumer.get`` alone, on a session of its own (the
+    mongofeed part of a ceiling row's figure; the rest is ``MongoFeedSequence`` and Keras's
+    adapter): as many batches as the row took, within ``seconds``."""
+    from ..consumer import Consumer
+
+    with Consumer(bind, feed="train", shared_memory=shared_memory) as consumer:
+        consumer.get()
+        deadline = time.perf_counter() + seconds
+        cpu0, n = time.process_time(), 0
+        while n < batches and time.perf_counter() < deadline:
+            consumer.get()
+            n += 1
+        return (time.process_time() - cpu0) / max(n, 1) * 1e6
+
+
 def transform_ms_per_batch(data: dict, batch: int) -> float:
     """CPU milliseconds of the augment transform on one batch, in this process."""
     rng = np.random.default_rng(0)
@@ -226,9 +243,12 @@ def row_main():
 
                 result = measure(spec, start, per_epoch)
                 if loader.startswith("ceiling") and result.get("batches"):
-                    # The trainer waited this long per batch: what that costs on this machine.
+                    # The trainer waited this long per batch: what that costs on this machine;
+                    # and what the consumer alone costs it, without Keras's adapter.
                     gap = result["seconds"] / result["batches"]
                     result.update(wake_cost(gap), **recv_cost(gap))
+                    result["consumer_us"] = consumer_cost(daemon.bind, loader != "ceiling-tcp",
+                                                          result["batches"], spec["seconds"])
             else:
                 kind = make_sequences()[loader]
                 threads = loader == "keras-augment"  # __getitem__ in the training process
