@@ -196,14 +196,9 @@ class Stream:
         session says so there), and sends the daemon an empty credit on the channel (the
         kernel refuses it if the daemon is gone, even SIGKILLed: ``gone``)."""
         deadline = time.monotonic() + timeout
-        if self.gone is None and timeout >= WAIT_SLICE_S:  # most takes: one call, one slice
-            head = self.channel.receive(WAIT_SLICE_MS)
-            if head is not None:
-                return head, []
+        wait_ms = WAIT_SLICE_MS if timeout >= WAIT_SLICE_S else int(1000 * max(0.0, timeout))
         while True:
-            wait_ms = 0 if self.gone is not None else int(
-                1000 * min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic())))
-            head = self.channel.receive(wait_ms)
+            head = self.channel.receive(0 if self.gone is not None else wait_ms)
             if head is not None:
                 return head, []
             if self.gone is not None:  # what the daemon said on the data socket, if anything
@@ -222,6 +217,7 @@ class Stream:
                 self.send_datagram(Credit(0, (), token=self.token_bytes).pack())
             if time.monotonic() >= deadline:
                 return None
+            wait_ms = int(1000 * min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic())))
 
     def check_open(self):
         if self.closed:
