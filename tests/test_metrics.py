@@ -31,6 +31,7 @@ def test_metrics_match_status(mongo_uri, db, tmp_path):
             text = scrape(port)
             status = daemon.status()
         assert parse_prometheus(text, "mongofeed_sessions") == 1
+        assert parse_prometheus(text, "mongofeed_failing_sessions") == 0
         assert parse_prometheus(text, "mongofeed_lingering_connections") == 0
         assert parse_prometheus(text, "mongofeed_sessions_opened_total") == 1
         assert 'mongofeed_worker_batches_total{worker="1"}' in text

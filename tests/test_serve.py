@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 
 import numpy as np
 import pytest
 
 from mongofeed import Consumer, FeedError, FeedTimeout
-from mongofeed.testing import Daemon, pid_alive, wait_until
+from mongofeed.testing import Daemon, free_port_pair, parse_prometheus, pid_alive, wait_until
 from tests.support import insert_samples, sample_config, write_toml
 
 TRAIN_DOCS = 61  # a prime: every batch size below leaves a short last batch
@@ -224,7 +225,10 @@ def test_status_shows_where_a_session_will_fail_before_its_trainer_gets_there(
     samples.samples.update_one({"_id": bad["_id"]}, {"$set": {"x": b"short"}})
     # prefetch=1: the daemon holds the batches before the bad one until the trainer asks, so
     # the session lives on, failing (with more credit they would all be sent at once).
-    with run_daemon(tmp_path, mongo_uri, samples, feeds={"all": {"shuffle": False}}) as daemon, \
+    path = write_toml(tmp_path / "feed.toml", sample_config(
+        mongo_uri, samples.name, feeds={"all": {"shuffle": False}}))
+    metrics_port = free_port_pair()
+    with Daemon(path, workers=2, args=["--metrics-port", str(metrics_port)]) as daemon, \
             Consumer(daemon.bind, feed="all", timeout=30, prefetch=1) as consumer:
         taken = [consumer.get().index for _ in range(2)]
 
@@ -238,6 +242,9 @@ def test_status_shows_where_a_session_will_fail_before_its_trainer_gets_there(
         result = subprocess.run([sys.executable, "-m", "mongofeed", "status", "--control",
                                  daemon.control], capture_output=True, text=True, timeout=60)
         assert "fails at epoch 0, batch 5, when its consumer gets there" in result.stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=10) as reply:
+            assert parse_prometheus(reply.read().decode(), "mongofeed_failing_sessions") == 1
         with pytest.raises(FeedError, match=str(bad["_id"])):
             while True:
                 taken.append(consumer.get().index)

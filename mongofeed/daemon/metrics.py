@@ -76,6 +76,10 @@ class StatusCollector:
         yield drawn
         yield GaugeMetricFamily("mongofeed_sessions", "Live consumer sessions.",
                                 value=len(status["sessions"]))
+        yield GaugeMetricFamily("mongofeed_failing_sessions",
+                                "Live sessions with a batch that cannot be made: each fails "
+                                "there once its consumer has the batches before it.",
+                                value=sum(1 for s in status["sessions"] if s.get("failing")))
         yield GaugeMetricFamily("mongofeed_lingering_connections",
                                 "Data connections of ended sessions still open (they count "
                                 "against max_sessions until they close).",
